@@ -433,16 +433,292 @@ EVAL_SECTION_PLACEHOLDER = "eval"
 # ==============================================================================
 # 9. TRAINING
 # ==============================================================================
-# [owner: lead] SPEC §4-§6, §9.4.
+# [owner: lead] SPEC §4-§6, §9.4.  The loop is wallclock-budgeted: compile warm-up and validation are excluded
+# from the clock; the stop decision and the non-finite check are all-reduced so every rank agrees on control flow.
 
-TRAINING_SECTION_PLACEHOLDER = "training"
+
+def qat_alpha(step: int, qat_start_step: int) -> float:
+    """Soft-round sharpness: 1 -> 16 over QAT_RAMP_STEPS steps after QAT starts (SPEC §6)."""
+    frac = min(max(step - qat_start_step, 0) / QAT_RAMP_STEPS, 1.0)
+    return QAT_ALPHA_START + (QAT_ALPHA_END - QAT_ALPHA_START) * frac
+
+
+class EMA:
+    """fp32 shadow of the parameters, `ema <- d*ema + (1-d)*w` after every optimizer step (SPEC §5, D3: no SWA).
+    Keeps the previous value too, so a non-finite step can still save the last finite average."""
+
+    def __init__(self, model: nn.Module, decay: float = EMA_DECAY):
+        self.decay = decay
+        self.names = [n for n, _ in model.named_parameters()]
+        self.params = [p for _, p in model.named_parameters()]
+        self.shadow = [p.detach().float().clone() for p in self.params]
+        self.previous = [t.clone() for t in self.shadow]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_copy_(self.previous, self.shadow)
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+
+    def last_finite_state(self) -> dict[str, Tensor]:
+        """The current average if it is finite, else the one before (the step that went bad may be in it)."""
+        finite = all(bool(torch.isfinite(t).all()) for t in self.shadow)
+        return {n: t.detach().cpu() for n, t in zip(self.names, self.shadow if finite else self.previous)}
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        for p, t in zip(self.params, self.shadow):
+            p.copy_(t.to(p.dtype))
+
+
+def save_state(state: dict, path: str, d: DistInfo) -> None:
+    """Rank 0 writes atomically (temp file + rename), so a crash never leaves a half-written checkpoint."""
+    if d.is_main:
+        tmp = path + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+
+def run_train_step(model, opt, loader, h: Hyperparameters, d: DistInfo, device, step: int, scale: float) -> Tensor:
+    """One optimizer step over grad_accum micro-batches; returns the mean loss as a device tensor (no host sync)."""
+    ga = d.grad_accum_steps
+    total = torch.zeros((), device=device)
+    for _ in range(ga):
+        x, y = loader.next_batch(h.train_batch_tokens, h.train_seq_len, ga)
+        with autocast_ctx(device):
+            loss = model(x, y)
+        (loss / ga).backward()
+        total += loss.detach()
+    opt.step(step, scale)
+    opt.zero_grad()
+    return total / ga
+
+
+def _agree(flags: list[bool | Tensor], device) -> list[bool]:
+    """All-reduce(MAX) a few stop flags so every rank takes the same branch; one host sync."""
+    t = torch.stack([f.to(device=device, dtype=torch.float32).reshape(()) if isinstance(f, Tensor)
+                     else torch.tensor(float(f), device=device) for f in flags])
+    all_reduce_(t, dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def _timed_val(h, model, d, device, val_data, step: int, train_ms: float) -> None:
+    cuda_sync(device)
+    val_loss, val_bpb = eval_val(h, model, d, device, val_data)
+    log0(f"step:{step}/{h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+         f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+
+
+def warmup_compile(h: Hyperparameters, d: DistInfo, device, base: nn.Module, model) -> None:
+    """WARMUP_STEPS real steps to trigger compilation, then restore the initial weights (SPEC §3.4).  The caller
+    rebuilds the optimizers and the loader, so the real run starts exactly where an un-warmed run would."""
+    if h.warmup_steps <= 0:
+        return
+    initial = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    opt = build_optimizers(h, base, d)
+    loader = TrainLoader(list_shards(h.train_files), h.seed, d.rank, d.world_size, device)
+    for i in range(h.warmup_steps):
+        run_train_step(model, opt, loader, h, d, device, i, 1.0)
+        log0(f"warmup_step:{i + 1}/{h.warmup_steps}")
+    base.load_state_dict(initial)
+    del opt
+
+
+def train_model(h: Hyperparameters, d: DistInfo, device, base: nn.Module, model, val_data) -> tuple[int, float]:
+    """The timed loop.  Returns (steps, train_ms); leaves the EMA weights in `base` (SPEC §4-§6)."""
+    budget_ms = h.train_budget_ms
+    warmup_compile(h, d, device, base, model)
+    opt = build_optimizers(h, base, d)
+    loader = TrainLoader(list_shards(h.train_files), h.seed, d.rank, d.world_size, device)
+    ema = EMA(base)
+    base.set_qat(0.0)
+    qat_start, train_ms, step = None, 0.0, 0
+    if h.val_loss_every > 0:
+        _timed_val(h, model, d, device, val_data, 0, 0.0)
+    cuda_sync(device)
+    t0 = time.perf_counter()
+    while step < h.iterations:
+        scale = lr_scale(step, train_ms, budget_ms, h.warmdown_iters, h.iterations)
+        if h.qat_enabled and qat_start is None and scale < h.late_qat_threshold:
+            qat_start = step
+            log0(f"late_qat:enabled step:{step} scale:{scale:.4f}")
+        if qat_start is not None:
+            base.set_qat(qat_alpha(step, qat_start))
+        loss = run_train_step(model, opt, loader, h, d, device, step, scale)
+        step += 1
+        train_ms = 1000.0 * (time.perf_counter() - t0)
+        capped, bad = _agree([budget_ms > 0 and train_ms >= budget_ms, ~torch.isfinite(loss)], device)
+        if bad:
+            save_state(ema.last_finite_state(), "final_model.pt", d)
+            raise RuntimeError(f"non-finite train_loss at step:{step}; stopped. The last finite EMA weights are in "
+                               "final_model.pt; lower the learning rates (MATRIX_LR, TIED_EMBED_LR, SCALAR_LR)")
+        ema.update()
+        if step <= 10 or (h.train_log_every > 0 and step % h.train_log_every == 0):
+            tok_s = step * h.train_batch_tokens / max(train_ms / 1000.0, 1e-9)
+            log0(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{train_ms:.0f}ms "
+                 f"step_avg:{train_ms / step:.2f}ms tok/s:{tok_s:.0f}")
+        if capped:
+            log0(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
+            break
+        if h.val_loss_every > 0 and step % h.val_loss_every == 0 and step < h.iterations:
+            _timed_val(h, model, d, device, val_data, step, train_ms)
+            t0 = time.perf_counter() - train_ms / 1000.0  # validation is excluded from the clock
+    base.set_qat(0.0)
+    _timed_val(h, model, d, device, val_data, step, train_ms)
+    if device.type == "cuda":
+        log0(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2**20} MiB "
+             f"reserved: {torch.cuda.max_memory_reserved(device) // 2**20} MiB")
+    log0("ema:applying EMA weights")
+    ema.copy_to(base)
+    return step, train_ms
+
+
+def calibration_batches(h: Hyperparameters, d: DistInfo, device, model) -> list[Tensor]:
+    """GPTQ calibration inputs: the first GPTQ_CALIB_SAMPLES training batches (a fresh loader, as the seed), or the
+    model's own samples (GPTQ_CALIB=selfgen, PR #1019), which read no data at all."""
+    if h.gptq_calib == "selfgen":
+        log0(f"gptq:generating {h.gptq_calib_samples} sequences of {h.train_seq_len} tokens (selfgen, temperature 0.8)...")
+        return generate_calibration(model, h, device, h.gptq_calib_samples, h.train_seq_len, seed=h.seed + d.rank)
+    log0(f"gptq:calibrating with {h.gptq_calib_samples} batches (training data)...")
+    loader = TrainLoader(list_shards(h.train_files), h.seed, d.rank, d.world_size, device)
+    return [loader.next_batch(h.train_batch_tokens, h.train_seq_len, d.grad_accum_steps)[0]
+            for _ in range(h.gptq_calib_samples)]
+
+
+def export_artifact(h: Hyperparameters, d: DistInfo, device, base: nn.Module) -> str:
+    """Full-precision EMA state to disk first, then GPTQ int6 + brotli, sized against TARGET_MB (SPEC §7-§8)."""
+    sd = {k: v.detach().cpu() for k, v in base.state_dict().items()}
+    save_state(sd, "final_model.pt", d)
+    log0(f"Serialized model: {len(serialize(sd))} bytes")
+    code_bytes = code_size_bytes()
+    log0(f"Code size: {code_bytes} bytes")
+    hessians = None
+    if h.use_gptq:
+        t0 = time.perf_counter()
+        hessians = collect_hessians(base, calibration_batches(h, d, device, base), device)
+        log0(f"gptq:calibrated {len(hessians)} layers in {time.perf_counter() - t0:.1f}s")
+    path = "final_model.int6.ptz"
+    if d.is_main:
+        t0 = time.perf_counter()
+        qsd = quantize_state_dict(unbank_state_dict(sd, h.num_layers), hessians, h)
+        qsd, blob, info = fit_to_budget(qsd, hessians, code_bytes, h.target_bytes)
+        with open(path + ".tmp", "wb") as f:
+            f.write(blob)
+        os.replace(path + ".tmp", path)
+        if info.get("pruned"):
+            log0(f"prune:zeroed {info['pruned']} quantized +-1 values to fit {h.target_bytes} bytes")
+        log0(f"Serialized model int6+brotli: {len(blob)} bytes")
+        log0(f"Total submission size int6+brotli: {len(blob) + code_bytes} bytes")
+        log0(f"quantize+compress:{1000 * (time.perf_counter() - t0):.0f}ms")
+    if is_distributed():
+        dist.barrier()
+    return path
+
+
+def load_artifact(h: Hyperparameters, path: str, device) -> nn.Module:
+    """Rebuild the model from the artifact file alone (decompress -> unshuffle -> dequantize -> rebank)."""
+    model = GPT(h).to(device)
+    template = unbank_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()}, h.num_layers)
+    with open(path, "rb") as f:
+        qsd = deserialize(decompress(f.read()))
+    model.load_state_dict(rebank_state_dict(dequantize_state_dict(qsd, template), h.num_layers), strict=True)
+    return model.eval()
+
+
+def train_and_eval(h: Hyperparameters, d: DistInfo, device) -> None:
+    val_data = load_validation_data(h, device, h.train_seq_len)
+    log0(f"val_loader:shards pattern={h.val_files} tokens:{val_data.tokens.numel() - 1}")
+    torch.manual_seed(h.seed)
+    base = GPT(h).to(device)
+    log0(f"model_params:{sum(p.numel() for p in base.parameters())}")
+    model = maybe_compile(base, device)
+    train_model(h, d, device, base, model, val_data)
+    timed_eval("DIAGNOSTIC post_ema", eval_val, h, model, d, device, val_data, exact=False)
+    path = export_artifact(h, d, device, base)
+    del model, base
+    q_model = load_artifact(h, path, device)
+    timed_eval("final_int6_roundtrip", eval_val, h, maybe_compile(q_model, device), d, device, val_data)
+    slot = f"slot:{h.slot_mode if h.slot_enabled else 'off'}"
+    loss, bpb = timed_eval("final_int6_sliding_window", eval_val_sliding, h, q_model, d, device, val_data,
+                           hidden_fn=maybe_compile(q_model.forward_hidden, device),
+                           extra=f"stride:{h.eval_stride}", suffix=slot)
+    log0(f"final_int8_zlib_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
 
 
 # ==============================================================================
 # 10. MAIN
 # ==============================================================================
 
-MAIN_SECTION_PLACEHOLDER = "main"
+# Thin shell: runtime setup, the log header, then train_and_eval.  Everything with side effects lives here.
+
+
+def maybe_compile(fn, device):
+    """torch.compile on CUDA (fullgraph, static shapes); eager on CPU, where inductor would dominate tiny runs."""
+    if device.type != "cuda":
+        return fn
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
+def setup_runtime(h: Hyperparameters, d: DistInfo) -> torch.device:
+    if torch.cuda.is_available():
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        global newton_schulz5
+        newton_schulz5 = torch.compile(newton_schulz5)
+    else:
+        device = torch.device("cpu")
+    if d.world_size > 1:
+        if device.type == "cuda":
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
+        dist.barrier()
+    return device
+
+
+def log_header(h: Hyperparameters, d: DistInfo, device) -> None:
+    log0("=" * 100, console=False)
+    log0("Hyperparameters:", console=False)
+    for f in sorted(dataclasses.fields(h), key=lambda f: f.name):
+        log0(f"  {f.name}: {getattr(h, f.name)}", console=False)
+    log0(Path(__file__).read_text(encoding="utf-8"), console=False)
+    log0(f"Running Python {sys.version}", console=False)
+    log0(f"Running PyTorch {torch.__version__}", console=False)
+    if device.type == "cuda":
+        import subprocess
+        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False).stdout
+        log0(smi, console=False)
+        log0(f"device:{torch.cuda.get_device_name(device)}")
+    log0("=" * 100, console=False)
+    log0(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={h.tokenizer_path}")
+    log0(f"train_loader:dataset:{h.data_path} train_shards:{len(list_shards(h.train_files))}")
+    log0(f"XSA:last_{h.xsa_last_n} active_layers:{list(range(h.num_layers - h.xsa_last_n, h.num_layers))}")
+    log0(f"world_size:{d.world_size} grad_accum_steps:{d.grad_accum_steps}")
+    log0(f"attention_backend:{attention_backend_name(device)}")
+    log0(f"attention_mode:gqa num_heads:{h.num_heads} num_kv_heads:{h.num_kv_heads}")
+    log0(f"tie_embeddings:{h.tie_embeddings} embed_lr:{h.tied_embed_lr} head_lr:0.0 matrix_lr:{h.matrix_lr} "
+         f"scalar_lr:{h.scalar_lr} matrix_lr_early:{h.matrix_lr_early} matrix_lr_late:{h.matrix_lr_late} "
+         f"split_lr:{int(h.split_lr_enabled)}")
+    log0(f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len} iterations:{h.iterations} "
+         f"warmup_steps:{h.warmup_steps} max_wallclock_seconds:{h.max_wallclock_seconds:.3f}")
+    log0(f"seed:{h.seed}")
+    if h.use_gptq and h.max_wallclock_seconds > 0:
+        log0(f"gptq:reserving {h.gptq_reserve_ms}ms from training budget, effective={h.train_budget_ms:.0f}ms")
+
+
+def main() -> None:
+    h = Hyperparameters.from_env()
+    h.validate()
+    d = dist_info()
+    device = setup_runtime(h, d)
+    init_logging(h.logfile, d.is_main)
+    try:
+        log_header(h, d, device)
+        train_and_eval(h, d, device)
+    finally:
+        if is_distributed():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
