@@ -635,7 +635,11 @@ def train_and_eval(h: Hyperparameters, d: DistInfo, device) -> None:
     timed_eval("DIAGNOSTIC post_ema", eval_val, h, model, d, device, val_data, exact=False)
     path = export_artifact(h, d, device, base)
     del model, base
-    q_model = load_artifact(h, path, device)
+    evaluate_artifact_model(h, d, device, load_artifact(h, path, device), val_data)
+
+
+def evaluate_artifact_model(h: Hyperparameters, d: DistInfo, device, q_model: nn.Module, val_data) -> None:
+    """The scored evaluations of the reloaded artifact (SPEC §9.4); the alias line is last and carries the score."""
     timed_eval("final_int6_roundtrip", eval_val, h, maybe_compile(q_model, device), d, device, val_data)
     slot = f"slot:{h.slot_mode if h.slot_enabled else 'off'}"
     loss, bpb = timed_eval("final_int6_sliding_window", eval_val_sliding, h, q_model, d, device, val_data,

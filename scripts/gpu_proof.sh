@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Proof run on a GPU box, in one command: carried wheels, proxy shards built on the box, the default config under
+# torchrun for a set wallclock through GPTQ, packing, round-trip and sliding+SLOT eval; then the same artifact scored
+# with the other SLOT modes.  Logs land in $OUT (default ./gpu_out).
+#
+#   bash scripts/gpu_proof.sh            # MAX_WALLCLOCK_SECONDS=240 NPROC=1 by default; any env var of train_gpt.py
+#
+# Needs, in the repo root (both git-ignored; see README "GPU proof run"):
+#   .whl/               brotli and python-minifier wheels for the box's Python (only if they are not installed there)
+#   .carry/proxy_text/  val_mixed.jsonl.xz and some train_mix_*.jsonl.xz from ../shared/data/proxy_text/
+set -euo pipefail
+OUT=${OUT:-./gpu_out}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -c 'import torch, sys; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.device_count(), "python", sys.version.split()[0])'
+DATA=${DATA_PATH:-data/datasets/proxy_sp1024}
+if [ ! -f "$DATA/fineweb_val_000000.bin" ]; then
+  t0=$(date +%s)
+  python3 data/build_shards.py --tokenizer data/tokenizers/fineweb_1024_bpe.model --out "$DATA" \
+    --val .carry/proxy_text/val_mixed.jsonl.xz --workers "$(nproc)" .carry/proxy_text/train_mix_*.jsonl.xz
+  echo "proxy shards built in $(( $(date +%s) - t0 ))s"
+fi
+export DATA_PATH=$DATA TOKENIZER_PATH=${TOKENIZER_PATH:-data/tokenizers/fineweb_1024_bpe.model}
+export MAX_WALLCLOCK_SECONDS=${MAX_WALLCLOCK_SECONDS:-240} RUN_ID=${RUN_ID:-proxy_1xH200}
+NPROC=${NPROC:-1}
+if [ "${SKIP_TRAIN:-0}" != 1 ]; then
+  torchrun --standalone --nproc_per_node="$NPROC" train_gpt.py
+  cp "logs/$RUN_ID.txt" "$OUT/train_seed${SEED:-1337}.log"
+fi
+for mode in ${EXTRA_SLOT_MODES:-standard off}; do
+  if [ "$mode" = off ]; then flags="SLOT_ENABLED=0"; else flags="SLOT_ENABLED=1 SLOT_MODE=$mode"; fi
+  env $flags RUN_ID="${RUN_ID}_slot_$mode" torchrun --standalone --nproc_per_node="$NPROC" \
+    scripts/eval_artifact.py final_model.int6.ptz
+  cp "logs/${RUN_ID}_slot_$mode.txt" "$OUT/eval_slot_$mode.log"
+done
