@@ -1,0 +1,84 @@
+"""End-to-end smoke runs of train_and_eval on the embedded sample (CPU): training, EMA, GPTQ, packing, reload,
+round-trip and sliding+SLOT eval, and the log grammar users' parsers depend on."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import torch
+
+from conftest import TOKENIZER, SAMPLE_DIR, tiny_config
+
+FINAL_LINE = re.compile(r"^(final_\w+?)(_exact)? val_loss:(\S+) val_bpb:(\S+)")
+
+
+def smoke_config(tg, **overrides):
+    base = dict(
+        data_path=str(SAMPLE_DIR), tokenizer_path=str(TOKENIZER), vocab_size=1024, train_seq_len=64,
+        eval_seq_len=64, eval_stride=32, train_batch_tokens=8 * 2 * 64, val_batch_size=8 * 64 * 4, iterations=8,
+        warmdown_iters=4, val_loss_every=4, train_log_every=1, gptq_calib_samples=2, bigram_vocab_size=64,
+        slot_steps=2,
+    )
+    base.update(overrides)
+    return tiny_config(tg, **base)
+
+
+def run_pipeline(tg, h, tmp_path, monkeypatch, max_val_tokens=4096):
+    """Run train_and_eval in tmp_path with a shortened val split; return the log lines."""
+    monkeypatch.chdir(tmp_path)
+    real_load = tg.load_validation_data
+
+    def short_val(h_, device, seq_len):
+        v = real_load(h_, device, seq_len)
+        n = (min(max_val_tokens, v.tokens.numel() - 1) // seq_len) * seq_len
+        return dataclasses.replace(v, tokens=v.tokens[: n + 1])
+
+    monkeypatch.setattr(tg, "load_validation_data", short_val)
+    logfile = tmp_path / "log.txt"
+    tg.init_logging(str(logfile), True)
+    try:
+        tg.train_and_eval(h, tg.DistInfo(), torch.device("cpu"))
+    finally:
+        tg.init_logging(None, False)
+    return logfile.read_text().splitlines()
+
+
+def test_pipeline_end_to_end(tg, tmp_path, monkeypatch):
+    """Guards the whole chain and the log grammar: training lowers the loss, the artifact is written and reloaded,
+    every final_* line has its _exact twin, and the harness alias is the last line and equals the sliding score."""
+    h = smoke_config(tg)
+    lines = run_pipeline(tg, h, tmp_path, monkeypatch)
+    train = [float(m.group(1)) for m in map(re.compile(r"^step:\d+/\d+ train_loss:(\S+) train_time:\d+ms step_avg:[\d.]+ms").match, lines) if m]
+    assert len(train) == h.iterations
+    assert train[-1] < train[0] - 0.3, train
+    assert any(re.match(r"^step:\d+/8 val_loss:[\d.]+ val_bpb:[\d.]+ train_time:\d+ms step_avg:[\d.]+ms$", l) for l in lines)
+    assert any(l.startswith("DIAGNOSTIC post_ema val_loss:") for l in lines)
+    sizes = {k: int(v) for k, v in (re.match(r"^(Code size|Serialized model int6\+brotli|Total submission size int6\+brotli): (\d+) bytes$", l).groups() for l in lines if re.match(r"^(Code size|Serialized model int6\+brotli|Total submission size int6\+brotli): \d+ bytes$", l))}
+    assert sizes["Total submission size int6+brotli"] == sizes["Serialized model int6+brotli"] + sizes["Code size"]
+    assert sizes["Code size"] == len(open(tg.__file__, "rb").read())  # D9: the real bytes of the file that runs
+    assert (tmp_path / "final_model.pt").is_file() and (tmp_path / "final_model.int6.ptz").is_file()
+    finals = [FINAL_LINE.match(l) for l in lines if FINAL_LINE.match(l)]
+    labels = [m.group(1) + (m.group(2) or "") for m in finals]
+    assert labels == ["final_int6_roundtrip", "final_int6_roundtrip_exact", "final_int6_sliding_window",
+                      "final_int6_sliding_window_exact", "final_int8_zlib_roundtrip_exact"]
+    assert lines[-1].startswith("final_int8_zlib_roundtrip_exact")
+    assert finals[-1].group(3, 4) == finals[-2].group(3, 4)
+    sliding = [l for l in lines if l.startswith("final_int6_sliding_window val_loss")][0]
+    assert re.search(r" stride:32 eval_time:\d+ms slot:causal$", sliding)
+    post_ema = float(re.search(r"DIAGNOSTIC post_ema val_loss:(\S+)", "\n".join(lines)).group(1))
+    roundtrip = float(finals[0].group(3))
+    assert abs(roundtrip - post_ema) < 0.25, (roundtrip, post_ema)
+
+
+def test_nonfinite_loss_stops_and_saves_ema(tg_source, tmp_path, monkeypatch):
+    """Guards reliability: a non-finite loss must stop training with a message naming the step, and the last finite
+    EMA weights must be on disk."""
+    tg = tg_source
+    h = smoke_config(tg, scalar_lr=1e30, tied_embed_lr=1e30, matrix_lr_early=1e30, matrix_lr_late=1e30,
+                     grad_clip_norm=0.0, val_loss_every=0)
+    with pytest.raises(RuntimeError, match=r"non-finite train_loss at step:\d+"):
+        run_pipeline(tg, h, tmp_path, monkeypatch)
+    state = torch.load(tmp_path / "final_model.pt")
+    assert state and all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
