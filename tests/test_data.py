@@ -483,3 +483,19 @@ def test_download_errors(downloader, fake_hub, offline, tmp_path):
         downloader.fetch("sp1024", 4, tmp_path / "d3", log=lambda m: None)
     with pytest.raises(ValueError, match="variant"):
         downloader.fetch("sp4096", 1, tmp_path / "d4")
+
+
+def test_builder_cli(tg, builder, sp, tmp_path, capsys):
+    """Guards the documented command line (data/README.md): inputs before --val, the caps, --src and --out wire
+    through argparse to the same shards as build()."""
+    train_in = _write_jsonl(tmp_path / "t.jsonl.xz", DOCS, xz=True)
+    val_in = _write_jsonl(tmp_path / "v.jsonl", DOCS[:3])
+    out = tmp_path / "cli"
+    builder.main([str(train_in), "--val", str(val_in), "--src", "wikipedia", "--max-train-tokens", "25",
+                  "--shard-tokens", "10", "--out", str(out), "--tokenizer", str(TOKENIZER), "--workers", "1"])
+    assert sorted(f.name for f in out.glob("fineweb_train_*")) == [f"fineweb_train_{i:06d}.bin" for i in range(3)]
+    _, val = _read_split(tg, out, "val")
+    assert _docs_of(val) == [sp.encode(DOCS[0]["text"]), sp.encode(DOCS[2]["text"])]
+    assert "train: " in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--overwrite"):
+        builder.main([str(train_in), "--out", str(out), "--tokenizer", str(TOKENIZER), "--workers", "1"])
