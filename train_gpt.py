@@ -161,6 +161,8 @@ class Hyperparameters:
                     values[f.name] = int(raw)
                 elif isinstance(f.default, float):
                     values[f.name] = float(raw)
+                    if not math.isfinite(values[f.name]):
+                        raise ValueError("expected a finite number")
                 else:
                     values[f.name] = raw
             except ValueError as e:
@@ -232,8 +234,12 @@ class Hyperparameters:
         need(self.train_seq_len >= 2, f"TRAIN_SEQ_LEN={self.train_seq_len} must be >= 2")
         need(self.eval_seq_len >= 2, f"EVAL_SEQ_LEN={self.eval_seq_len} must be >= 2")
         need(1 <= self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} must be in [1, EVAL_SEQ_LEN={self.eval_seq_len}]")
-        need(self.train_batch_tokens >= self.train_seq_len,
-             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be at least TRAIN_SEQ_LEN={self.train_seq_len}")
+        need(self.train_batch_tokens % (REFERENCE_WORLD * self.train_seq_len) == 0,
+             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of 8 * TRAIN_SEQ_LEN={self.train_seq_len} "
+             "(8 = world_size * grad_accum_steps)")
+        need(self.rope_base > 0 and self.tied_embed_init_std >= 0 and self.qk_gain_init > 0,
+             f"ROPE_BASE={self.rope_base} and QK_GAIN_INIT={self.qk_gain_init} must be positive, "
+             f"TIED_EMBED_INIT_STD={self.tied_embed_init_std} non-negative")
         need(self.iterations >= 0, f"ITERATIONS={self.iterations} must be >= 0")
         need(self.warmup_steps >= 0, f"WARMUP_STEPS={self.warmup_steps} must be >= 0")
         need(self.warmdown_iters >= 0, f"WARMDOWN_ITERS={self.warmdown_iters} must be >= 0")
