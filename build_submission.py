@@ -20,6 +20,7 @@ over seeds).
 from __future__ import annotations
 
 import argparse
+import ast
 import base64
 import hashlib
 import json
@@ -116,6 +117,10 @@ def build_artifact(src_path, out_path, allow_newer_python: bool = False) -> dict
             compile(text, f"<{what} of {src_path.name}>", "exec")
         except SyntaxError as e:
             raise RuntimeError(f"{what} of {src_path} does not compile under Python {sys.version.split()[0]}: {e}") from None
+    try:  # best effort for the oldest evaluator when building under a newer one (ast's feature_version is partial)
+        ast.parse(minified, feature_version=SUPPORTED_PYTHONS[0])
+    except SyntaxError as e:
+        raise RuntimeError(f"minified {src_path} uses syntax newer than Python {SUPPORTED_PYTHONS[0]}: {e}") from None
     if unpack(artifact) != minified:
         raise RuntimeError("artifact does not decode back to the minified source")
     data = artifact.encode("ascii")
@@ -384,13 +389,7 @@ def load_baseline(spec: str) -> tuple:
             return f"scores {spec}", [float(x) for x in spec.split(",") if x.strip()]
         except ValueError:
             raise ValueError(f"--baseline {spec!r} is neither a folder nor a comma list of val_loss values") from None
-    scores = []
-    for log in sorted(list(p.glob("*.log")) + list(p.glob("*.txt"))):
-        try:
-            run = parse_log(log)
-        except LogError:
-            continue
-        scores.append(run.final(SCORE_LABEL, "val_loss"))
+    scores = [s for log in sorted(list(p.glob("*.log")) + list(p.glob("*.txt"))) if (s := _logged_score(log)) is not None]
     if scores:
         return f"{p.name} ({len(scores)} logs)", scores
     sub = p / "submission.json"
@@ -399,6 +398,17 @@ def load_baseline(spec: str) -> tuple:
     meta = json.loads(sub.read_text())
     per_seed = meta.get("val_loss_per_seed") or [meta["val_loss"]]
     return f"{p.name} (submission.json)", [float(x) for x in per_seed]
+
+
+def _logged_score(path: Path):
+    """A previous record's per-seed val_loss: our score line, else the harness line every record since the root
+    baseline prints (`final_int8_zlib_roundtrip_exact`); lenient, because older logs follow older grammars."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    for label in (SCORE_LABEL, ALIAS_LABEL):
+        found = re.findall(rf"^{label} val_loss:([-+.\deE]+) ", text, re.M)
+        if found:
+            return float(found[-1])
+    return None
 
 
 def significance_text(new: list, base: list, label: str) -> str:
@@ -455,7 +465,8 @@ def plot_curves(runs: list, out_path: Path) -> None:
         ax.set_xlabel("step")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     ax1.set_yscale("log")
     fig.tight_layout()
     fig.savefig(out_path, dpi=100, metadata={"Software": None})

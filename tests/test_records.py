@@ -213,6 +213,11 @@ def test_baseline_from_scores_folder_and_submission_json(bs, tmp_path):
     only_json.mkdir()
     (only_json / "submission.json").write_text(json.dumps({"val_loss": 1.9, "val_bpb": 1.12}))
     assert bs.load_baseline(str(only_json))[1] == [1.9]
+    old_grammar = tmp_path / "root_baseline"  # older records: only the harness line, no int6 lines
+    old_grammar.mkdir()
+    for i, loss in enumerate(PR1179_LOSSES):
+        (old_grammar / f"train_{i}.log").write_text(f"step:1/2 train_loss:6.9\nfinal_int8_zlib_roundtrip_exact val_loss:{loss:.8f} val_bpb:1.2\n")
+    assert bs.load_baseline(str(old_grammar))[1] == PR1179_LOSSES
     assert "not computable" in bs.significance_text(new, [1.9], "one number")
 
 
