@@ -154,11 +154,15 @@ def test_cli_writes_sha256_and_prints_code_bytes(bs, tmp_path, capsys):
 
 
 def test_build_refuses_uncompilable_output_and_wrong_python(bs, tmp_path, monkeypatch):
-    """Guards writing an artifact that would not run: a minified text that fails compile() is refused and nothing is
-    written; building under an interpreter outside the supported set is refused unless explicitly allowed."""
+    """Guards writing an artifact that would not run: a minified text that fails compile(), or uses syntax the oldest
+    supported Python lacks, is refused and nothing is written; building under an interpreter outside the supported set is refused unless explicitly allowed."""
     out = tmp_path / "bad.py"
     monkeypatch.setattr(bs, "minify_source", lambda s: "def f(:\n    pass\n")
     with pytest.raises(RuntimeError, match="does not compile"):
+        bs.build_artifact(SOURCE, out)
+    assert not out.exists()
+    monkeypatch.setattr(bs, "minify_source", lambda s: "try:\n    pass\nexcept* ValueError:\n    pass\n")
+    with pytest.raises(RuntimeError, match="syntax newer than Python"):  # compiles on 3.11, not on 3.10
         bs.build_artifact(SOURCE, out)
     assert not out.exists()
     monkeypatch.undo()
