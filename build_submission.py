@@ -468,6 +468,7 @@ def plot_curves(runs: list, out_path: Path) -> None:
         if ax.lines:
             ax.legend()
     ax1.set_yscale("log")
+    ax2.set_yscale("log")  # step-0 val (~4 bpb) would flatten the rest of the curve
     fig.tight_layout()
     fig.savefig(out_path, dpi=100, metadata={"Software": None})
     plt.close(fig)
