@@ -373,7 +373,8 @@ DATA_SECTION_PLACEHOLDER = "data"
 #   classify_param(name) -> "embed" | "matrix" | "scalar"   (bank names AND unbanked per-layer names)
 #   GPT(h): .forward(ids, targets) -> mean CE loss; .forward_hidden(ids) -> final-normed hidden [B,T,d];
 #           .compute_logits(hidden) -> softcapped fp32 logits; .forward_logits(ids);
-#           .set_qat(alpha: float) (0 = off; a buffer, so compiled graphs see it; training-mode forwards only);
+#           .set_qat(alpha: float) (0 = off; a buffer, so compiled graphs see it; training-mode forwards only;
+#               with QAT_ENABLED=0 the QAT ops are not in the graph at all and set_qat(alpha > 0) raises);
 #           .hessian_store: dict | None  -> when a dict, attention/MLP accumulate X^T X (fp32) under the keys
 #               f"blocks.{i}.attn.qkv", f"blocks.{i}.attn.proj", f"blocks.{i}.mlp.fc", f"blocks.{i}.mlp.proj"
 #               (sums over tokens; collect_hessians averages over batches and ranks).
@@ -659,6 +660,7 @@ class GPT(nn.Module):
         L, d, V = h.num_layers, h.model_dim, h.vocab_size
         kv_dim, mlp_dim = h.num_kv_heads * h.head_dim, int(h.mlp_mult * d)
         self.num_layers, self.logit_softcap, self.qat_clip = L, h.logit_softcap, h.quant_clip_range
+        self.qat_enabled = h.qat_enabled  # QAT_ENABLED=0 keeps the QAT ops out of the graph (the seed's math)
         self.num_encoder = L // 2
         self.tok_emb = nn.Embedding(V, d)
         self.bigram = BigramHash(h.bigram_vocab_size, h.bigram_dim, d)
@@ -719,12 +721,14 @@ class GPT(nn.Module):
 
     def set_qat(self, alpha: float) -> None:
         """Soft-round QAT sharpness for training forwards; 0 turns it off.  In place: no recompile."""
+        if alpha > 0 and not self.qat_enabled:
+            raise RuntimeError("set_qat(alpha > 0) called on a model built with QAT_ENABLED=0")
         self.qat_alpha.fill_(float(alpha))
 
     def _bank_weights(self, dtype: torch.dtype) -> list[Tensor]:
         # QAT once per bank (not per layer slice), then one cast of the whole bank to the activation dtype.
         banks = (self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank)
-        if self.training:
+        if self.training and self.qat_enabled:
             banks = tuple(_qat_weight(b, self.qat_alpha, self.qat_clip) for b in banks)
         return [b.to(dtype) for b in banks]
 
@@ -733,7 +737,7 @@ class GPT(nn.Module):
         dt = activation_dtype(input_ids.device)
         L, store = self.num_layers, self.hessian_store
         qo, kv, up, down = self._bank_weights(dt)
-        bigram_qat = self.qat_alpha if self.training and self.qat_bigram else None
+        bigram_qat = self.qat_alpha if self.training and self.qat_enabled and self.qat_bigram else None
         x = self.tok_emb(input_ids).to(dt) + self.bigram(input_ids, dt, bigram_qat, self.qat_clip)
         x = self.smear(F.rms_norm(x, (x.size(-1),)))
         x0 = x

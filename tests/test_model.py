@@ -281,8 +281,9 @@ def _reference_forward(m, h, ids):
     g = torch.sigmoid(P["smear.gate"])
     x = (1 - g) * x + g * torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), 1)
     x0 = x
-    ve = P["ve_shared.scale"] * (P["ve_shared.embed.weight"][ids] @ P["ve_shared.proj.weight"].T)
     ve_layers = h.ve_layer_ids
+    if ve_layers:
+        ve = P["ve_shared.scale"] * (P["ve_shared.embed.weight"][ids] @ P["ve_shared.proj.weight"].T)
     base = h.rope_base * (T / 1024) ** (rd / (rd - 2)) if T > 1024 else h.rope_base
     pos = torch.arange(T, dtype=torch.float32)[:, None] * base ** (-torch.arange(0, rd, 2).float() / rd)
     cos, sin = pos.cos()[None, :, None], pos.sin()[None, :, None]
@@ -300,7 +301,8 @@ def _reference_forward(m, h, ids):
             x = gate * x + (1 - gate) * s
         mix = P[f"blocks.{i}.resid_mix"]
         x = mix[0] * x + mix[1] * x0
-        hh = rms(x) / math.sqrt(i + 1)
+        ln = 1 / math.sqrt(i + 1) if h.ln_scale else 1.0
+        hh = rms(x) * ln
         q = rms((hh @ P["qo_bank"][i].T).view(B, T, H, D))
         k = rms((hh @ P["kv_bank"][i].T).view(B, T, Hkv, D))
         v = hh @ P["kv_bank"][L + i].T
@@ -313,7 +315,7 @@ def _reference_forward(m, h, ids):
             vh = F.normalize(v, dim=-1).repeat_interleave(H // Hkv, 2)
             y = y - (y * vh).sum(-1, keepdim=True) * vh
         x = x + P[f"blocks.{i}.attn_scale"] * (y.reshape(B, T, d) @ P["qo_bank"][L + i].T)
-        u = F.leaky_relu(rms(x) / math.sqrt(i + 1) @ P["mlp_up_bank"][i].T, h.negative_slope) ** 2
+        u = F.leaky_relu((rms(x) * ln) @ P["mlp_up_bank"][i].T, h.negative_slope) ** 2
         x = x + P[f"blocks.{i}.mlp_scale"] * (u @ P["mlp_down_bank"][i].T)
         if i < L // 2:
             stack.append(x)
@@ -322,7 +324,10 @@ def _reference_forward(m, h, ids):
     return hid, h.logit_softcap * torch.tanh(z / h.logit_softcap)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"num_layers": 5, "xsa_last_n": 2, "ve_layers": "0,3"}])
+@pytest.mark.parametrize("overrides", [
+    {}, {"num_layers": 5, "xsa_last_n": 2, "ve_layers": "0,3"},
+    {"num_layers": 4, "xsa_last_n": 0, "ve_enabled": False, "rope_dims": 0, "ln_scale": False},
+    {"num_layers": 1, "xsa_last_n": 1, "ve_layers": "0", "num_kv_heads": 4, "train_seq_len": 1100}])
 def test_forward_matches_literal_spec_reference(tg, overrides):
     """Guards the whole forward against wiring slips the other tests cannot see: U-Net skip order (LIFO) and
     gate direction, resid_mix, ln_scale, q/k norm, q_gain after RoPE, VE layers, XSA layers, LeakyReLU^2,

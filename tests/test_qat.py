@@ -164,3 +164,18 @@ def test_compiled_model_sees_qat_switch_without_recompile(tg):
     assert (on1 - off).abs() > 1e-5 and (on16 - on1).abs() > 1e-6
     assert torch.equal(off, off_again)
     torch.testing.assert_close(off, m(x, y).detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_qat_disabled_keeps_ops_out_and_refuses_alpha(tg):
+    """Guards QAT_ENABLED=0 (D2's switch back to the seed's math): training forwards equal the QAT-capable model's
+    off forward, and turning QAT on is refused loudly instead of silently doing nothing."""
+    h = tiny_config(tg)
+    torch.manual_seed(0)
+    on = _randomize(tg.GPT(h)).train()
+    off = tg.GPT(tiny_config(tg, qat_enabled=False)).train()
+    off.load_state_dict(on.state_dict())
+    x, y = _batch(h)
+    assert torch.equal(on(x, y), off(x, y))
+    off.set_qat(0.0)
+    with pytest.raises(RuntimeError, match="QAT_ENABLED=0"):
+        off.set_qat(2.0)
