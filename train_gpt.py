@@ -619,12 +619,12 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-norm block with resid_mix towards x0 and the 1/sqrt(i+1) LN scale (SPEC §2.3, §2.6)."""
 
-    def __init__(self, h: Hyperparameters, layer_idx: int, xsa: bool):
+    def __init__(self, d: int, num_heads: int, num_kv_heads: int, qk_gain_init: float, negative_slope: float,
+                 layer_idx: int, ln_scale: bool, xsa: bool):
         super().__init__()
-        d = h.model_dim
-        self.layer_idx, self.negative_slope = layer_idx, h.negative_slope
-        self.ln_scale = 1.0 / math.sqrt(layer_idx + 1) if h.ln_scale else 1.0
-        self.attn = CausalSelfAttention(h.num_heads, h.num_kv_heads, h.head_dim, h.qk_gain_init, xsa)
+        self.layer_idx, self.negative_slope = layer_idx, negative_slope
+        self.ln_scale = 1.0 / math.sqrt(layer_idx + 1) if ln_scale else 1.0
+        self.attn = CausalSelfAttention(num_heads, num_kv_heads, d // num_heads, qk_gain_init, xsa)
         self.attn_scale = nn.Parameter(torch.ones(d))
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
@@ -670,7 +670,9 @@ class GPT(nn.Module):
         self.kv_bank = nn.Parameter(torch.empty(2 * L, kv_dim, d))
         self.mlp_up_bank = nn.Parameter(torch.empty(L, mlp_dim, d))
         self.mlp_down_bank = nn.Parameter(torch.empty(L, d, mlp_dim))
-        self.blocks = nn.ModuleList(Block(h, i, xsa=i >= L - h.xsa_last_n) for i in range(L))
+        self.blocks = nn.ModuleList(
+            Block(d, h.num_heads, h.num_kv_heads, h.qk_gain_init, h.negative_slope, i, h.ln_scale, i >= L - h.xsa_last_n)
+            for i in range(L))
         n_skip = min(self.num_encoder, L - self.num_encoder)
         self.skip_weights = nn.Parameter(torch.ones(n_skip, d))
         self.skip_gates = nn.Parameter(torch.zeros(n_skip, d))

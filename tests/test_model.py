@@ -246,7 +246,7 @@ def _reference_attention(q, k, v):
     rep = H // k.size(2)
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(rep, 1), v.transpose(1, 2).repeat_interleave(rep, 1)
     scores = qh @ kh.transpose(-1, -2) / math.sqrt(D)
-    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     scores = scores.masked_fill(~mask, float("-inf"))
     return (scores.softmax(-1) @ vh).transpose(1, 2)
 
@@ -259,6 +259,41 @@ def test_sdpa_matches_reference_attention(tg, prefer_cudnn):
     torch.testing.assert_close(tg.sdpa_attention(q, k, v, prefer_cudnn), _reference_attention(q, k, v),
                                atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(tg.causal_attention(q, k, v), _reference_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_cuda_sdpa_path_traces_under_fullgraph_compile(tg):
+    """Guards D6 under torch.compile: the cuDNN-preferring SDPA path (sdpa_kernel context with priorities) must
+    trace with fullgraph=True, or the CUDA training graph would fail to compile."""
+    q, k, v = torch.randn(1, 5, 4, 8), torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 8)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda a, b, c: tg.sdpa_attention(a, b, c, True), backend="eager", fullgraph=True)
+    torch.testing.assert_close(fn(q, k, v), _reference_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU check for the lead: every CUDA attention kernel")
+def test_cuda_attention_backends_agree_in_bf16(tg):
+    """Guards D6 on a GPU: FA3 / FA2 / SDPA-cuDNN / default SDPA give the reference attention within bf16
+    tolerance, forward and backward."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (torch.randn(2, 256, h, 64, device=dev, generator=g) for h in (8, 4, 4))
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref = _reference_attention(qr, kr, vr)
+    ref.square().sum().backward()
+    ref = ref.detach()
+    kernels = {"sdpa": lambda a, b, c: tg.sdpa_attention(a, b, c, False),
+               "sdpa_cudnn": lambda a, b, c: tg.sdpa_attention(a, b, c, True)}
+    if tg.flash_attn_3_func is not None:
+        kernels["fa3"] = lambda a, b, c: tg.causal_attention(a, b, c)
+    elif tg.flash_attn_2_func is not None:
+        kernels["fa2"] = lambda a, b, c: tg.causal_attention(a, b, c)
+    for name, fn in kernels.items():
+        qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
+        out = fn(qb, kb, vb)
+        torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2, msg=name)
+        out.float().square().sum().backward()
+        for got, want in zip((qb, kb, vb), (qr, kr, vr)):
+            torch.testing.assert_close(got.grad.float(), want.grad, atol=5e-2, rtol=5e-2, msg=name)
 
 
 def test_attention_backend_name_on_cpu(tg):
