@@ -437,3 +437,13 @@ def test_hessian_qkv_is_normed_block_input(tg, tiny_model):
     for i in range(h.num_layers):
         tr = m.hessian_store[f"blocks.{i}.attn.qkv"].trace().item()
         assert tr == pytest.approx(2 * h.train_seq_len * h.model_dim / (i + 1), rel=1e-3)
+
+
+def test_every_parameter_gets_a_gradient(tg, tiny_model):
+    """Guards detached or dead branches (a .detach(), an unused scale, a skip gate never read): with random
+    weights every parameter must receive a non-zero gradient from the training loss."""
+    h = tiny_config(tg)
+    m = _randomize(tiny_model).train()
+    m(_ids(h), _ids(h, seed=5)).backward()
+    dead = [n for n, p in m.named_parameters() if p.grad is None or p.grad.float().abs().sum() == 0]
+    assert dead == []
