@@ -322,6 +322,7 @@ def _gloo_worker(rank, world, port, source, result_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # ~25 s on 2 cores: 3 interpreters import torch (+ dynamo via AdamW)
 def test_distributed_all_reduce_matches_single_process(tg_source, tmp_path):
     """Guards the collective wiring (fp64 sums all-reduced once): 2 gloo ranks report the 1-process results, for
     eval_val, sliding without SLOT, and causal SLOT (whose per-window delta makes it world-size independent)."""
