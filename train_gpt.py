@@ -427,6 +427,7 @@ COMPRESSION_SECTION_PLACEHOLDER = "compression"
 #   plan_windows(n_tokens, seq_len, stride, rank, world) -> (starts, score_from)
 #   eval_val_sliding(h, model, d, device, val_data, hidden_fn=None, slot_enabled=None, slot_mode=None) -> (loss, bpb)
 #   sliding_window_sums(same args, nll_out=None) -> this rank's unreduced fp64 [nll, tokens, bytes]
+#   token_nll(model, hidden, y) -> fp32 per-position CE of compute_logits(hidden) (main may compile-rebind it)
 #   slot_tag(h, slot_enabled=None, slot_mode=None) -> "slot:causal" | "slot:standard" | "slot:off"
 #   timed_eval(label, fn, *args, extra="", suffix="", **kwargs) -> (loss, bpb)  (logs the final_* pair)
 #
@@ -485,11 +486,11 @@ def val_sums(h, model, d: DistInfo, device: torch.device, val_data, seq_len: int
         raise ValueError(f"validation set has {val_data.tokens.numel()} tokens, fewer than one sequence of {T} + 1")
     first, last = n_seqs * d.rank // d.world_size, n_seqs * (d.rank + 1) // d.world_size
     bsz = max(h.val_batch_size // (d.world_size * d.grad_accum_steps) // T, 1)
+    tok = val_data.tokens[first * T : last * T + 1].to(device)  # this rank's range, moved once
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for s in range(first, last, bsz):
-        e = min(s + bsz, last)
-        chunk = val_data.tokens[s * T : e * T + 1].to(device, non_blocking=True)
-        x, y = chunk[:-1].view(-1, T), chunk[1:].view(-1, T)
+    for s in range(0, last - first, bsz):
+        e = min(s + bsz, last - first)
+        x, y = tok[s * T : e * T].view(-1, T), tok[s * T + 1 : e * T + 1].view(-1, T)
         with autocast_ctx(device):
             loss = model(x, y).detach()  # mean CE of the batch
         sums[0] += loss.double() * y.numel()
@@ -524,8 +525,10 @@ def plan_windows(n_tokens: int, seq_len: int, stride: int, rank: int, world: int
     return k * stride, score_from
 
 
-def _token_nll(model, hidden: Tensor, y: Tensor) -> Tensor:
-    """Per-position CE in fp32 of `compute_logits(hidden)` (which casts hidden to the embedding dtype: bf16)."""
+def token_nll(model, hidden: Tensor, y: Tensor) -> Tensor:
+    """Per-position CE in fp32 of `compute_logits(hidden)` (which casts hidden to the embedding dtype: bf16).
+    The SLOT hot path (8 forward+backward per batch over [32, 2048, V] logits): main() may rebind this global to
+    a torch.compile'd version so softcap, cast and CE fuse."""
     with autocast_ctx(hidden.device):
         logits = model.compute_logits(hidden)
     return F.cross_entropy(logits.float().flatten(0, -2), y.flatten(), reduction="none").view_as(y)
@@ -542,7 +545,7 @@ def _fit_slot_delta(model, hidden: Tensor, y: Tensor, ctx: Tensor | None, n_real
         weight = ctx.float() / ctx.sum(1, keepdim=True).clamp_min(1)
     for _ in range(steps):
         with torch.enable_grad():
-            nll = _token_nll(model, hidden + delta, y)
+            nll = token_nll(model, hidden + delta, y)
             loss = nll[:n_real, :-1].mean() if ctx is None else (nll * weight).sum()
             # autograd.grad, not backward(): the tied embedding must not receive (or accumulate) a gradient
             (delta.grad,) = torch.autograd.grad(loss, [delta])
@@ -598,7 +601,7 @@ def sliding_window_sums(h, model, d: DistInfo, device: torch.device, val_data, h
                 ctx = torch.arange(p1, device=device) < sf[:, None]
                 delta = _fit_slot_delta(model, hidden[:, :p1], y[:, :p1], ctx, n_real, h.slot_lr, h.slot_steps)
             hidden = hidden + delta
-        nll = _token_nll(model, hidden[:, p0:], y[:, p0:])
+        nll = token_nll(model, hidden[:, p0:], y[:, p0:])
         m = scored[:, p0:]
         sums[0] += torch.where(m, nll, 0.0).sum(dtype=torch.float64)
         sums[1] += m.sum()

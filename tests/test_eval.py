@@ -211,7 +211,7 @@ def test_plan_windows_rejects_bad_arguments(tg):
 # ---------------------------------------------------------------------------------------------- evaluators
 
 
-@pytest.mark.parametrize("n", [3, 15, 16, 61, 100])
+@pytest.mark.parametrize("n", [3, 15, 16, 61])
 @pytest.mark.parametrize("batch", [1, 3, 32])
 def test_sliding_eval_scores_each_target_exactly_once(tg, monkeypatch, n, batch):
     """Guards the batched gather/padding/masking end to end: every target gets exactly one finite NLL, and the

@@ -181,3 +181,27 @@ def test_real_gpt_causal_slot_flip(tg):
     alt, _ = sliding_nll(tg, h, model, _flip(tg, vd, p + 1), hidden_fn=fn)
     assert torch.isfinite(base).all() and alt[p] != base[p]
     torch.testing.assert_close(alt[:p], base[:p], rtol=0, atol=1e-6)
+
+
+def test_compiled_token_nll_rebinding_gives_same_scores(tg, monkeypatch):
+    """Guards the compile hook: main() may rebind the module global token_nll to a torch.compile'd version (fused
+    softcap + CE on the SLOT hot path); SLOT's fit and the scoring must pick it up and give the same results, with
+    gradients flowing through the compiled graph into delta."""
+    vd = random_val_data(tg, 60, seed=18)
+    model = ToyLM(seed=18)
+    h = eval_config(tg, **SLOT)
+    calls = []
+    compiled = torch.compile(tg.token_nll, backend="eager", dynamic=False)
+
+    def counted(*args):
+        calls.append(1)
+        return compiled(*args)
+
+    for mode in ("causal", "standard"):
+        ref, ref_sums = sliding_nll(tg, h, model, vd, slot_mode=mode)
+        with monkeypatch.context() as m:
+            m.setattr(tg, "token_nll", counted)
+            got, got_sums = sliding_nll(tg, h, model, vd, slot_mode=mode)
+        torch.testing.assert_close(got, ref, equal_nan=True)
+        torch.testing.assert_close(got_sums, ref_sums)
+    assert len(calls) == 2 * (h.slot_steps + 1)  # one batch: steps fits + one scoring pass, per mode
