@@ -356,14 +356,232 @@ def all_reduce_(t: Tensor, op=None) -> Tensor:
 # ==============================================================================
 # [owner: data] Shard reader (SPEC §1.2), coprime-stride train loader (SPEC §1.5, D8), validation tokens (§1.3),
 # SentencePiece byte LUTs (§1.4).  Contract used by other sections:
-#   read_shard(path) -> np.ndarray[uint16] (memmap; validated header; errors name the file)
-#   list_shards(pattern, what) -> list[str] (sorted; error naming the pattern when empty)
+#   read_shard(path) -> np.ndarray[uint16] (memmap; validated header; errors name the file) ; write_shard(path, tokens)
+#   list_shards(pattern, what) -> list[str] (sorted; error naming the pattern and DATA_PATH when empty)
 #   TrainLoader(files, seed, rank, world_size, device) .next_batch(global_tokens, seq_len, grad_accum) -> (x, y)
 #       x, y: int64 [local_tokens // seq_len, seq_len] on device; local_tokens = global_tokens // (world * grad_accum)
+#   build_sentencepiece_luts(sp, vocab_size, device) -> (base_bytes int16, has_leading_space bool, is_boundary bool)
 #   ValidationData(tokens, base_bytes, has_leading_space, is_boundary)  (tokens int64 CPU; LUTs on device)
 #   load_validation_data(h, device, seq_len) -> ValidationData
+import sentencepiece as spm
 
-DATA_SECTION_PLACEHOLDER = "data"
+LOADER_MIX_BATCHES = 1800  # the shard-mixing schedule reaches its end state after this many next_batch calls
+LOADER_ALPHA_START, LOADER_ALPHA_DROP = 0.9, 0.4  # shard weight = remaining_blocks ** (0.9 - 0.4 * progress)
+LOADER_MIX_LOW, LOADER_MIX_HIGH = 8, 32  # shards mixed per batch: max(8, W) at the start -> max(32, 8W) at the end
+FNV64_PRIME = 1099511628211
+
+
+def read_shard(path) -> np.ndarray:
+    """Validate the 1024-byte header (SPEC §1.2) and memory-map the uint16 tokens; nothing is read eagerly."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"shard {path}: file not found")
+    size = os.path.getsize(path)
+    if size < SHARD_HEADER_BYTES:
+        what = "empty file" if size == 0 else f"{size} bytes, shorter than the {SHARD_HEADER_BYTES}-byte header"
+        raise ValueError(f"shard {path}: {what} (truncated or not a shard)")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if int(header[0]) != SHARD_MAGIC:
+        raise ValueError(f"shard {path}: bad magic {int(header[0])}, expected {SHARD_MAGIC} (not a shard or corrupt)")
+    if int(header[1]) != SHARD_VERSION:
+        raise ValueError(f"shard {path}: unsupported version {int(header[1])}, expected {SHARD_VERSION}")
+    n = int(header[2])
+    if n < 0 or size != SHARD_HEADER_BYTES + 2 * n:
+        raise ValueError(f"shard {path}: header says {n} tokens ({SHARD_HEADER_BYTES + 2 * n} bytes) "
+                         f"but the file has {size} bytes (truncated or corrupt)")
+    if n == 0:  # np.memmap refuses zero-length maps
+        return np.zeros(0, dtype="<u2")
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(n,))
+
+
+def write_shard(path, tokens) -> None:
+    """Write a shard atomically (temp file + rename), so a crashed writer never leaves a half shard behind."""
+    toks = np.asarray(tokens)
+    if toks.size and (toks.min() < 0 or toks.max() > 65535):
+        raise ValueError(f"shard {path}: token ids must fit in uint16 (got {toks.min()}..{toks.max()})")
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, toks.size)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            f.write(toks.astype("<u2").tobytes())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def list_shards(pattern: str, what: str = "train") -> list[str]:
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no {what} shards match {pattern!r}: set DATA_PATH to the folder holding "
+                                f"fineweb_{what}_*.bin (python data/cached_challenge_fineweb.py downloads them)")
+    return files
+
+
+def shard_names_hash(files) -> int:
+    """64-bit FNV-1a-style hash of the sorted shard FILE NAMES (D8: not paths, so the order is location-free)."""
+    h = 0
+    for name in sorted(os.path.basename(str(f)) for f in files):
+        for b in name.encode("utf-8"):
+            h = ((h ^ b) * FNV64_PRIME) % (1 << 64)
+    return h
+
+
+class _ShardCursor:
+    """Visits every seq_len block of one shard exactly once per pass, in a coprime-stride order (PR #1060 / #726).
+
+    Each pass draws a phase (sub-block offset), a start block and a stride coprime with the block count, so
+    block k of the pass is (start + k*stride) mod bc; when the pass is used up, a new pass is drawn."""
+
+    def __init__(self, n_tokens: int, seq_len: int, rng: np.random.Generator):
+        self.n, self.T, self.rng = n_tokens, seq_len, rng
+        self._new_pass()
+
+    def _new_pass(self) -> None:
+        n, T = self.n, self.T
+        self.phase = int(self.rng.integers(0, min(T - 1, max(0, n - T - 1)) + 1))
+        self.bc = (n - 1 - self.phase) // T
+        self.start = int(self.rng.integers(0, self.bc))
+        self.stride = 1
+        if self.bc > 1:
+            self.stride = int(self.rng.integers(1, self.bc))
+            while math.gcd(self.stride, self.bc) != 1:
+                self.stride = int(self.rng.integers(1, self.bc))
+        self.k = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.bc - self.k
+
+    def take(self) -> int:
+        """Token offset of the next window (seq_len + 1 tokens)."""
+        bi = (self.start + self.k * self.stride) % self.bc
+        self.k += 1
+        offset = self.phase + bi * self.T
+        if self.k == self.bc:
+            self._new_pass()
+        return offset
+
+
+class TrainLoader:
+    """The seed's coprime-stride multi-shard loader (SPEC §1.5), seeded by SEED and the shard file names (D8).
+
+    Every rank runs the same RNG over the whole global batch and keeps windows r, r+W, ... - no communication.
+    Shards are memory-mapped; only the windows a rank keeps are read."""
+
+    def __init__(self, files, seed: int, rank: int, world_size: int, device):
+        self.files = sorted((str(f) for f in files), key=lambda f: (os.path.basename(f), f))
+        if not self.files:
+            raise FileNotFoundError("TrainLoader got no shard files (check DATA_PATH)")
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.shards = [read_shard(f) for f in self.files]
+        self.rng = np.random.Generator(np.random.PCG64([seed % (1 << 64), shard_names_hash(self.files)]))
+        self.cursors: dict[int, _ShardCursor] = {}
+        self.seq_len = 0
+        self.batches_built = 0
+
+    def _plan_windows(self, gns: int, T: int) -> list[tuple[int, int]]:
+        """The global batch as (shard, offset) windows, in the interleaved order all ranks agree on."""
+        eligible = [s for s, toks in enumerate(self.shards) if len(toks) >= T + 1]
+        if not eligible:
+            raise ValueError(f"no train shard holds TRAIN_SEQ_LEN+1={T + 1} tokens ({self.files[0]}, ...)")
+        progress = min(self.batches_built / LOADER_MIX_BATCHES, 1.0)
+        remaining = np.array([self.cursors[s].remaining if s in self.cursors else (len(self.shards[s]) - 1) // T
+                              for s in eligible], dtype=np.float64)
+        weights = remaining ** (LOADER_ALPHA_START - LOADER_ALPHA_DROP * progress)
+        probs = weights / weights.sum()
+        n_el, W = len(eligible), self.world_size
+        low = min(max(LOADER_MIX_LOW, W), n_el, gns)
+        high = min(max(LOADER_MIX_HIGH, 8 * W), n_el, gns)
+        mix = int(round(low + progress * (high - low)))
+        chosen = self.rng.choice(n_el, size=mix, replace=False, p=probs)
+        counts = 1 + self.rng.multinomial(gns - mix, probs[chosen] / probs[chosen].sum())
+        buckets = []
+        for i in self.rng.permutation(mix):
+            s = eligible[chosen[i]]
+            if s not in self.cursors:  # cursors are created lazily, on first use
+                self.cursors[s] = _ShardCursor(len(self.shards[s]), T, self.rng)
+            bucket = [(s, self.cursors[s].take()) for _ in range(int(counts[i]))]
+            self.rng.shuffle(bucket)
+            buckets.append(bucket)
+        windows = []
+        while any(buckets):  # interleave: each round pops one window from every non-empty bucket, in random order
+            live = [b for b in buckets if b]
+            for j in self.rng.permutation(len(live)):
+                windows.append(live[j].pop())
+        return windows
+
+    def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[Tensor, Tensor]:
+        if seq_len < 1 or grad_accum < 1 or global_tokens % (self.world_size * grad_accum * seq_len) != 0:
+            raise ValueError(f"TRAIN_BATCH_TOKENS={global_tokens} must be a multiple of world_size*grad_accum*"
+                             f"TRAIN_SEQ_LEN = {self.world_size}*{grad_accum}*{seq_len}")
+        if self.seq_len and seq_len != self.seq_len:
+            raise ValueError(f"TrainLoader: seq_len changed from {self.seq_len} to {seq_len}; make a new loader")
+        self.seq_len = seq_len
+        gns = global_tokens // (grad_accum * seq_len)  # windows in this global micro-batch
+        windows = self._plan_windows(gns, seq_len)
+        self.batches_built += 1
+        mine = windows[self.rank::self.world_size]
+        buf = torch.from_numpy(np.stack([self.shards[s][o:o + seq_len + 1] for s, o in mine]).astype(np.int64))
+        if self.device.type == "cuda":
+            buf = buf.pin_memory().to(self.device, non_blocking=True)
+        else:
+            buf = buf.to(self.device)
+        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+
+
+def build_sentencepiece_luts(sp, vocab_size: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token UTF-8 byte counts for BPB (SPEC §1.4).  Ids beyond the tokenizer are 0-byte boundary tokens.
+
+    bytes(y | prev x) = base_bytes[y] + (has_leading_space[y] and not is_boundary[x]): a leading "▁" is one space
+    byte, except after BOS/control tokens, where the decoder drops it."""
+    n = max(sp.vocab_size(), vocab_size)
+    base = np.zeros(n, dtype=np.int16)
+    lead = np.zeros(n, dtype=np.bool_)
+    boundary = np.ones(n, dtype=np.bool_)
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            lead[i] = True
+            piece = piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    dev = torch.device(device)
+    return tuple(torch.from_numpy(a).to(dev) for a in (base, lead, boundary))
+
+
+@dataclass
+class ValidationData:
+    tokens: Tensor  # int64 on CPU, (usable + 1,)
+    base_bytes: Tensor
+    has_leading_space: Tensor
+    is_boundary: Tensor
+
+
+def load_validation_data(h: Hyperparameters, device, seq_len: int) -> ValidationData:
+    """All fineweb_val_*.bin, sorted and concatenated, cut to a whole number of seq_len windows + 1 (SPEC §1.3)."""
+    if not os.path.isfile(h.tokenizer_path):
+        raise FileNotFoundError(f"TOKENIZER_PATH={h.tokenizer_path}: file not found")
+    sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
+    if sp.vocab_size() > h.vocab_size:
+        raise ValueError(f"VOCAB_SIZE={h.vocab_size} is smaller than the tokenizer's vocabulary "
+                         f"({sp.vocab_size()} in TOKENIZER_PATH={h.tokenizer_path})")
+    files = list_shards(h.val_files, "val")
+    raw = np.concatenate([read_shard(f) for f in files])
+    if raw.size < seq_len + 1:
+        raise ValueError(f"val split has {raw.size} tokens, fewer than seq_len+1={seq_len + 1}: {files}")
+    if int(raw.max()) >= h.vocab_size:
+        raise ValueError(f"val token id {int(raw.max())} >= VOCAB_SIZE={h.vocab_size} in {files}")
+    usable = ((raw.size - 1) // seq_len) * seq_len
+    tokens = torch.from_numpy(raw[: usable + 1].astype(np.int64))
+    return ValidationData(tokens, *build_sentencepiece_luts(sp, h.vocab_size, device))
 
 
 # ==============================================================================
