@@ -122,7 +122,11 @@ def test_count_target_bytes_equals_utf8_length_with_real_tokenizer(tg):
         ids = sp.encode(doc)
         assert sp.decode(ids) == doc  # the tokenizer round-trips these texts (no NFKC change)
         stream += [sp.bos_id()] + ids
-    vd = make_val_data(tg, stream, *sp_luts(sp, 1024))
+    luts = sp_luts(sp, 1024)
+    if hasattr(tg, "build_sentencepiece_luts"):  # section 3's LUTs agree with this independent reading of §1.4
+        for mine, theirs in zip(luts, tg.build_sentencepiece_luts(sp, 1024, CPU)):
+            assert torch.equal(torch.as_tensor(mine).to(theirs.dtype), theirs)
+    vd = make_val_data(tg, stream, *luts)
     tokens = vd.tokens
     counted = tg.count_target_bytes(vd, tokens[:-1], tokens[1:]).sum().item()
     assert counted == sum(len(doc.encode("utf-8")) for doc in docs)

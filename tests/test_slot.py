@@ -164,23 +164,25 @@ def test_bad_slot_mode_is_rejected(tg):
         tg.eval_val_sliding(eval_config(tg, **SLOT), ToyLM(), tg.DistInfo(), CPU, vd, slot_mode="causel")
 
 
-def test_real_gpt_causal_slot_flip(tg):
-    """The flip test on the real tiny GPT (section 4), with a compiled (eager backend) hidden_fn."""
+def test_real_gpt_flip_test(tg):
+    """The flip test on the real tiny GPT (section 4) with a compiled (eager backend) hidden_fn: causal SLOT keeps
+    every earlier score bit-identical, standard SLOT changes them."""
     if not hasattr(tg, "GPT"):
         pytest.skip("section 4 (GPT) not merged yet")
     from conftest import tiny_config
 
-    h = tiny_config(tg, **SLOT, slot_mode="causal", eval_stride=8)
+    h = tiny_config(tg, **SLOT, eval_stride=8)
     torch.manual_seed(0)
     model = tg.GPT(h).eval()
     vd = random_val_data(tg, 100, vocab=h.vocab_size, seed=17)
     starts, sf = tg.plan_windows(100, h.eval_seq_len, h.eval_stride, 0, 1)
     p = int(starts[-1] + sf[-1])
     fn = torch.compile(model.forward_hidden, backend="eager")
-    base, _ = sliding_nll(tg, h, model, vd, hidden_fn=fn)
-    alt, _ = sliding_nll(tg, h, model, _flip(tg, vd, p + 1), hidden_fn=fn)
-    assert torch.isfinite(base).all() and alt[p] != base[p]
-    torch.testing.assert_close(alt[:p], base[:p], rtol=0, atol=1e-6)
+    for mode in ("causal", "standard"):
+        base, _ = sliding_nll(tg, h, model, vd, hidden_fn=fn, slot_mode=mode)
+        alt, _ = sliding_nll(tg, h, model, _flip(tg, vd, p + 1), hidden_fn=fn, slot_mode=mode)
+        assert torch.isfinite(base).all() and alt[p] != base[p]
+        assert torch.equal(alt[:p], base[:p]) == (mode == "causal"), mode
 
 
 def test_compiled_token_nll_rebinding_gives_same_scores(tg, monkeypatch):
