@@ -1037,12 +1037,230 @@ COMPRESSION_SECTION_PLACEHOLDER = "compression"
 # 8. EVALUATION
 # ==============================================================================
 # [owner: eval] SPEC §9 + D5 + D10.  Contract:
-#   count_target_bytes(val_data, prev, tgt) -> Tensor ; loss_to_bpb(loss_sum, tokens, bytes) -> (loss, bpb)
-#   eval_val(h, model, d, device, val_data) -> (val_loss, val_bpb)
-#   plan_windows(n_tokens, seq_len, stride, rank, world) -> (starts, score_from) ; eval_val_sliding(...)
-#   timed_eval(label, fn, *args) -> (loss, bpb)  (logs the final_* pair)
+#   count_target_bytes(val_data, prev, tgt) -> int32 Tensor ; loss_to_bpb(loss_sum, tokens, bytes) -> (loss, bpb)
+#   eval_val(h, model, d, device, val_data, seq_len=None) -> (val_loss, val_bpb)
+#   plan_windows(n_tokens, seq_len, stride, rank, world) -> (starts, score_from)
+#   eval_val_sliding(h, model, d, device, val_data, hidden_fn=None, slot_enabled=None, slot_mode=None) -> (loss, bpb)
+#   sliding_window_sums(same args, nll_out=None) -> this rank's unreduced fp64 [nll, tokens, bytes]
+#   token_nll(model, hidden, y) -> fp32 per-position CE of compute_logits(hidden) (main may compile-rebind it)
+#   slot_tag(h, slot_enabled=None, slot_mode=None) -> "slot:causal" | "slot:standard" | "slot:off"
+#   timed_eval(label, fn, *args, extra="", suffix="", **kwargs) -> (loss, bpb)  (logs the final_* pair)
+#
+# BPB = sum of NLL in nats / (ln 2 * sum of UTF-8 bytes of the scored targets) (SPEC §1.4).  Every evaluator keeps
+# three fp64 running sums on the device, [nll, tokens, bytes], all-reduces them once at the end and syncs the host
+# once: no per-batch .item().
+#
+# Sliding window (SPEC §9.2, D10): windows of EVAL_SEQ_LEN start every EVAL_STRIDE tokens.  The first window scores
+# all its positions, each later one only the tokens the previous window did not reach, and no window is created
+# after one has reached the end of the stream, so every target is scored exactly once (the seed's 31 tail windows
+# re-scored the last 64 tokens).
+#
+# SLOT (SPEC §9.3, PR #1172): a bias delta added to the final hidden states and fitted by a few AdamW steps at eval
+# time.  The transformer runs once per batch without grad; each step reruns only `compute_logits` and the CE.
+#   standard: the seed.  One delta per batch of windows, fitted on the mean CE over positions 0..T-2 of every window
+#             (padding included), i.e. on the very targets it then scores, so a scored token's probability depends
+#             on that token (PR #1240's flip test, issue #1336).  Kept to reproduce the seed's numbers.
+#   causal (D5, default): one delta PER WINDOW, fitted only on positions [0, s) of that window, which earlier windows
+#             have already scored, then used to score [s, wlen).  Why not one delta shared by the batch: window k's
+#             context [0, s) holds targets that window k-1 of the same batch scores, so a shared delta fitted on all
+#             contexts would be shaped by the targets it scores.  The legal shared variant (fit only on targets before
+#             the batch's first scored one) throws context away.  A [B, 1, d] delta costs the same single
+#             [B*T, d] x [d, V] matmul per step, and since AdamW is elementwise and the loss is a sum of per-window
+#             means, each window gets exactly the delta it would get if fitted alone: causal results do not depend on
+#             batch grouping or world size.
 
-EVAL_SECTION_PLACEHOLDER = "eval"
+SLOT_MODES = ("causal", "standard")
+SLOT_BETAS = (0.9, 0.999)  # PyTorch's AdamW defaults, not the training betas (SPEC §12.15)
+SLOT_EPS = 1e-5
+SLOT_WD = 1e-8
+
+
+def count_target_bytes(val_data, prev: Tensor, tgt: Tensor) -> Tensor:
+    """UTF-8 bytes each target adds (SPEC §1.4): its piece's bytes, plus 1 for a leading space unless the previous
+    token is a boundary (BOS/control), whose following space is not part of the text."""
+    space = val_data.has_leading_space[tgt] & ~val_data.is_boundary[prev]
+    return val_data.base_bytes[tgt].to(torch.int32) + space.to(torch.int32)
+
+
+def loss_to_bpb(loss_sum: float, token_count: float, byte_count: float) -> tuple[float, float]:
+    loss_sum, token_count, byte_count = float(loss_sum), float(token_count), float(byte_count)
+    if token_count <= 0 or byte_count <= 0:
+        raise RuntimeError(f"evaluation scored {token_count:.0f} tokens / {byte_count:.0f} bytes: val set too small")
+    return loss_sum / token_count, loss_sum / (math.log(2.0) * byte_count)
+
+
+def _reduce_to_bpb(sums: Tensor) -> tuple[float, float]:
+    return loss_to_bpb(*all_reduce_(sums).tolist())  # the one host sync of an evaluation
+
+
+def val_sums(h, model, d: DistInfo, device: torch.device, val_data, seq_len: int | None = None) -> Tensor:
+    """This rank's unreduced fp64 [nll_sum, tokens, bytes] over non-overlapping sequences (SPEC §9.1)."""
+    T = seq_len or h.train_seq_len
+    n_seqs = (val_data.tokens.numel() - 1) // T
+    if n_seqs < 1:
+        raise ValueError(f"validation set has {val_data.tokens.numel()} tokens, fewer than one sequence of {T} + 1")
+    first, last = n_seqs * d.rank // d.world_size, n_seqs * (d.rank + 1) // d.world_size
+    bsz = max(h.val_batch_size // (d.world_size * d.grad_accum_steps) // T, 1)
+    tok = val_data.tokens[first * T : last * T + 1].to(device)  # this rank's range, moved once
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for s in range(0, last - first, bsz):
+        e = min(s + bsz, last - first)
+        x, y = tok[s * T : e * T].view(-1, T), tok[s * T + 1 : e * T + 1].view(-1, T)
+        with autocast_ctx(device):
+            loss = model(x, y).detach()  # mean CE of the batch
+        sums[0] += loss.double() * y.numel()
+        sums[1] += y.numel()
+        sums[2] += count_target_bytes(val_data, x, y).sum()
+    return sums
+
+
+def eval_val(h, model, d: DistInfo, device: torch.device, val_data, seq_len: int | None = None) -> tuple[float, float]:
+    """Non-overlapping eval (SPEC §9.1): contiguous rank ranges of T-token sequences (T = seq_len or
+    TRAIN_SEQ_LEN), VAL_BATCH_SIZE / (W * grad_accum) / T sequences per batch, bf16 autocast, inference mode."""
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        out = _reduce_to_bpb(val_sums(h, model, d, device, val_data, seq_len))
+    model.train(was_training)
+    return out
+
+
+def plan_windows(n_tokens: int, seq_len: int, stride: int, rank: int, world: int) -> tuple[Tensor, Tensor]:
+    """This rank's sliding windows over n_tokens targets (D10): starts 0, stride, 2*stride, ... up to the first window
+    that reaches the end; window k scores its positions [score_from[k], min(seq_len, n_tokens - start)), which is
+    [0, ...) for the first window and [seq_len - stride, ...) after it, so every target is scored exactly once.
+    The window list is split contiguously across ranks.  Returns int64 CPU tensors."""
+    if n_tokens < 1:
+        raise ValueError(f"sliding eval needs at least one target token, got {n_tokens}")
+    if not 1 <= stride <= seq_len:
+        raise ValueError(f"EVAL_STRIDE={stride} must be in [1, EVAL_SEQ_LEN={seq_len}]")
+    n_windows = 1 if n_tokens <= seq_len else 1 + -(-(n_tokens - seq_len) // stride)
+    k = torch.arange(n_windows * rank // world, n_windows * (rank + 1) // world, dtype=torch.int64)
+    score_from = torch.where(k == 0, 0, seq_len - stride)
+    return k * stride, score_from
+
+
+def token_nll(model, hidden: Tensor, y: Tensor) -> Tensor:
+    """Per-position CE in fp32 of `compute_logits(hidden)` (which casts hidden to the embedding dtype: bf16).
+    The SLOT hot path (8 forward+backward per batch over [32, 2048, V] logits): main() may rebind this global to
+    a torch.compile'd version so softcap, cast and CE fuse."""
+    with autocast_ctx(hidden.device):
+        logits = model.compute_logits(hidden)
+    return F.cross_entropy(logits.float().flatten(0, -2), y.flatten(), reduction="none").view_as(y)
+
+
+def _fit_slot_delta(model, hidden: Tensor, y: Tensor, ctx: Tensor | None, n_real: int, lr: float, steps: int) -> Tensor:
+    """SLOT (SPEC §9.3): fit a bias on the detached fp32 hidden [B, P, d] by `steps` AdamW steps.
+    ctx None = standard (one [1,1,d] delta, mean CE over positions 0..P-2 of the first n_real windows);
+    ctx [B, P] bool = causal (one [B,1,d] delta per window, sum over windows of the mean CE on its ctx positions)."""
+    B, P, D = hidden.shape
+    delta = torch.zeros(1 if ctx is None else B, 1, D, device=hidden.device, requires_grad=True)
+    opt = torch.optim.AdamW([delta], lr=lr, betas=SLOT_BETAS, eps=SLOT_EPS, weight_decay=SLOT_WD)
+    if ctx is not None:  # per-window mean weights; windows without context get weight 0 and keep delta = 0
+        weight = ctx.float() / ctx.sum(1, keepdim=True).clamp_min(1)
+    for _ in range(steps):
+        with torch.enable_grad():
+            nll = token_nll(model, hidden + delta, y)
+            loss = nll[:n_real, :-1].mean() if ctx is None else (nll * weight).sum()
+            # autograd.grad, not backward(): the tied embedding must not receive (or accumulate) a gradient
+            (delta.grad,) = torch.autograd.grad(loss, [delta])
+        opt.step()
+    return delta.detach()
+
+
+def _window_batch(tok: Tensor, ws: Tensor, sf: Tensor, n_local: int, T: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Gather x, y [B, T] (zero-padded past each window's end) and the scored mask from the on-device tokens."""
+    pos = torch.arange(T, device=tok.device)
+    idx = ws[:, None] + pos  # (B, T) local index of each input token
+    valid = pos < (n_local - ws).clamp(max=T)[:, None]
+    x = torch.where(valid, tok[idx.clamp(max=n_local - 1)], 0)
+    y = torch.where(valid, tok[(idx + 1).clamp(max=n_local)], 0)
+    return x, y, valid & (pos >= sf[:, None])
+
+
+def sliding_window_sums(h, model, d: DistInfo, device: torch.device, val_data, hidden_fn=None, slot_enabled=None,
+                        slot_mode=None, nll_out: Tensor | None = None) -> Tensor:
+    """This rank's unreduced fp64 [nll_sum, tokens, bytes] of the sliding-window eval (SPEC §9.2-9.3, D5, D10).
+    Batches of SLIDING_BATCH_WINDOWS consecutive windows; the last batch is padded with empty windows so a compiled
+    hidden_fn always sees one shape.  nll_out (fp64 [n_targets], optional): each scored target's NLL is written at
+    its absolute index (diagnostics and the D5 flip test; costs a host sync per batch)."""
+    slot_enabled = h.slot_enabled if slot_enabled is None else slot_enabled
+    slot_mode = h.slot_mode if slot_mode is None else slot_mode
+    if slot_mode not in SLOT_MODES:
+        raise ValueError(f"SLOT_MODE={slot_mode!r} must be one of {SLOT_MODES}")
+    hidden_fn = hidden_fn or model.forward_hidden
+    T, n_tokens, B = h.eval_seq_len, val_data.tokens.numel() - 1, SLIDING_BATCH_WINDOWS
+    starts, score_from = plan_windows(n_tokens, T, h.eval_stride, d.rank, d.world_size)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    n_win = starts.numel()
+    if n_win == 0:
+        return sums
+    lo, hi = int(starts[0]), min(int(starts[-1]) + T, n_tokens)
+    tok = val_data.tokens[lo : hi + 1].to(device)  # this rank's span, moved once
+    n_pad = -n_win % B  # empty windows (start at the end: length 0) fill the last batch
+    ws_all = torch.cat([starts - lo, torch.full((n_pad,), hi - lo)]).to(device)
+    sf_all = torch.cat([score_from, torch.zeros(n_pad, dtype=torch.int64)]).to(device)
+    for b in range(0, n_win, B):
+        n_real = min(B, n_win - b)
+        sf_cpu = score_from[b : b + n_real]
+        p0, p1 = int(sf_cpu.min()), int(sf_cpu.max())  # positions >= p0 hold every score, < p1 every context
+        ws, sf = ws_all[b : b + B], sf_all[b : b + B]
+        x, y, scored = _window_batch(tok, ws, sf, hi - lo, T)
+        with autocast_ctx(device):
+            hidden = hidden_fn(x).detach()
+        if slot_enabled and (slot_mode == "standard" or p1 > 0):
+            hidden = hidden.float()
+            if slot_mode == "standard":
+                delta = _fit_slot_delta(model, hidden, y, None, n_real, h.slot_lr, h.slot_steps)
+            else:
+                ctx = torch.arange(p1, device=device) < sf[:, None]
+                delta = _fit_slot_delta(model, hidden[:, :p1], y[:, :p1], ctx, n_real, h.slot_lr, h.slot_steps)
+            hidden = hidden + delta
+        nll = token_nll(model, hidden[:, p0:], y[:, p0:])
+        m = scored[:, p0:]
+        sums[0] += torch.where(m, nll, 0.0).sum(dtype=torch.float64)
+        sums[1] += m.sum()
+        sums[2] += torch.where(m, count_target_bytes(val_data, x[:, p0:], y[:, p0:]), 0).sum()
+        if nll_out is not None:
+            nll_out[(ws[:, None] + lo + torch.arange(p0, T, device=device))[m]] = nll[m].double()
+    return sums
+
+
+def eval_val_sliding(h, model, d: DistInfo, device: torch.device, val_data, hidden_fn=None, slot_enabled=None,
+                     slot_mode=None) -> tuple[float, float]:
+    """Sliding-window eval, the reported metric (SPEC §9.2): EVAL_SEQ_LEN windows every EVAL_STRIDE tokens, each
+    target scored once (D10), optionally with SLOT (SLOT_ENABLED / SLOT_MODE / SLOT_LR / SLOT_STEPS; D5).
+    hidden_fn: a compiled model.forward_hidden, called under torch.no_grad() + bf16 autocast on [32, T] inputs
+    (warm it up the same way); logits via model.compute_logits; CE fp32; sums fp64, all-reduced."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():  # not inference_mode: SLOT needs autograd through compute_logits
+        out = _reduce_to_bpb(sliding_window_sums(h, model, d, device, val_data, hidden_fn, slot_enabled, slot_mode))
+    model.train(was_training)
+    return out
+
+
+def slot_tag(h, slot_enabled=None, slot_mode=None) -> str:
+    enabled = h.slot_enabled if slot_enabled is None else slot_enabled
+    return f"slot:{h.slot_mode if slot_mode is None else slot_mode}" if enabled else "slot:off"
+
+
+def timed_eval(label: str, fn, *args, extra: str = "", suffix: str = "", **kwargs) -> tuple[float, float]:
+    """Run fn(*args, **kwargs) -> (loss, bpb), timed between device syncs, and log SPEC §10.1's pair:
+    `{label} val_loss val_bpb [extra] eval_time:Nms [suffix]` and `{label}_exact` with 8 decimals.
+    extra holds canonical tokens (`stride:64`); suffix holds this project's additions (`slot:causal`, STYLE §3.9)."""
+    devices = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.device)]
+    for dev in devices:
+        cuda_sync(dev)
+    t0 = time.perf_counter()
+    loss, bpb = fn(*args, **kwargs)
+    for dev in devices:
+        cuda_sync(dev)
+    ms = 1000.0 * (time.perf_counter() - t0)
+    mid, tail = (f" {extra}" if extra else ""), (f" {suffix}" if suffix else "")
+    log0(f"{label} val_loss:{loss:.4f} val_bpb:{bpb:.4f}{mid} eval_time:{ms:.0f}ms{tail}")
+    log0(f"{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    return loss, bpb
 
 
 # ==============================================================================
