@@ -1245,7 +1245,7 @@ def slot_tag(h, slot_enabled=None, slot_mode=None) -> str:
     return f"slot:{h.slot_mode if slot_mode is None else slot_mode}" if enabled else "slot:off"
 
 
-def timed_eval(label: str, fn, *args, extra: str = "", suffix: str = "", **kwargs) -> tuple[float, float]:
+def timed_eval(label: str, fn, *args, extra: str = "", suffix: str = "", exact: bool = True, **kwargs) -> tuple[float, float]:
     """Run fn(*args, **kwargs) -> (loss, bpb), timed between device syncs, and log SPEC §10.1's pair:
     `{label} val_loss val_bpb [extra] eval_time:Nms [suffix]` and `{label}_exact` with 8 decimals.
     extra holds canonical tokens (`stride:64`); suffix holds this project's additions (`slot:causal`, STYLE §3.9)."""
@@ -1259,7 +1259,8 @@ def timed_eval(label: str, fn, *args, extra: str = "", suffix: str = "", **kwarg
     ms = 1000.0 * (time.perf_counter() - t0)
     mid, tail = (f" {extra}" if extra else ""), (f" {suffix}" if suffix else "")
     log0(f"{label} val_loss:{loss:.4f} val_bpb:{bpb:.4f}{mid} eval_time:{ms:.0f}ms{tail}")
-    log0(f"{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    if exact:
+        log0(f"{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     return loss, bpb
 
 
@@ -1480,7 +1481,7 @@ def train_and_eval(h: Hyperparameters, d: DistInfo, device) -> None:
 def evaluate_artifact_model(h: Hyperparameters, d: DistInfo, device, q_model: nn.Module, val_data) -> None:
     """The scored evaluations of the reloaded artifact (SPEC §9.4); the alias line is last and carries the score."""
     timed_eval("final_int6_roundtrip", eval_val, h, maybe_compile(q_model, device), d, device, val_data)
-    slot = f"slot:{h.slot_mode if h.slot_enabled else 'off'}"
+    slot = slot_tag(h)
     loss, bpb = timed_eval("final_int6_sliding_window", eval_val_sliding, h, q_model, d, device, val_data,
                            hidden_fn=maybe_compile(q_model.forward_hidden, device),
                            extra=f"stride:{h.eval_stride}", suffix=slot)
