@@ -386,11 +386,14 @@ MODEL_SECTION_PLACEHOLDER = "model"
 # 5. OPTIMIZER
 # ==============================================================================
 # [owner: optimizer] SPEC §3 + D1.  Contract:
-#   newton_schulz5(G, steps) ; lr_scale(step, elapsed_ms, budget_ms, warmdown_iters) -> float ;
-#   muon_momentum(step, h) -> float ;
-#   build_optimizers(h, model, d: DistInfo) -> Optimizers with .step(step, scale), .zero_grad(),
-#       .state_dict(), .load_state_dict(sd).  Optimizers.step clips local grads, reduces grads across ranks
-#       (reduce-scatter for banks, all-reduce for the rest), steps every optimizer.
+#   newton_schulz5(G, steps=5) -> bf16 ; lr_scale(step, elapsed_ms, budget_ms, warmdown_iters, iterations) -> float
+#       (budget_ms = h.train_budget_ms; 0 -> step-based warmdown ending at ITERATIONS) ; muon_momentum(step, h) -> float
+#   Muon(banks, lr, momentum, backend_steps, nesterov, weight_decay, lr_mults) (torch.optim.Optimizer)
+#   build_optimizers(h, model, d: DistInfo) -> Optimizers with .step(step, scale), .zero_grad(), .params,
+#       .state_dict() (a deep copy) / .load_state_dict(sd).  Optimizers.step sets lrs (base * scale) and Muon momentum,
+#       clips the local grads, reduces grads across ranks (reduce-scatter for banks, one all-reduce for the rest) and
+#       steps every optimizer.  newton_schulz5 is looked up as a module global at call time, so main() may rebind it
+#       to a compiled version.
 
 import copy
 
@@ -634,7 +637,9 @@ class Optimizers:
 
 
 def build_optimizers(h: Hyperparameters, model: nn.Module, d: DistInfo) -> Optimizers:
-    """Route every parameter by classify_param: "matrix" -> Muon, "embed" -> AdamW tok, "scalar" -> AdamW scalar."""
+    """Route every parameter (each exactly once: named_parameters dedups the tied head) by classify_param:
+    "matrix" -> Muon, "embed" -> AdamW tok, "scalar" -> AdamW scalar; any other role raises.
+    Optimizers.adams = [tok, scalar] (a group with no parameters is left out)."""
     routes: dict[str, list] = {"matrix": [], "embed": [], "scalar": []}
     named = list(model.named_parameters())
     for name, p in named:
@@ -642,8 +647,6 @@ def build_optimizers(h: Hyperparameters, model: nn.Module, d: DistInfo) -> Optim
         if role not in routes:
             raise ValueError(f"parameter {name!r} classified as {role!r}: no optimizer takes that role")
         routes[role].append((name, p))
-    if sum(len(v) for v in routes.values()) != len({id(p) for _, p in named}):
-        raise ValueError("every parameter must be in exactly one optimizer group")
     banks = [p for _, p in routes["matrix"]]
     muon = Muon(banks, lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,
                 nesterov=True, weight_decay=h.muon_wd, lr_mults=[_bank_lr_mults(h, p.shape[0]) for p in banks])
