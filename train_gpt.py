@@ -1001,13 +1001,280 @@ class GPT(nn.Module):
 # 5. OPTIMIZER
 # ==============================================================================
 # [owner: optimizer] SPEC §3 + D1.  Contract:
-#   newton_schulz5(G, steps) ; lr_scale(step, elapsed_ms, budget_ms, warmdown_iters) -> float ;
-#   muon_momentum(step, h) -> float ;
-#   build_optimizers(h, model, d: DistInfo) -> Optimizers with .step(step, scale), .zero_grad(),
-#       .state_dict(), .load_state_dict(sd).  Optimizers.step clips local grads, reduces grads across ranks
-#       (reduce-scatter for banks, all-reduce for the rest), steps every optimizer.
+#   newton_schulz5(G, steps=5) -> bf16 ; lr_scale(step, elapsed_ms, budget_ms, warmdown_iters, iterations) -> float
+#       (budget_ms = h.train_budget_ms; 0 -> step-based warmdown ending at ITERATIONS) ; muon_momentum(step, h) -> float
+#   Muon(banks, lr, momentum, backend_steps, nesterov, weight_decay, lr_mults) (torch.optim.Optimizer)
+#   build_optimizers(h, model, d: DistInfo) -> Optimizers with .step(step, scale), .zero_grad(), .params,
+#       .state_dict() (a deep copy) / .load_state_dict(sd).  Optimizers.step sets lrs (base * scale) and Muon momentum,
+#       clips the local grads, reduces grads across ranks (reduce-scatter for banks, one all-reduce for the rest) and
+#       steps every optimizer.  newton_schulz5 is looked up as a module global at call time, so main() may rebind it
+#       to a compiled version.
 
-OPTIMIZER_SECTION_PLACEHOLDER = "optimizer"
+import copy
+
+# NOTE Split LR (D1): the seed multiplied bank *gradients* by MATRIX_LR_EARLY/MATRIX_LR before Newton-Schulz, which
+# normalises the scale away (SPEC §12.1).  Here each bank slot carries an lr multiplier applied to the orthogonalised
+# update, so "base lr" stays MATRIX_LR (the logged matrix_lr:0.03): early layers step at MATRIX_LR_EARLY * scale, late
+# layers at MATRIX_LR_LATE * scale, and decoupled weight decay keeps using the unscaled MATRIX_LR * scale (as the seed).
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients (Keller Jordan's Muon)
+
+
+def newton_schulz5(G: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
+    """Approximately orthogonalise each matrix of G [..., rows, cols] (Muon, modded-nanogpt; SPEC §3.3).
+
+    bf16 throughout; each matrix is divided by its Frobenius norm, then `steps` quintic iterations push its singular
+    values into roughly [0.5, 1.5].  Batched over the leading dims; an all-zero (padding) matrix maps to zero.
+    Returns bf16 of G's shape."""
+    a, b, c = NS_COEFFS
+    X = G.bfloat16()
+    transposed = G.size(-2) > G.size(-1)
+    if transposed:  # iterate on the short side: A = X X^T is then the smaller Gram matrix
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * (A @ A)) @ X
+    return X.mT if transposed else X
+
+
+def lr_scale(step: int, elapsed_ms: float, budget_ms: float, warmdown_iters: int, iterations: int) -> float:
+    """LR multiplier in [0, 1]: linear warmdown to 0, no warmup (SPEC §4).
+
+    With a wallclock budget the warmdown spans the last WARMDOWN_ITERS steps *estimated from the mean step time so
+    far*, ending at budget_ms.  With budget_ms == 0 (no cap) it is the root baseline's step schedule: linear from
+    step ITERATIONS - WARMDOWN_ITERS down to 0 at ITERATIONS."""
+    if budget_ms <= 0:
+        if step >= iterations:
+            return 0.0
+        start = max(iterations - warmdown_iters, 0)
+        return (iterations - step) / max(warmdown_iters, 1) if step >= start else 1.0
+    warmdown_ms = warmdown_iters * elapsed_ms / max(step, 1)
+    remaining_ms = max(budget_ms - elapsed_ms, 0.0)
+    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+
+
+def muon_momentum(step: int, h: Hyperparameters) -> float:
+    """Muon momentum warm-up: linear MUON_MOMENTUM_WARMUP_START -> MUON_MOMENTUM over MUON_MOMENTUM_WARMUP_STEPS."""
+    frac = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
+    return (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
+
+
+def _reduce_scatter_sum(out: Tensor, full: Tensor, use_rs: bool):
+    """Async SUM reduce-scatter of `full` (dim 0) into `out`; with use_rs=False (a backend without reduce-scatter) an
+    all-reduce of `full` whose caller reads its own slice.  SUM + divide works on every backend (gloo may lack AVG)."""
+    if not use_rs:
+        return dist.all_reduce(full, op=dist.ReduceOp.SUM, async_op=True)
+    rs = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.13
+    return rs(out, full, op=dist.ReduceOp.SUM, async_op=True)
+
+
+def _all_gather(full: Tensor, shard: Tensor, use_rs: bool):
+    """Async all-gather of each rank's `shard` into `full` along dim 0."""
+    if not use_rs:
+        return dist.all_gather(list(full.chunk(dist.get_world_size())), shard, async_op=True)
+    ag = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return ag(full, shard, async_op=True)
+
+
+class Muon(torch.optim.Optimizer):
+    """Parallel Muon on 3-D parameter banks [n, rows, cols] (PR #549 lineage; SPEC §3.2 steps 5 and 7, D1).
+
+    Per bank matrix: buf <- mu*buf + g (bf16); u = g + mu*buf (Nesterov); O = NS5(u);
+    W <- W*(1 - lr*wd) - lr * lr_mults[i] * sqrt(max(1, rows/cols)) * O.
+    Distributed: `launch_reduce_scatters()` pads each bank's bf16 grad along dim 0 to a multiple of the world size and
+    reduce-scatters it (mean), so each rank orthogonalises only its padded/W matrices; `step()` then, bank by bank
+    (largest first), waits, computes, launches the all-gather of O and applies the previous bank's update while the
+    next one computes.  One process runs the same math on whole banks, without padding or collectives.
+    `lr_mults[j]` is a sequence of per-slot multipliers for params[j] (default all 1)."""
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int = 5, nesterov: bool = True,
+                 weight_decay: float = 0.0, lr_mults=None):
+        params = list(params)
+        for p in params:
+            if p.ndim != 3:
+                raise ValueError(f"Muon expects 3-D parameter banks [n, rows, cols], got shape {tuple(p.shape)}")
+        lr_mults = lr_mults if lr_mults is not None else [[1.0] * p.shape[0] for p in params]
+        if len(lr_mults) != len(params) or any(len(m) != p.shape[0] for m, p in zip(lr_mults, params)):
+            raise ValueError("Muon lr_mults must give one multiplier per bank slot")
+        groups = [dict(params=[p], lr_mults=[float(x) for x in m]) for p, m in zip(params, lr_mults)]
+        super().__init__(groups, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov,
+                                      weight_decay=weight_decay))
+        self.use_reduce_scatter = True  # False: all-reduce + slice, for backends without reduce-scatter
+        self._pending: list | None = None  # (group, grad shard, handle) per bank, set by launch_reduce_scatters
+        self._pad_bufs: dict[int, Tensor] = {}  # persistent padded bf16 grad buffers, by id(param)
+        self._mults: dict[int, Tensor] = {}  # lr_mults as tensors on the param's device, by id(param)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for st in self.state.values():  # torch casts loaded state to the param dtype; the buffer is bf16 by design
+            if "momentum_buffer" in st:
+                st["momentum_buffer"] = st["momentum_buffer"].bfloat16()
+
+    def _world(self) -> tuple[int, int]:
+        return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+    def _banks_largest_first(self) -> list[dict]:
+        return sorted(self.param_groups, key=lambda g: -g["params"][0].numel())  # stable: ties keep param order
+
+    @torch.no_grad()
+    def launch_reduce_scatters(self) -> None:
+        """Phase 1: start averaging each bank's gradient across ranks (no-op bookkeeping in one process)."""
+        rank, world = self._world()
+        self._pending = []
+        for group in self._banks_largest_first():
+            p = group["params"][0]
+            if world == 1:
+                if p.grad is not None:
+                    self._pending.append((group, p.grad.bfloat16(), None))
+                continue
+            n, k = p.shape[0], -(-p.shape[0] // world)  # k = matrices owned by each rank
+            full = self._pad_bufs.get(id(p))
+            if full is None:  # padding slots stay zero forever; NS maps them to zero
+                full = self._pad_bufs[id(p)] = torch.zeros((k * world, *p.shape[1:]), dtype=torch.bfloat16, device=p.device)
+            if p.grad is None:  # every rank must join the collective
+                full[:n].zero_()
+            else:
+                full[:n].copy_(p.grad)
+            if self.use_reduce_scatter:
+                shard = torch.empty((k, *p.shape[1:]), dtype=torch.bfloat16, device=p.device)
+            else:
+                shard = full[rank * k:(rank + 1) * k]  # a view: holds the reduced slice once the all-reduce lands
+            self._pending.append((group, shard, _reduce_scatter_sum(shard, full, self.use_reduce_scatter)))
+
+    @torch.no_grad()
+    def _apply(self, group: dict, update: Tensor, handle) -> None:
+        if handle is not None:
+            handle.wait()
+        p = group["params"][0]
+        lr, wd = group["lr"], group["weight_decay"]
+        shape_factor = max(1.0, p.shape[1] / p.shape[2]) ** 0.5
+        mults = self._mults.get(id(p))
+        if mults is None:
+            mults = self._mults[id(p)] = torch.tensor(group["lr_mults"], dtype=p.dtype, device=p.device)
+        if wd > 0:
+            p.mul_(1 - lr * wd)
+        p.add_(update[:p.shape[0]].to(p.dtype) * (mults * (-lr * shape_factor)).view(-1, 1, 1))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Phase 2 (SPEC §3.2 step 7).  Calls launch_reduce_scatters() itself if the caller did not."""
+        if closure is not None:
+            raise ValueError("Muon.step does not take a closure")
+        if self._pending is None:
+            self.launch_reduce_scatters()
+        rank, world = self._world()
+        prev = None
+        for group, g, handle in self._pending:
+            if handle is not None:
+                handle.wait()
+                g.div_(world)  # SUM -> mean over ranks
+            state = self.state[group["params"][0]]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(g)
+            buf, mu = state["momentum_buffer"], group["momentum"]
+            buf.mul_(mu).add_(g)
+            u = g.add(buf, alpha=mu) if group["nesterov"] else buf
+            O = newton_schulz5(u, group["backend_steps"])
+            gather = None
+            if world > 1:
+                full = torch.empty((g.shape[0] * world, *g.shape[1:]), dtype=O.dtype, device=O.device)
+                gather = _all_gather(full, O.contiguous(), self.use_reduce_scatter)
+                O = full
+            if prev is not None:  # apply the previous bank while this bank's gather is in flight
+                self._apply(*prev)
+            prev = (group, O, gather)
+        if prev is not None:
+            self._apply(*prev)
+        self._pending = None
+
+
+def _bank_lr_mults(h: Hyperparameters, n_slots: int) -> list[float]:
+    """Per-slot lr multipliers (D1).  Slot j is layer j % NUM_LAYERS: Q/K at 0..L-1, O/V at L..2L-1; MLP slot i = i."""
+    if n_slots not in (h.num_layers, 2 * h.num_layers):
+        raise ValueError(f"bank of {n_slots} slots does not match NUM_LAYERS={h.num_layers} (expected L or 2L slots)")
+    if not h.split_lr_enabled or h.matrix_lr == 0:
+        return [1.0] * n_slots
+    early, late = h.matrix_lr_early / h.matrix_lr, h.matrix_lr_late / h.matrix_lr
+    return [early if j % h.num_layers < h.bank_split else late for j in range(n_slots)]
+
+
+class Optimizers:
+    """Muon on the banks + AdamW "tok" (embeddings) + AdamW "scalar" (everything else), stepped in SPEC §3.2 order."""
+
+    def __init__(self, h: Hyperparameters, muon: Muon, adams: list, replicated: list[Tensor]):
+        self.h, self.muon, self.adams, self.replicated = h, muon, adams, replicated
+        self.optimizers = [muon, *adams]
+        self.params = [p for opt in self.optimizers for g in opt.param_groups for p in g["params"]]
+
+    def _all_reduce_replicated(self) -> None:
+        """Average the non-bank grads across ranks in one flattened fp32 all-reduce (not one call per tensor)."""
+        if not is_distributed() or dist.get_world_size() == 1 or not self.replicated:
+            return
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                          for p in self.replicated])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(dist.get_world_size())
+        for p, g in zip(self.replicated, flat.split([p.numel() for p in self.replicated])):
+            g = g.view_as(p).to(p.dtype)
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.copy_(g)
+
+    @torch.no_grad()
+    def step(self, step: int, scale: float) -> None:
+        mu = muon_momentum(step, self.h)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * scale
+                if opt is self.muon:
+                    group["momentum"] = mu
+        if self.h.grad_clip_norm > 0:  # each rank clips its own local grads, before any reduction (SPEC §12.7)
+            torch.nn.utils.clip_grad_norm_(self.params, self.h.grad_clip_norm)
+        self.muon.launch_reduce_scatters()
+        self._all_reduce_replicated()
+        for opt in self.adams:
+            opt.step()
+        self.muon.step()
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        """A deep copy, so later steps cannot mutate a saved snapshot (compile warm-up restore, SPEC §3.4)."""
+        return copy.deepcopy([opt.state_dict() for opt in self.optimizers])
+
+    def load_state_dict(self, sd: list) -> None:
+        for opt, s in zip(self.optimizers, copy.deepcopy(sd)):
+            opt.load_state_dict(s)
+
+
+def build_optimizers(h: Hyperparameters, model: nn.Module, d: DistInfo) -> Optimizers:
+    """Route every parameter (each exactly once: named_parameters dedups the tied head) by classify_param:
+    "matrix" -> Muon, "embed" -> AdamW tok, "scalar" -> AdamW scalar; any other role raises.
+    Optimizers.adams = [tok, scalar] (a group with no parameters is left out)."""
+    routes: dict[str, list] = {"matrix": [], "embed": [], "scalar": []}
+    named = list(model.named_parameters())
+    for name, p in named:
+        role = classify_param(name)
+        if role not in routes:
+            raise ValueError(f"parameter {name!r} classified as {role!r}: no optimizer takes that role")
+        routes[role].append((name, p))
+    banks = [p for _, p in routes["matrix"]]
+    muon = Muon(banks, lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,
+                nesterov=True, weight_decay=h.muon_wd, lr_mults=[_bank_lr_mults(h, p.shape[0]) for p in banks])
+    fused = any(p.is_cuda for _, p in named)
+    adams = [torch.optim.AdamW([p for _, p in routes[role]], lr=lr, betas=(h.beta1, h.beta2), eps=h.adam_eps,
+                               weight_decay=h.adam_wd, fused=fused)
+             for role, lr in (("embed", h.tied_embed_lr), ("scalar", h.scalar_lr)) if routes[role]]
+    for opt in (muon, *adams):
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    if d.world_size > 1 and not is_distributed():
+        raise RuntimeError(f"WORLD_SIZE={d.world_size} but no process group is initialised")
+    return Optimizers(h, muon, adams, [p for role in ("embed", "scalar") for _, p in routes[role]])
 
 
 # ==============================================================================
