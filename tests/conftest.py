@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,8 @@ SHARED = ROOT.parent / "shared"
 TOKENIZER = ROOT / "data" / "tokenizers" / "fineweb_1024_bpe.model"
 SAMPLE_DIR = ROOT / "data" / "sample"
 
-torch.set_num_threads(2)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the subprocess and gloo tests
+torch.set_num_threads(1)  # 2 OpenMP threads on 2 busy cores can make small matmuls 500x slower
 
 
 def load_module(path: Path, name: str):
