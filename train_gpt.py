@@ -804,14 +804,13 @@ def code_size_bytes(path: str | None = None) -> int:
     return len(Path(path or __file__).read_bytes())
 
 
-def _prune_candidates(qsd: dict, hessians: dict | None) -> tuple[list, Tensor, Tensor, Tensor]:
+def _prune_candidates(qsd: dict, hessians: dict | None) -> tuple[list, Tensor, Tensor, Tensor, Tensor]:
     """Every ±1 of the int6 tensors, cheapest first (PR #1019's selective pruning): the error of zeroing it is
     scale_row^2, times diag(H) of its column when a Hessian is known.  Returns (names, tensor id, flat index,
-    is_plus_one), each sorted by that error."""
-    names, errs, tids, idxs, plus = [], [], [], [], []
-    for name, route in qsd["m"].items():
-        if route == "passthrough" or route["type"] != "int6":
-            continue
+    global row id, is_plus_one), each sorted by that error."""
+    names, errs, tids, idxs, rows, plus = [], [], [], [], [], []
+    row0 = 0
+    for name in _int6_names(qsd):
         q, scale = qsd["w"][name + ".q"], qsd["w"][name + ".scale"].float()
         cost = scale.square().unsqueeze(-1).expand(q.shape)
         if hessians and name in hessians and hessians[name].shape[0] == q.shape[-1]:
@@ -820,32 +819,40 @@ def _prune_candidates(qsd: dict, hessians: dict | None) -> tuple[list, Tensor, T
         errs.append(cost.flatten()[idx])
         tids.append(torch.full_like(idx, len(names)))
         idxs.append(idx)
+        rows.append(row0 + idx // q.shape[-1])
         plus.append(q.flatten()[idx] > 0)
         names.append(name)
-    if not names:
-        return names, *(torch.zeros(0, dtype=dt) for dt in (torch.int64, torch.int64, torch.bool))
-    order = torch.argsort(torch.cat(errs), stable=True)
-    return names, torch.cat(tids)[order], torch.cat(idxs)[order], torch.cat(plus)[order]
+        row0 += q.shape[0]
+    order = torch.argsort(torch.cat(errs), stable=True) if names else torch.zeros(0, dtype=torch.int64)
+    return (names, *(torch.cat(x)[order] if names else torch.zeros(0, dtype=torch.int64) for x in (tids, idxs, rows, plus)))
 
 
-def _entropy_bytes(counts: Tensor) -> float:
-    """Order-0 entropy (bytes) of each tensor's value histogram, summed: a cheap proxy for its compressed size."""
-    c = counts.double()
-    tot = c.sum(-1)
-    return float((tot * tot.clamp_min(1).log2()).sum() - (c * c.clamp_min(1).log2()).sum()) / 8
+def _int6_names(qsd: dict) -> list:
+    return [n for n, r in qsd["m"].items() if r != "passthrough" and r["type"] == "int6"]
 
 
-def _prune_estimator(qsd: dict, names: list, tids: Tensor, plus: Tensor):
-    """entropy(n): the _entropy_bytes of the int6 tensors after zeroing the n cheapest candidates."""
-    base = torch.stack([torch.bincount(qsd["w"][n + ".q"].flatten().long() + 128, minlength=256) for n in names])
+def _row_histogram(q: Tensor) -> Tensor:
+    idx = q.reshape(q.shape[0], -1).long() + 128
+    return torch.zeros(idx.shape[0], 256, dtype=torch.float64).scatter_add_(1, idx, torch.ones(idx.shape, dtype=torch.float64))
+
+
+def _xlogx(c: Tensor) -> Tensor:
+    return c * c.clamp_min(1).log2()
+
+
+def _prune_estimator(qsd: dict, names: list, rows: Tensor, plus: Tensor):
+    """entropy(n) -> bytes: the sum over rows of each row's order-0 entropy after zeroing the n cheapest
+    candidates.  Brotli-11 adapts to local statistics, and per-row entropy tracked its size change within ~2%
+    on synthetic int6 data (per-tensor entropy was off by 3-10x).  Only the -1/0/+1 bins change, so the rest is
+    summed once."""
+    counts = torch.cat([_row_histogram(qsd["w"][n + ".q"]) for n in names])  # [rows, 256]
+    mid = counts[:, 127:130].clone()  # counts of -1, 0, +1 per row
+    const = float(_xlogx(counts.sum(1)).sum() - _xlogx(counts).sum() + _xlogx(mid).sum())
 
     def entropy(n: int) -> float:
-        d = torch.bincount(tids[:n] * 2 + plus[:n].long(), minlength=2 * len(names)).view(-1, 2)
-        counts = base.clone()
-        counts[:, 127] -= d[:, 0]  # value -1
-        counts[:, 129] -= d[:, 1]  # value +1
-        counts[:, 128] += d.sum(1)
-        return _entropy_bytes(counts)
+        d = torch.bincount(rows[:n] * 2 + plus[:n].long(), minlength=2 * len(mid)).view(-1, 2).double()
+        c = mid + torch.stack([-d[:, 0], d.sum(1), -d[:, 1]], dim=1)
+        return (const - float(_xlogx(c).sum())) / 8
 
     return entropy
 
@@ -882,12 +889,12 @@ def fit_to_budget(qsd: dict, hessians: dict | None, code_bytes: int, target_byte
     blob = compress(serialize(qsd))
     if len(blob) <= budget:
         return qsd, blob, {"pruned": 0, "bytes": len(blob), "candidates": 0, "compresses": 1}
-    names, tids, idxs, plus = _prune_candidates(qsd, hessians)
+    names, tids, idxs, rows, plus = _prune_candidates(qsd, hessians)
     total = len(idxs)
     if total == 0:
         raise RuntimeError(f"model blob {len(blob)} + code {code_bytes} bytes exceeds TARGET_MB budget {target_bytes} "
                            "and there are no ±1 int6 values to prune")
-    entropy = _prune_estimator(qsd, names, tids, plus)
+    entropy = _prune_estimator(qsd, names, rows, plus)
     over, fit = (0, entropy(0), len(blob)), None  # (count, proxy bytes, exact bytes)
     slope, calls = 1.0, 1
     while calls < FIT_MAX_COMPRESSES and (fit is None or fit[0] - over[0] > 1):
