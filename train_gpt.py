@@ -545,16 +545,14 @@ def generate_calibration(model: nn.Module, h: Hyperparameters, device: torch.dev
 
 
 def _row_quantiles(A: Tensor, percentiles) -> Tensor:
-    """[P, ...]: per-row p-quantiles of A [..., cols] with torch.quantile's linear interpolation.  Sort-based,
-    because torch.quantile refuses inputs over 2^24 elements and we batch whole groups of matrices."""
-    S = A.sort(dim=-1).values
-    n = S.shape[-1]
+    """[P, ...]: per-row p-quantiles of A [..., cols], bit-identical to torch.quantile (float32 rank, lerp).
+    Sort-based, because torch.quantile refuses inputs over 2^24 elements and we batch groups of matrices."""
+    S = A.float().sort(dim=-1).values
     out = []
     for p in percentiles:
-        pos = p * (n - 1)
-        lo = int(math.floor(pos))
-        hi = min(lo + 1, n - 1)
-        out.append(S[..., lo] + (pos - lo) * (S[..., hi] - S[..., lo]))
+        pos = torch.tensor(p, dtype=torch.float32) * (S.shape[-1] - 1)
+        lo, hi = int(pos.floor()), int(pos.ceil())
+        out.append(torch.lerp(S[..., lo], S[..., hi], float(pos - lo)))
     return torch.stack(out)
 
 
