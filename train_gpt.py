@@ -373,13 +373,404 @@ DATA_SECTION_PLACEHOLDER = "data"
 #   classify_param(name) -> "embed" | "matrix" | "scalar"   (bank names AND unbanked per-layer names)
 #   GPT(h): .forward(ids, targets) -> mean CE loss; .forward_hidden(ids) -> final-normed hidden [B,T,d];
 #           .compute_logits(hidden) -> softcapped fp32 logits; .forward_logits(ids);
-#           .set_qat(alpha: float) (0 = off; a buffer, so compiled graphs see it);
+#           .set_qat(alpha: float) (0 = off; a buffer, so compiled graphs see it; training-mode forwards only;
+#               with QAT_ENABLED=0 the QAT ops are not in the graph at all and set_qat(alpha > 0) raises);
 #           .hessian_store: dict | None  -> when a dict, attention/MLP accumulate X^T X (fp32) under the keys
 #               f"blocks.{i}.attn.qkv", f"blocks.{i}.attn.proj", f"blocks.{i}.mlp.fc", f"blocks.{i}.mlp.proj"
 #               (sums over tokens; collect_hessians averages over batches and ranks).
 #   attention_backend_name(device) -> "fa3" | "fa2" | "sdpa_cudnn" | "sdpa"
+# The 66 block matrices live in four 3-D banks owned by GPT (PR #549's layout, so Parallel Muon can shard them);
+# blocks receive their slices as arguments.  Activations are bf16 under CUDA autocast and fp32 otherwise; every
+# weight is cast to the activation dtype where it is used, so bf16 embedding params also work in a CPU forward.
 
-MODEL_SECTION_PLACEHOLDER = "model"
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+BIGRAM_HASH_MULTS = (36313, 27191)  # (current token, previous token), PR #1060's BigramHash
+EMBED_PARAM_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight")
+BANK_PARAM_NAMES = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
+UNBANKED_MATRIX_SUFFIXES = (".attn.c_q.weight", ".attn.c_k.weight", ".attn.c_v.weight", ".attn.proj.weight",
+                            ".mlp.fc.weight", ".mlp.proj.weight")
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile / DDP wrappers prefix parameter names
+# cuDNN first: it is the fastest SDPA kernel on Hopper; the others are fallbacks (D6).
+_CUDA_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.MATH]
+
+
+def classify_param(name: str) -> str:
+    """The one source of truth for parameter roles: optimizer groups and quantiser routing both call it."""
+    while name.startswith(_WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    if name in EMBED_PARAM_NAMES:
+        return "embed"
+    if name in BANK_PARAM_NAMES or (name.startswith("blocks.") and name.endswith(UNBANKED_MATRIX_SUFFIXES)):
+        return "matrix"
+    return "scalar"
+
+
+def activation_dtype(device: torch.device) -> torch.dtype:
+    """bf16 under autocast (the seed's bf16 residual stream), fp32 in plain CPU runs."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return torch.float32
+
+
+def fake_quant_soft(w: Tensor, alpha, clip_range: int) -> Tensor:
+    """Soft-round fake quantiser of SPEC §6 (D2), per row over the last dim; no STE, gradients flow through the
+    sigmoid and the row scale.  alpha -> inf approaches round-to-nearest int6 with the quantiser's 1/clip floor."""
+    s = (w.abs().amax(dim=-1, keepdim=True) / clip_range).clamp_min(1.0 / clip_range)
+    z = w / s
+    fl = torch.floor(z)
+    soft = fl + torch.sigmoid(alpha * (z - fl - 0.5))
+    return soft.clamp(-clip_range, clip_range) * s
+
+
+def _qat_weight(w: Tensor, alpha: Tensor, clip_range: int) -> Tensor:
+    # torch.where keeps one graph for on and off (no recompile when QAT flips) and is exactly w when off.
+    return torch.where(alpha > 0, fake_quant_soft(w, alpha, clip_range), w)
+
+
+def bigram_hash(ids: Tensor, buckets: int) -> Tensor:
+    """BigramHash bucket per position (SPEC §2.2, §12.11): int32 math, modulus buckets-1, and the reserved bucket
+    buckets-1 at window position 0 whatever token really preceded it."""
+    t = ids.to(torch.int32)
+    mod = buckets - 1
+    pairs = torch.bitwise_xor(BIGRAM_HASH_MULTS[0] * t[..., 1:], BIGRAM_HASH_MULTS[1] * t[..., :-1]) % mod
+    return torch.cat((torch.full_like(t[..., :1], mod), pairs), dim=-1).long()
+
+
+def rope_base(base: float, rope_dims: int, seq_len: int) -> float:
+    """NTK-scaled RoPE base (D7): the seed scales against a 1024-token train length, so T=2048 gives ~22,081.79."""
+    if seq_len <= ROPE_TRAIN_SEQ_LEN:
+        return base
+    return base * (seq_len / ROPE_TRAIN_SEQ_LEN) ** (rope_dims / (rope_dims - 2))
+
+
+def rope_tables(seq_len: int, rope_dims: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape [seq_len, rope_dims/2] (fp32) for positions 0..seq_len-1."""
+    b = rope_base(base, rope_dims, seq_len)
+    inv_freq = 1.0 / b ** (torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims)
+    ang = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return ang.cos(), ang.sin()
+
+
+class Rotary:
+    """cos/sin tables cached per (T, device, dtype) in eager mode; compiled graphs rebuild them (a few tiny ops)
+    so no tensor is stashed from inside a trace and no cache miss forces a recompile."""
+
+    def __init__(self, rope_dims: int, base: float):
+        self.rope_dims, self.base, self._cache = rope_dims, base, {}
+
+    def __call__(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        if torch.compiler.is_compiling():
+            return tuple(t.to(dtype) for t in rope_tables(seq_len, self.rope_dims, self.base, device))
+        key = (seq_len, device, dtype)
+        if key not in self._cache:
+            # Normal tensors even under inference_mode, so a later training forward can save them for backward.
+            with torch.inference_mode(False), torch.no_grad():
+                self._cache[key] = tuple(t.to(dtype) for t in rope_tables(seq_len, self.rope_dims, self.base, device))
+        return self._cache[key]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Partial rotate-half RoPE on the first 2*cos.size(-1) dims of each head; x: (B, T, H, D)."""
+    half = cos.size(-1)
+    if half == 0:
+        return x
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat((x1 * c + x2 * s, x2 * c - x1 * s, rest), dim=-1)
+
+
+def attention_backend_name(device: torch.device) -> str:
+    """Which kernel causal_attention uses on this device (D6); main() logs it as attention_backend:<name>."""
+    if device.type != "cuda":
+        return "sdpa"
+    if flash_attn_3_func is not None:
+        return "fa3"
+    if flash_attn_2_func is not None:
+        return "fa2"
+    return "sdpa_cudnn"
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, prefer_cudnn: bool) -> Tensor:
+    """Causal GQA attention through PyTorch SDPA; takes and returns the FA layout (B, T, H, D)."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if not prefer_cudnn:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
+        return y.transpose(1, 2)
+    # Expand KV heads explicitly: not every SDPA backend (cuDNN included) accepts grouped KV heads.
+    rep = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    with sdpa_kernel(_CUDA_SDPA_ORDER, set_priority=True):
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return y.transpose(1, 2)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """q (B,T,H,D), k/v (B,T,Hkv,D) -> (B,T,H,D); query head h reads KV head h // (H/Hkv); scale 1/sqrt(D)."""
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        if flash_attn_3_func is not None:
+            y = flash_attn_3_func(q, k, v, causal=True)
+            return y[0] if isinstance(y, tuple) else y  # some FA3 builds also return the LSE
+        if flash_attn_2_func is not None:
+            return flash_attn_2_func(q, k, v, causal=True)
+    return sdpa_attention(q, k, v, prefer_cudnn=q.is_cuda)
+
+
+def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
+    """XSA (SPEC §2.4.6): remove from each head's output its component along the token's own (unit) value
+    vector of that head's KV group.  y (B,T,H,D), v (B,T,Hkv,D)."""
+    B, T, H, D = y.shape
+    yg = y.reshape(B, T, v.size(2), H // v.size(2), D)
+    vn = F.normalize(v, dim=-1).unsqueeze(3)
+    return (yg - (yg * vn).sum(-1, keepdim=True) * vn).reshape(B, T, H, D)
+
+
+def _record_hessian(store: dict, key: str, x: Tensor) -> None:
+    """Accumulate X^T X (fp32, summed over all tokens) of a layer input for GPTQ (SPEC §7.1)."""
+    x2 = x.detach().reshape(-1, x.size(-1)).float()
+    with torch.autocast(x.device.type, enabled=False):
+        xtx = x2.T @ x2
+    store[key] = store[key] + xtx if key in store else xtx
+
+
+class CastedLinear(nn.Linear):
+    """Bias-free linear with an fp32 master weight cast to the activation dtype; optional soft-round QAT."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: Tensor, qat_alpha: Tensor | None = None, clip_range: int = 31) -> Tensor:
+        w = self.weight if qat_alpha is None else _qat_weight(self.weight, qat_alpha, clip_range)
+        return F.linear(x, w.to(x.dtype))
+
+
+class BigramHash(nn.Module):
+    """Hashed previous-token/current-token embedding added to the token embedding (SPEC §2.2)."""
+
+    def __init__(self, buckets: int, dim: int, model_dim: int):
+        super().__init__()
+        self.embed = nn.Embedding(buckets, dim)
+        self.proj = CastedLinear(dim, model_dim)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def forward(self, ids: Tensor, dtype: torch.dtype, qat_alpha: Tensor | None, clip_range: int) -> Tensor:
+        e = self.embed(bigram_hash(ids, self.embed.num_embeddings)).to(dtype)
+        return self.proj(e, qat_alpha, clip_range) * self.scale.to(dtype)
+
+
+class ValueEmbedding(nn.Module):
+    """Token embedding added to the attention values of VE_LAYERS (SPEC §2.5), shared by those layers."""
+
+    def __init__(self, vocab_size: int, dim: int, kv_dim: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.proj = CastedLinear(dim, kv_dim)
+        self.scale = nn.Parameter(torch.tensor(0.1))
+
+    def forward(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
+        return self.proj(self.embed(ids).to(dtype)) * self.scale.to(dtype)
+
+
+class SmearGate(nn.Module):
+    """x_t <- (1-g) x_t + g x_{t-1} with a per-channel gate g = sigmoid(gate), x_{-1} = 0 (SPEC §2.2.4)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = torch.sigmoid(self.gate.to(x.dtype))
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        return (1 - g) * x + g * prev
+
+
+class CausalSelfAttention(nn.Module):
+    """GQA attention with q/k RMSNorm, partial RoPE, per-head q_gain and optional XSA (SPEC §2.4)."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, qk_gain_init: float, xsa: bool):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.xsa = num_heads, num_kv_heads, head_dim, xsa
+        self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
+
+    def forward(self, h: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, wo: Tensor, rope: tuple[Tensor, Tensor],
+                ve: Tensor | None, store: dict | None, prefix: str) -> Tensor:
+        B, T, _ = h.shape
+        D = self.head_dim
+        if store is not None:
+            _record_hessian(store, prefix + "qkv", h)
+        q = F.rms_norm(F.linear(h, wq).view(B, T, self.num_heads, D), (D,))
+        k = F.rms_norm(F.linear(h, wk).view(B, T, self.num_kv_heads, D), (D,))
+        v = F.linear(h, wv)
+        if ve is not None:
+            v = v + ve
+        v = v.view(B, T, self.num_kv_heads, D)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q = q * self.q_gain.to(q.dtype)[:, None]
+        y = causal_attention(q, k, v)
+        if self.xsa:
+            y = exclusive_self_attention(y, v)
+        y = y.reshape(B, T, self.num_heads * D)
+        if store is not None:
+            _record_hessian(store, prefix + "proj", y)
+        return F.linear(y, wo)
+
+
+class Block(nn.Module):
+    """Pre-norm block with resid_mix towards x0 and the 1/sqrt(i+1) LN scale (SPEC §2.3, §2.6)."""
+
+    def __init__(self, d: int, num_heads: int, num_kv_heads: int, qk_gain_init: float, negative_slope: float,
+                 layer_idx: int, ln_scale: bool, xsa: bool):
+        super().__init__()
+        self.layer_idx, self.negative_slope = layer_idx, negative_slope
+        self.ln_scale = 1.0 / math.sqrt(layer_idx + 1) if ln_scale else 1.0
+        self.attn = CausalSelfAttention(num_heads, num_kv_heads, d // num_heads, qk_gain_init, xsa)
+        self.attn_scale = nn.Parameter(torch.ones(d))
+        self.mlp_scale = nn.Parameter(torch.ones(d))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
+
+    def mlp(self, h: Tensor, w_up: Tensor, w_down: Tensor, store: dict | None) -> Tensor:
+        if store is not None:
+            _record_hessian(store, f"blocks.{self.layer_idx}.mlp.fc", h)
+        u = F.leaky_relu(F.linear(h, w_up), self.negative_slope).square()
+        if store is not None:
+            _record_hessian(store, f"blocks.{self.layer_idx}.mlp.proj", u)
+        return F.linear(u, w_down)
+
+    def forward(self, x: Tensor, x0: Tensor, w: tuple[Tensor, ...], rope: tuple[Tensor, Tensor],
+                ve: Tensor | None, store: dict | None) -> Tensor:
+        wq, wk, wv, wo, w_up, w_down = w
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        dim = (x.size(-1),)
+        a = self.attn(F.rms_norm(x, dim) * self.ln_scale, wq, wk, wv, wo, rope, ve, store,
+                      f"blocks.{self.layer_idx}.attn.")
+        x = x + self.attn_scale.to(x.dtype) * a
+        m = self.mlp(F.rms_norm(x, dim) * self.ln_scale, w_up, w_down, store)
+        return x + self.mlp_scale.to(x.dtype) * m
+
+
+class GPT(nn.Module):
+    """The record model (SPEC §2): 27,201,116 parameters in the default config."""
+
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        if h.rope_dims == 2:
+            raise ValueError("ROPE_DIMS=2 is not supported: the NTK exponent rope_dims/(rope_dims-2) is undefined")
+        L, d, V = h.num_layers, h.model_dim, h.vocab_size
+        kv_dim, mlp_dim = h.num_kv_heads * h.head_dim, int(h.mlp_mult * d)
+        self.num_layers, self.logit_softcap, self.qat_clip = L, h.logit_softcap, h.quant_clip_range
+        self.qat_enabled = h.qat_enabled  # QAT_ENABLED=0 keeps the QAT ops out of the graph (the seed's math)
+        self.num_encoder = L // 2
+        self.tok_emb = nn.Embedding(V, d)
+        self.bigram = BigramHash(h.bigram_vocab_size, h.bigram_dim, d)
+        self.smear = SmearGate(d)
+        # Banks (PR #549): qo = [W_Q of layers 0..L-1, W_O of layers 0..L-1]; kv = [W_K ..., W_V ...].
+        self.qo_bank = nn.Parameter(torch.empty(2 * L, d, d))
+        self.kv_bank = nn.Parameter(torch.empty(2 * L, kv_dim, d))
+        self.mlp_up_bank = nn.Parameter(torch.empty(L, mlp_dim, d))
+        self.mlp_down_bank = nn.Parameter(torch.empty(L, d, mlp_dim))
+        self.blocks = nn.ModuleList(
+            Block(d, h.num_heads, h.num_kv_heads, h.qk_gain_init, h.negative_slope, i, h.ln_scale, i >= L - h.xsa_last_n)
+            for i in range(L))
+        n_skip = min(self.num_encoder, L - self.num_encoder)
+        self.skip_weights = nn.Parameter(torch.ones(n_skip, d))
+        self.skip_gates = nn.Parameter(torch.zeros(n_skip, d))
+        self.ve_index = {layer: k for k, layer in enumerate(h.ve_layer_ids)}
+        if self.ve_index:
+            self.ve_shared = ValueEmbedding(V, h.ve_dim, kv_dim)
+            self.ve_layer_scales = nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in self.ve_index)
+        self.rotary = Rotary(h.rope_dims, h.rope_base)
+        # QAT sharpness (0 = off).  A buffer, not a Python attribute, so compiled graphs read its value (D2).
+        self.register_buffer("qat_alpha", torch.zeros(()), persistent=False)
+        # bigram.proj is stored as int6 only when too large for fp16 passthrough (SPEC §7.4); QAT follows suit.
+        self.qat_bigram = self.bigram.proj.weight.numel() > SMALL_TENSOR_NUMEL
+        self.hessian_store: dict | None = None
+        self._init_weights(h)
+        self._apply_dtype_rule()
+
+    def _init_weights(self, h: Hyperparameters) -> None:
+        """SPEC §2.1.  proj_scale 1/sqrt(2L) multiplies W_O and W_down, which are zero, so it is omitted."""
+        if self.tok_emb.weight.is_meta:  # parameter counting on the meta device: nothing to initialise
+            return
+        L = self.num_layers
+        with torch.no_grad():
+            nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
+            nn.init.zeros_(self.bigram.embed.weight)
+            for i in range(L):
+                nn.init.orthogonal_(self.qo_bank[i])
+                nn.init.zeros_(self.qo_bank[L + i])
+                nn.init.orthogonal_(self.kv_bank[i])
+                nn.init.orthogonal_(self.kv_bank[L + i])
+                nn.init.orthogonal_(self.mlp_up_bank[i])
+                nn.init.zeros_(self.mlp_down_bank[i])
+            if self.ve_index:
+                nn.init.normal_(self.ve_shared.embed.weight, std=0.01)
+            # The seed zero-inits these projections, then its generic loop orthogonalises every Linear with both
+            # dims >= 64 (SPEC §12.5): bigram.proj and ve_shared.proj end up orthogonal in the default config.
+            for m in self.modules():
+                if isinstance(m, CastedLinear):
+                    nn.init.zeros_(m.weight)
+                    if min(m.weight.shape) >= 64:
+                        nn.init.orthogonal_(m.weight)
+
+    def _apply_dtype_rule(self) -> None:
+        """SPEC §2.1: the seed casts the model to bf16 and restores fp32 for banks, CastedLinear and control
+        params, so fp32 params carry bf16-rounded init values; embeddings and skip_gates stay bf16."""
+        for name, p in self.named_parameters():
+            keep_bf16 = classify_param(name) == "embed" or name == "skip_gates"
+            p.data = p.data.to(torch.bfloat16) if keep_bf16 else p.data.to(torch.bfloat16).float()
+
+    def set_qat(self, alpha: float) -> None:
+        """Soft-round QAT sharpness for training forwards; 0 turns it off.  In place: no recompile."""
+        if alpha > 0 and not self.qat_enabled:
+            raise RuntimeError("set_qat(alpha > 0) called on a model built with QAT_ENABLED=0")
+        self.qat_alpha.fill_(float(alpha))
+
+    def _bank_weights(self, dtype: torch.dtype) -> list[Tensor]:
+        # QAT once per bank (not per layer slice), then one cast of the whole bank to the activation dtype.
+        banks = (self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank)
+        if self.training and self.qat_enabled:
+            banks = tuple(_qat_weight(b, self.qat_alpha, self.qat_clip) for b in banks)
+        return [b.to(dtype) for b in banks]
+
+    def forward_hidden(self, input_ids: Tensor) -> Tensor:
+        """Final-normed hidden states h_L [B, T, d] in the activation dtype."""
+        dt = activation_dtype(input_ids.device)
+        L, store = self.num_layers, self.hessian_store
+        qo, kv, up, down = self._bank_weights(dt)
+        bigram_qat = self.qat_alpha if self.training and self.qat_enabled and self.qat_bigram else None
+        x = self.tok_emb(input_ids).to(dt) + self.bigram(input_ids, dt, bigram_qat, self.qat_clip)
+        x = self.smear(F.rms_norm(x, (x.size(-1),)))
+        x0 = x
+        ve = self.ve_shared(input_ids, dt) if self.ve_index else None
+        rope = self.rotary(input_ids.size(1), input_ids.device, dt)
+        skips: list[Tensor] = []
+        for i, block in enumerate(self.blocks):
+            j = i - self.num_encoder
+            if j >= 0 and skips:  # sigmoid-gated U-Net skip, LIFO (SPEC §2.7)
+                s = self.skip_weights[j].to(dt) * skips.pop()
+                x = torch.lerp(s, x, torch.sigmoid(self.skip_gates[j].to(dt)))
+            ve_i = self.ve_layer_scales[self.ve_index[i]].to(dt) * ve if i in self.ve_index else None
+            x = block(x, x0, (qo[i], kv[i], kv[L + i], qo[L + i], up[i], down[i]), rope, ve_i, store)
+            if i < self.num_encoder:
+                skips.append(x)
+        return F.rms_norm(x, (x.size(-1),))
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """Tied head with logit softcap -> fp32 logits.  hidden is first rounded to the embedding dtype (bf16),
+        as the seed's SLOT does with fp32 hidden + delta (SPEC §9.3)."""
+        w = self.tok_emb.weight
+        dt = activation_dtype(hidden.device)
+        z = F.linear(hidden.to(w.dtype).to(dt), w.to(dt))
+        return (self.logit_softcap * torch.tanh(z / self.logit_softcap)).float()
+
+    def forward_logits(self, input_ids: Tensor) -> Tensor:
+        return self.compute_logits(self.forward_hidden(input_ids))
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
+        logits = self.forward_logits(input_ids)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1))
 
 
 # ==============================================================================
