@@ -829,7 +829,7 @@ def unbank_state_dict(sd: dict, num_layers: int) -> dict:
     out = {k: v for k, v in sd.items() if k not in {b for b, _, _ in _BANK_LAYOUT}}
     for bank, first, second in _BANK_LAYOUT:
         if bank not in sd:
-            raise KeyError(f"state dict has no {bank!r}; unbank_state_dict needs the banked GPT state dict")
+            raise ValueError(f"state dict has no {bank!r}; unbank_state_dict needs the banked GPT state dict")
         slots = num_layers * (2 if second else 1)
         if sd[bank].shape[0] != slots:
             raise ValueError(f"{bank} has {sd[bank].shape[0]} slots, expected {slots} for NUM_LAYERS={num_layers}")
@@ -845,7 +845,7 @@ def rebank_state_dict(sd: dict, num_layers: int) -> dict:
     names = {f"blocks.{i}.{n}" for i in range(num_layers) for _, a, b in _BANK_LAYOUT for n in (a, b) if n}
     missing = sorted(n for n in names if n not in sd)
     if missing:
-        raise KeyError(f"rebank_state_dict: missing per-layer weights {missing[:4]} (NUM_LAYERS={num_layers})")
+        raise ValueError(f"rebank_state_dict: missing per-layer weights {missing[:4]} (NUM_LAYERS={num_layers})")
     out = {k: v for k, v in sd.items() if k not in names}
     for bank, first, second in _BANK_LAYOUT:
         mats = [sd[f"blocks.{i}.{first}"] for i in range(num_layers)]
@@ -1075,7 +1075,7 @@ def quantize_state_dict(sd: dict, hessians: dict | None, h: Hyperparameters, dev
         t = t.detach()
         if not t.is_floating_point() or t.numel() <= SMALL_TENSOR_NUMEL:
             m[name] = "passthrough"
-            w[name] = t.to("cpu", torch.float16 if t.is_floating_point() else t.dtype).clone()
+            w[name] = t.to(torch.float16) if t.is_floating_point() else t
         elif classify_param(name) == "embed":
             m[name] = {"type": "int8"}
             w[name + ".q"], w[name + ".scale"] = quantize_rows_int8(_as_rows(t))
@@ -1097,7 +1097,8 @@ def quantize_state_dict(sd: dict, hessians: dict | None, h: Hyperparameters, dev
         n_naive += int((~ok).sum())
         for k, n in enumerate(names):
             w[n + ".q"], w[n + ".scale"] = q[k], scale[k]
-    w = {k: v.cpu().clone(memory_format=torch.contiguous_format) for k, v in w.items()}  # own storage: torch.save writes whole storages
+    # each tensor gets its own CPU storage: torch.save writes whole storages, and a slice of a batch would drag it along
+    w = {k: v.cpu().clone(memory_format=torch.contiguous_format) for k, v in w.items()}
     log0(f"gptq_quantize: {n_gptq} GPTQ layers, {n_naive} naive layers")
     return {"w": w, "m": m}
 
@@ -1110,7 +1111,7 @@ def dequantize_state_dict(qsd: dict, template_sd: dict) -> dict:
         L = template_sd["qo_bank"].shape[0] // 2
         return rebank_state_dict(dequantize_state_dict(qsd, unbank_state_dict(template_sd, L)), L)
     if set(m) != set(template_sd):
-        raise KeyError(f"quantized state dict and template differ: {sorted(set(m) ^ set(template_sd))[:6]}")
+        raise ValueError(f"quantized state dict and template differ: {sorted(set(m) ^ set(template_sd))[:6]}")
     out = {}
     for name, ref in template_sd.items():
         if m[name] == "passthrough":
@@ -1199,7 +1200,7 @@ def _prune_candidates(qsd: dict, hessians: dict | None) -> tuple[list, Tensor, T
     global row id, is_plus_one), each sorted by that error."""
     names, errs, tids, idxs, rows, plus = [], [], [], [], [], []
     row0 = 0
-    for name in _int6_names(qsd):
+    for name in (n for n, r in qsd["m"].items() if r != "passthrough" and r["type"] == "int6"):
         q, scale = qsd["w"][name + ".q"], qsd["w"][name + ".scale"].float()
         cost = scale.square().unsqueeze(-1).expand(q.shape)
         if hessians and name in hessians and hessians[name].shape[0] == q.shape[-1]:
@@ -1212,12 +1213,10 @@ def _prune_candidates(qsd: dict, hessians: dict | None) -> tuple[list, Tensor, T
         plus.append(q.flatten()[idx] > 0)
         names.append(name)
         row0 += q.shape[0]
-    order = torch.argsort(torch.cat(errs), stable=True) if names else torch.zeros(0, dtype=torch.int64)
-    return (names, *(torch.cat(x)[order] if names else torch.zeros(0, dtype=torch.int64) for x in (tids, idxs, rows, plus)))
-
-
-def _int6_names(qsd: dict) -> list:
-    return [n for n, r in qsd["m"].items() if r != "passthrough" and r["type"] == "int6"]
+    if not names:
+        return names, *(torch.zeros(0, dtype=torch.int64) for _ in range(4))
+    order = torch.argsort(torch.cat(errs), stable=True)
+    return (names, *(torch.cat(x)[order] for x in (tids, idxs, rows, plus)))
 
 
 def _row_histogram(q: Tensor) -> Tensor:
@@ -1312,6 +1311,7 @@ def fit_to_budget(qsd: dict, hessians: dict | None, code_bytes: int, target_byte
                            f"even after pruning {over[0]} of {total} ±1 values; the full-precision weights are saved")
     log0(f"selective_prune: pruned:{fit[0]} candidates:{total} bytes:{fit[2]} target:{budget} compresses:{calls}")
     return best[0], best[1], {"pruned": fit[0], "bytes": fit[2], "candidates": total, "compresses": calls}
+
 
 # ==============================================================================
 # 8. EVALUATION
