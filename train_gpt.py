@@ -2210,7 +2210,7 @@ def export_artifact(h: Hyperparameters, d: DistInfo, device, base: nn.Module) ->
     path = "final_model.int6.ptz"
     if d.is_main:
         t0 = time.perf_counter()
-        qsd = quantize_state_dict(unbank_state_dict(sd, h.num_layers), hessians, h)
+        qsd = quantize_state_dict(unbank_state_dict(sd, h.num_layers), hessians, h, device=device)
         qsd, blob, info = fit_to_budget(qsd, hessians, code_bytes, h.target_bytes)
         with open(path + ".tmp", "wb") as f:
             f.write(blob)

@@ -83,7 +83,7 @@ def bench_gptq(tg, h, d, device, base):
     batches, t_load = timed(lambda: tg.calibration_batches(h, d, device, base), device)
     hess, t_h = timed(lambda: tg.collect_hessians(base, batches, device), device)
     sd = {k: v.detach().cpu() for k, v in base.state_dict().items()}
-    qsd, t_q = timed(lambda: tg.quantize_state_dict(tg.unbank_state_dict(sd, h.num_layers), hess, h), device)
+    qsd, t_q = timed(lambda: tg.quantize_state_dict(tg.unbank_state_dict(sd, h.num_layers), hess, h, device=device), device)
     blob, t_c = timed(lambda: tg.compress(tg.serialize(qsd)), device)
     print(f"bench_gptq batches:{len(batches)} load:{t_load:.2f}s hessians:{t_h:.2f}s quantize:{t_q:.2f}s "
           f"compress:{t_c:.2f}s blob_bytes:{len(blob)}")

@@ -11,20 +11,7 @@
 set -euo pipefail
 OUT=${OUT:-./gpu_out}
 mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-python3 -c 'import torch, sys; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.device_count(), "python", sys.version.split()[0])'
-DATA=${DATA_PATH:-data/datasets/proxy_sp1024}
-if [ ! -f "$DATA/fineweb_val_000000.bin" ]; then
-  t0=$(date +%s)
-  python3 data/build_shards.py --tokenizer data/tokenizers/fineweb_1024_bpe.model --out "$DATA" \
-    --val .carry/proxy_text/val_mixed.jsonl.xz --workers "$(nproc)" .carry/proxy_text/train_mix_*.jsonl.xz
-  echo "proxy shards built in $(( $(date +%s) - t0 ))s"
-fi
-export DATA_PATH=$DATA TOKENIZER_PATH=${TOKENIZER_PATH:-data/tokenizers/fineweb_1024_bpe.model}
+source scripts/gpu_setup.sh
 export MAX_WALLCLOCK_SECONDS=${MAX_WALLCLOCK_SECONDS:-240} RUN_ID=${RUN_ID:-proxy_1xH200}
 NPROC=${NPROC:-1}
 if [ "${SKIP_TRAIN:-0}" != 1 ]; then
