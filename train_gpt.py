@@ -825,15 +825,15 @@ _HESSIAN_TARGETS = {
 
 
 def unbank_state_dict(sd: dict, num_layers: int) -> dict:
-    """Split the four parameter banks into per-layer matrices (views) named as the seed's quantiser expects."""
-    out = {k: v for k, v in sd.items() if k not in {b for b, _, _ in _BANK_LAYOUT}}
-    for bank, first, second in _BANK_LAYOUT:
-        if bank not in sd:
-            raise ValueError(f"state dict has no {bank!r}; unbank_state_dict needs the banked GPT state dict")
+    """Split the four parameter banks into per-layer matrices (views), layer by layer, named as the seed's
+    quantiser expects."""
+    for bank, _, second in _BANK_LAYOUT:
         slots = num_layers * (2 if second else 1)
-        if sd[bank].shape[0] != slots:
-            raise ValueError(f"{bank} has {sd[bank].shape[0]} slots, expected {slots} for NUM_LAYERS={num_layers}")
-        for i in range(num_layers):
+        if bank not in sd or sd[bank].shape[0] != slots:
+            raise ValueError(f"{bank} must be in the state dict with {slots} slots for NUM_LAYERS={num_layers}")
+    out = {k: v for k, v in sd.items() if k not in {b for b, _, _ in _BANK_LAYOUT}}
+    for i in range(num_layers):
+        for bank, first, second in _BANK_LAYOUT:
             out[f"blocks.{i}.{first}"] = sd[bank][i]
             if second:
                 out[f"blocks.{i}.{second}"] = sd[bank][num_layers + i]
