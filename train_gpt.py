@@ -791,11 +791,14 @@ OPTIMIZER_SECTION_PLACEHOLDER = "optimizer"
 # ==============================================================================
 # [owner: quant] SPEC §7 + D4.  Contract:
 #   unbank_state_dict(sd, num_layers) / rebank_state_dict(sd, num_layers): banks <-> per-layer weight names
-#   collect_hessians(model, batches, device) -> dict[weight name, Tensor]   (averaged over batches AND ranks, damped)
-#   generate_calibration(model, h, device, n_seqs, seq_len, temperature, seed) -> list[Tensor]  (GPTQ_CALIB=selfgen)
-#   gptq_quantize_weight(W, H, clip_range, percentiles, block_size) -> (q int8, scale fp16)
+#   collect_hessians(model, batches, device) -> dict[weight name, Tensor]  (EAGER model; every rank calls it: the
+#       Hessians are averaged over batches AND ranks (D4), damped, on CPU; logs gptq:calibrated N layers in Xs)
+#   generate_calibration(model, h, device, n_seqs, seq_len, temperature=0.8, seed) -> list[Tensor]  (selfgen;
+#       per rank: n_seqs = GPTQ_CALIB_SAMPLES // world, seed = SEED + rank)
+#   gptq_quantize_weight(W, H, ...) -> (q int8, scale fp16) ; gptq_quantize_group(Ws, Hs, ...) -> (q, scale, ok)
 #   quantize_rows_int6 / quantize_rows_int8 / dequantize_rows
-#   quantize_state_dict(sd, hessians, h) -> {'w': ..., 'm': ...} ; dequantize_state_dict(qsd, template_sd) -> dict
+#   quantize_state_dict(sd, hessians, h, device=None) -> {'w': ..., 'm': ...}  (sd banked or unbanked; logs
+#       gptq_quantize: N GPTQ layers, M naive layers) ; dequantize_state_dict(qsd, template_sd) -> sd like template
 #
 # Full-Hessian GPTQ (Frantar et al. 2022, "GPTQ"; full-Hessian int6 variant of PR #1019 / #1060): each matrix is
 # rounded one column at a time, in order of decreasing Hessian diagonal ("act-order"), and the rounding error of
@@ -1063,10 +1066,12 @@ def _as_rows(t: Tensor) -> Tensor:
 
 
 def quantize_state_dict(sd: dict, hessians: dict | None, h: Hyperparameters, device: torch.device | None = None) -> dict:
-    """Route every tensor of the UNBANKED state dict (SPEC §7.4) and quantise it:
+    """Route every tensor of the state dict (SPEC §7.4; banks are split per layer first) and quantise it:
     non-float or numel <= SMALL_TENSOR_NUMEL -> fp16 passthrough; classify_param == "embed" -> int8 per row;
     everything else -> int6 (GPTQ where a Hessian exists, batched per shape on `device`, default: the weights'
     device; naive otherwise).  Returns {'w': tensors on CPU, 'm': per-name route} (SPEC §8)."""
+    if "qo_bank" in sd:
+        sd = unbank_state_dict(sd, h.num_layers)
     cr = h.quant_clip_range
     hessians = hessians or {}
     w, m, gptq_groups = {}, {}, {}

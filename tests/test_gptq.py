@@ -287,12 +287,17 @@ def test_quantize_state_dict_routing_and_round_trip(tg, tiny_h, classify, capsys
         assert rel < (0.02 if m[k] == "passthrough" else 0.75), k  # 0.05-std weights sit near the 1/31 floor
 
 
-def test_dequantize_accepts_banked_template(tg, tiny_h, classify):
-    """The reload path hands dequantize_state_dict the GPT's own (banked) state dict as template."""
+def test_banked_state_dicts_in_and_out(tg, classify):
+    """The reload path hands dequantize_state_dict the GPT's own (banked) state dict as template; quantize accepts
+    the banked state dict too.  Guards restacking into the wrong slots."""
     sd = banked_sd(L=2, d=272, kv=272, hid=272)
-    qsd = tg.quantize_state_dict(tg.unbank_state_dict(sd, 2), None, tiny_h)
+    h = tiny_config(tg, num_layers=2)
+    qsd = tg.quantize_state_dict(tg.unbank_state_dict(sd, 2), None, h)
     out = tg.dequantize_state_dict(qsd, sd)
     assert set(out) == set(sd) and out["qo_bank"].shape == sd["qo_bank"].shape
+    assert (out["kv_bank"][3] - sd["kv_bank"][3]).norm() < 0.1 * sd["kv_bank"][3].norm()  # W_V of layer 1 in place
+    direct = tg.quantize_state_dict(sd, None, h)  # a banked state dict is unbanked on the way in
+    assert direct["m"] == qsd["m"] and all(torch.equal(direct["w"][k], qsd["w"][k]) for k in qsd["w"])
 
 
 class FakeHessianModel(nn.Module):
