@@ -1040,7 +1040,7 @@ def gptq_quantize_group(W: Tensor, H: Tensor, clip_range: int = 31, percentiles=
     dead = diag == 0
     diag.masked_fill_(dead, 1.0)
     W.masked_fill_(dead.unsqueeze(1), 0.0)
-    diag.add_(GPTQ_DAMP * diag.mean(-1, keepdim=True))  # the second damping (SPEC §12.9)
+    _damp_(H)  # the second damping (SPEC §12.9)
     perm = torch.argsort(diag, dim=-1, descending=True, stable=True)  # act-order
     W = torch.take_along_dim(W, perm.unsqueeze(1), dim=2)
     H = torch.take_along_dim(torch.take_along_dim(H, perm.unsqueeze(2), dim=1), perm.unsqueeze(1), dim=2)
@@ -1171,16 +1171,18 @@ def byte_unshuffle(b: bytes) -> bytes:
     return out.tobytes()
 
 
-def compress(b: bytes) -> bytes:
+def _brotli():
     if brotli is None:
         raise RuntimeError("the model artifact is Brotli-compressed: pip install brotli")
-    return brotli.compress(byte_shuffle(b), quality=11)
+    return brotli
+
+
+def compress(b: bytes) -> bytes:
+    return _brotli().compress(byte_shuffle(b), quality=11)
 
 
 def decompress(b: bytes) -> bytes:
-    if brotli is None:
-        raise RuntimeError("the model artifact is Brotli-compressed: pip install brotli")
-    return byte_unshuffle(brotli.decompress(b))
+    return byte_unshuffle(_brotli().decompress(b))
 
 
 def serialize(qsd: dict) -> bytes:
