@@ -400,7 +400,7 @@ class CountingModel(nn.Module):
         return torch.nn.functional.one_hot(nxt, self.vocab).float() * 60.0
 
 
-def test_selfgen_follows_the_model_and_the_window(tg):
+def test_selfgen_follows_the_model_and_the_window(tg, monkeypatch):
     """The sampler must condition on the newest token (an off-by-one gives the wrong chain), start at BOS (id 1),
     never feed more than `window` tokens, and be reproducible for a seed while ranks' seeds differ."""
     h = tiny_config(tg)
@@ -416,6 +416,9 @@ def test_selfgen_follows_the_model_and_the_window(tg):
     c = tg.generate_calibration(rand, h, torch.device("cpu"), n_seqs=2, seq_len=16, seed=2)
     assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
     assert int(a[0].min()) >= 0 and int(a[0].max()) < 24
+    monkeypatch.setattr(tg, "SELFGEN_BATCH_SEQS", 2)
+    split = tg.generate_calibration(model, h, torch.device("cpu"), n_seqs=5, seq_len=6)
+    assert [b.shape for b in split] == [(2, 6), (2, 6), (1, 6)]
 
 
 def test_tiny_trained_gpt_quantised_packed_reloaded_matches(tg, monkeypatch):
