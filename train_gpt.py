@@ -922,6 +922,7 @@ def generate_calibration(model: nn.Module, h: Hyperparameters, device: torch.dev
     n_seqs, seq_len = n_seqs or h.gptq_calib_samples, seq_len or h.train_seq_len
     if temperature <= 0 or window < 1:
         raise ValueError(f"generate_calibration: temperature={temperature} and window={window} must be positive")
+    t0 = time.perf_counter()
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     was_training = model.training
@@ -935,6 +936,8 @@ def generate_calibration(model: nn.Module, h: Hyperparameters, device: torch.dev
             batches.append(ids)
     finally:
         model.train(was_training)
+    cuda_sync(device)
+    log0(f"gptq:selfgen {n_seqs}x{seq_len} tokens at temperature {temperature} in {time.perf_counter() - t0:.1f}s")
     return batches
 
 
