@@ -916,7 +916,7 @@ def generate_calibration(model: nn.Module, h: Hyperparameters, device: torch.dev
     Defaults: n_seqs = GPTQ_CALIB_SAMPLES, seq_len = TRAIN_SEQ_LEN.  Pass seed + rank to give ranks different text.
 
     Trade-off (no KV cache in GPT): re-running the whole prefix costs n*T^2/2 token-forwards.  Each token is
-    instead drawn from a sliding window of the last `window` tokens (n*T*window, 8x less at T=2048, W=256).
+    instead drawn from a sliding window of the last `window` tokens (~n*T*window: 4.3x less at T=2048, W=256).
     Training windows start at arbitrary stream offsets, so a truncated context is in-distribution; and the
     Hessians are then collected on the full seq_len sequences, so long-range attention statistics are kept."""
     n_seqs, seq_len = n_seqs or h.gptq_calib_samples, seq_len or h.train_seq_len
