@@ -39,7 +39,7 @@ def test_naive_int6_matches_hand_written_reference(tg):
     """Guards the percentile search (wrong quantile interpolation, scale not rounded to fp16 before use, or a
     per-row instead of per-matrix choice of the percentile)."""
     W = torch.randn(40, 200) * 0.3
-    W[3, 7] = 4.0  # an outlier row: the lower percentiles win there
+    W[3, 7] = 4.0  # with this outlier the winner is p=0.99999, an interpolated quantile, not the row max
     q, s = tg.quantize_rows_int6(W, 31)
     q_ref, s_ref = reference_rtn_int6(W)
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
