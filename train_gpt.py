@@ -1146,7 +1146,7 @@ except ImportError:
     brotli = None
 
 SHUFFLE_MAGIC = b"BSHF"
-FIT_MAX_COMPRESSES = 8  # exact brotli-11 passes allowed when pruning (each takes seconds at ~15 MB)
+FIT_MAX_COMPRESSES = 8  # exact brotli-11 passes allowed when pruning (80-150 s each for 27 MB on a slow 2-core box)
 FIT_SLACK_FRAC = 1e-3  # stop refining once a fitting blob is within this fraction of the model budget
 
 
