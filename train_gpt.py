@@ -1282,11 +1282,14 @@ def build_optimizers(h: Hyperparameters, model: nn.Module, d: DistInfo) -> Optim
 # ==============================================================================
 # [owner: quant] SPEC §7 + D4.  Contract:
 #   unbank_state_dict(sd, num_layers) / rebank_state_dict(sd, num_layers): banks <-> per-layer weight names
-#   collect_hessians(model, batches, device) -> dict[weight name, Tensor]   (averaged over batches AND ranks, damped)
-#   generate_calibration(model, h, device, n_seqs, seq_len, temperature, seed) -> list[Tensor]  (GPTQ_CALIB=selfgen)
-#   gptq_quantize_weight(W, H, clip_range, percentiles, block_size) -> (q int8, scale fp16)
+#   collect_hessians(model, batches, device) -> dict[weight name, Tensor]  (EAGER model; every rank calls it: the
+#       Hessians are averaged over batches AND ranks (D4), damped, on CPU; logs gptq:calibrated N layers in Xs)
+#   generate_calibration(model, h, device, n_seqs, seq_len, temperature=0.8, seed) -> list[Tensor]  (selfgen;
+#       per rank: n_seqs = GPTQ_CALIB_SAMPLES // world, seed = SEED + rank)
+#   gptq_quantize_weight(W, H, ...) -> (q int8, scale fp16) ; gptq_quantize_group(Ws, Hs, ...) -> (q, scale, ok)
 #   quantize_rows_int6 / quantize_rows_int8 / dequantize_rows
-#   quantize_state_dict(sd, hessians, h) -> {'w': ..., 'm': ...} ; dequantize_state_dict(qsd, template_sd) -> dict
+#   quantize_state_dict(sd, hessians, h, device=None) -> {'w': ..., 'm': ...}  (sd banked or unbanked; logs
+#       gptq_quantize: N GPTQ layers, M naive layers) ; dequantize_state_dict(qsd, template_sd) -> sd like template
 #
 # Full-Hessian GPTQ (Frantar et al. 2022, "GPTQ"; full-Hessian int6 variant of PR #1019 / #1060): each matrix is
 # rounded one column at a time, in order of decreasing Hessian diagonal ("act-order"), and the rounding error of
@@ -1316,15 +1319,15 @@ _HESSIAN_TARGETS = {
 
 
 def unbank_state_dict(sd: dict, num_layers: int) -> dict:
-    """Split the four parameter banks into per-layer matrices (views) named as the seed's quantiser expects."""
-    out = {k: v for k, v in sd.items() if k not in {b for b, _, _ in _BANK_LAYOUT}}
-    for bank, first, second in _BANK_LAYOUT:
-        if bank not in sd:
-            raise ValueError(f"state dict has no {bank!r}; unbank_state_dict needs the banked GPT state dict")
+    """Split the four parameter banks into per-layer matrices (views), layer by layer, named as the seed's
+    quantiser expects."""
+    for bank, _, second in _BANK_LAYOUT:
         slots = num_layers * (2 if second else 1)
-        if sd[bank].shape[0] != slots:
-            raise ValueError(f"{bank} has {sd[bank].shape[0]} slots, expected {slots} for NUM_LAYERS={num_layers}")
-        for i in range(num_layers):
+        if bank not in sd or sd[bank].shape[0] != slots:
+            raise ValueError(f"{bank} must be in the state dict with {slots} slots for NUM_LAYERS={num_layers}")
+    out = {k: v for k, v in sd.items() if k not in {b for b, _, _ in _BANK_LAYOUT}}
+    for i in range(num_layers):
+        for bank, first, second in _BANK_LAYOUT:
             out[f"blocks.{i}.{first}"] = sd[bank][i]
             if second:
                 out[f"blocks.{i}.{second}"] = sd[bank][num_layers + i]
@@ -1404,12 +1407,13 @@ def generate_calibration(model: nn.Module, h: Hyperparameters, device: torch.dev
     Defaults: n_seqs = GPTQ_CALIB_SAMPLES, seq_len = TRAIN_SEQ_LEN.  Pass seed + rank to give ranks different text.
 
     Trade-off (no KV cache in GPT): re-running the whole prefix costs n*T^2/2 token-forwards.  Each token is
-    instead drawn from a sliding window of the last `window` tokens (n*T*window, 8x less at T=2048, W=256).
+    instead drawn from a sliding window of the last `window` tokens (~n*T*window: 4.3x less at T=2048, W=256).
     Training windows start at arbitrary stream offsets, so a truncated context is in-distribution; and the
     Hessians are then collected on the full seq_len sequences, so long-range attention statistics are kept."""
     n_seqs, seq_len = n_seqs or h.gptq_calib_samples, seq_len or h.train_seq_len
     if temperature <= 0 or window < 1:
         raise ValueError(f"generate_calibration: temperature={temperature} and window={window} must be positive")
+    t0 = time.perf_counter()
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     was_training = model.training
@@ -1423,6 +1427,8 @@ def generate_calibration(model: nn.Module, h: Hyperparameters, device: torch.dev
             batches.append(ids)
     finally:
         model.train(was_training)
+    cuda_sync(device)
+    log0(f"gptq:selfgen {n_seqs}x{seq_len} tokens at temperature {temperature} in {time.perf_counter() - t0:.1f}s")
     return batches
 
 
@@ -1528,7 +1534,7 @@ def gptq_quantize_group(W: Tensor, H: Tensor, clip_range: int = 31, percentiles=
     dead = diag == 0
     diag.masked_fill_(dead, 1.0)
     W.masked_fill_(dead.unsqueeze(1), 0.0)
-    diag.add_(GPTQ_DAMP * diag.mean(-1, keepdim=True))  # the second damping (SPEC §12.9)
+    _damp_(H)  # the second damping (SPEC §12.9)
     perm = torch.argsort(diag, dim=-1, descending=True, stable=True)  # act-order
     W = torch.take_along_dim(W, perm.unsqueeze(1), dim=2)
     H = torch.take_along_dim(torch.take_along_dim(H, perm.unsqueeze(2), dim=1), perm.unsqueeze(1), dim=2)
@@ -1554,10 +1560,12 @@ def _as_rows(t: Tensor) -> Tensor:
 
 
 def quantize_state_dict(sd: dict, hessians: dict | None, h: Hyperparameters, device: torch.device | None = None) -> dict:
-    """Route every tensor of the UNBANKED state dict (SPEC §7.4) and quantise it:
+    """Route every tensor of the state dict (SPEC §7.4; banks are split per layer first) and quantise it:
     non-float or numel <= SMALL_TENSOR_NUMEL -> fp16 passthrough; classify_param == "embed" -> int8 per row;
     everything else -> int6 (GPTQ where a Hessian exists, batched per shape on `device`, default: the weights'
     device; naive otherwise).  Returns {'w': tensors on CPU, 'm': per-name route} (SPEC §8)."""
+    if "qo_bank" in sd:
+        sd = unbank_state_dict(sd, h.num_layers)
     cr = h.quant_clip_range
     hessians = hessians or {}
     w, m, gptq_groups = {}, {}, {}
@@ -1629,7 +1637,7 @@ except ImportError:
     brotli = None
 
 SHUFFLE_MAGIC = b"BSHF"
-FIT_MAX_COMPRESSES = 8  # exact brotli-11 passes allowed when pruning (each takes seconds at ~15 MB)
+FIT_MAX_COMPRESSES = 8  # exact brotli-11 passes allowed when pruning (80-150 s each for 27 MB on a slow 2-core box)
 FIT_SLACK_FRAC = 1e-3  # stop refining once a fitting blob is within this fraction of the model budget
 
 
@@ -1657,16 +1665,18 @@ def byte_unshuffle(b: bytes) -> bytes:
     return out.tobytes()
 
 
-def compress(b: bytes) -> bytes:
+def _brotli():
     if brotli is None:
         raise RuntimeError("the model artifact is Brotli-compressed: pip install brotli")
-    return brotli.compress(byte_shuffle(b), quality=11)
+    return brotli
+
+
+def compress(b: bytes) -> bytes:
+    return _brotli().compress(byte_shuffle(b), quality=11)
 
 
 def decompress(b: bytes) -> bytes:
-    if brotli is None:
-        raise RuntimeError("the model artifact is Brotli-compressed: pip install brotli")
-    return byte_unshuffle(brotli.decompress(b))
+    return byte_unshuffle(_brotli().decompress(b))
 
 
 def serialize(qsd: dict) -> bytes:
