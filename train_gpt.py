@@ -2214,9 +2214,7 @@ def export_artifact(h: Hyperparameters, d: DistInfo, device, base: nn.Module) ->
     log0(f"Code size: {code_bytes} bytes")
     hessians = None
     if h.use_gptq:
-        t0 = time.perf_counter()
         hessians = collect_hessians(base, calibration_batches(h, d, device, base), device)
-        log0(f"gptq:calibrated {len(hessians)} layers in {time.perf_counter() - t0:.1f}s")
     path = "final_model.int6.ptz"
     if d.is_main:
         t0 = time.perf_counter()
