@@ -1,0 +1,51 @@
+"""Attention kernels at the record shapes (micro-batch 48 x 2048, 8 query / 4 KV heads, head dim 64, causal, bf16):
+forward+backward time of each PyTorch SDPA backend, with the KV heads expanded or via enable_gqa, and the
+achieved TFLOP/s (causal: 2*B*H*T^2*D forward, 2.5x that backward).   python3 scripts/attn_bench.py"""
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+B, T, H, HKV, D = 48, 2048, 8, 4, 64
+
+
+def bench(fn, n=10):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def main():
+    dev = torch.device("cuda")
+    q = torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(B, HKV, T, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, HKV, T, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16)
+    flops = 2 * B * H * T * T * D * 3.5
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        for gqa in (False, True):
+            def step():
+                with sdpa_kernel([backend]):
+                    if gqa:
+                        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                    else:
+                        o = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                           is_causal=True)
+                    o.backward(g)
+            try:
+                ms = bench(step)
+                print(f"attn {backend.name:22s} gqa:{int(gqa)} fwd+bwd {ms:7.2f} ms  {flops / ms / 1e9:6.0f} TFLOP/s"
+                      f"  per-train-step(x8 micro x11 layers) {ms * 88:6.0f} ms")
+            except RuntimeError as e:
+                print(f"attn {backend.name:22s} gqa:{int(gqa)} unavailable: {str(e).splitlines()[0][:100]}")
+
+
+if __name__ == "__main__":
+    main()
