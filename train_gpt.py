@@ -719,13 +719,14 @@ def attention_backend_name(device: torch.device) -> str:
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, prefer_cudnn: bool) -> Tensor:
     """Causal GQA attention through PyTorch SDPA; takes and returns the FA layout (B, T, H, D)."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    gqa = k.size(1) != q.size(1)
     if not prefer_cudnn:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).transpose(1, 2)
-    # Grouped KV heads go to cuDNN as they are: on an H200 at 48x2048, 8/4 heads, fwd+bwd took 2.31 ms with
-    # enable_gqa against 2.66 ms with the KV heads expanded (scripts/attn_bench.py, docs/PERF.md).
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
+        return y.transpose(1, 2)
+    # Expand KV heads explicitly: not every SDPA backend (cuDNN included) accepts grouped KV heads.
+    rep = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     with sdpa_kernel(_CUDA_SDPA_ORDER, set_priority=True):
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return y.transpose(1, 2)
 
 
