@@ -61,6 +61,15 @@ def tg(request, tmp_path_factory):
     return load_module(path, "train_gpt_artifact")
 
 
+def randomize_params(model, std=0.3, seed=0):
+    """Give every parameter random values so that every branch (bigram, VE, skips, zero-init W_O/W_down) is live."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
+    return model
+
+
 def tiny_config(mod, **overrides):
     """A tiny but complete config of the record architecture (all features on), fast on 2 CPU cores."""
     base = dict(

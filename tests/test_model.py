@@ -8,18 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from conftest import tiny_config, randomize_params
 
 DEFAULT_PARAMS = 27_201_116  # SPEC §2 / the seed's log line model_params:27201116
 
 
-def _randomize(model, std=0.3, seed=0):
-    """Give every parameter random values so that every branch (bigram, VE, skips, zero-init W_O/W_down) is live."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
-    return model
 
 
 def _ids(h, batch=2, seq=None, seed=1):
@@ -127,7 +120,7 @@ def test_forward_equals_ce_of_logits_and_logits_split(tg, tiny_model):
     """Guards the evaluator/SLOT interface: forward == mean CE(forward_logits) and
     forward_logits == compute_logits(forward_hidden), with fp32 softcapped logits."""
     h = tiny_config(tg)
-    m = _randomize(tiny_model)
+    m = randomize_params(tiny_model)
     ids, tgt = _ids(h), _ids(h, seed=3)
     logits = m.forward_logits(ids)
     assert logits.dtype == torch.float32 and logits.shape == (2, h.train_seq_len, h.vocab_size)
@@ -153,7 +146,7 @@ def test_causality(tg, tiny_model, t):
     """Guards against information leaking from the future (attention mask, SmearGate direction, bigram hash
     reading the next token): changing token t must not change any logit before t, and must change logit t."""
     h = tiny_config(tg)
-    m = _randomize(tiny_model)
+    m = randomize_params(tiny_model)
     ids = _ids(h)
     ids2 = ids.clone()
     ids2[:, t] = (ids2[:, t] + 1) % h.vocab_size
@@ -178,7 +171,7 @@ def test_bigram_hash_matches_hand_computation(tg):
 def test_bigram_branch_uses_hash_bucket(tg):
     """Guards the bigram embedding wiring: output = scale * proj(embed[hash])."""
     bh = tg.BigramHash(48, 8, 16)
-    _randomize(bh)
+    randomize_params(bh)
     ids = torch.tensor([[3, 9, 4]])
     idx = tg.bigram_hash(ids, 48)
     want = bh.scale * (bh.embed.weight[idx].float() @ bh.proj.weight.T)
@@ -369,7 +362,7 @@ def test_forward_matches_literal_spec_reference(tg, overrides):
     final norm and softcap; checked against a literal SPEC transcription with random weights."""
     h = tiny_config(tg, **overrides)
     torch.manual_seed(0)
-    m = _randomize(tg.GPT(h), std=0.2)
+    m = randomize_params(tg.GPT(h), std=0.2)
     ids = _ids(h)
     ref_hidden, ref_logits = _reference_forward(m, h, ids)
     torch.testing.assert_close(m.forward_hidden(ids), ref_hidden, atol=1e-4, rtol=1e-4)
@@ -383,7 +376,7 @@ def test_compiled_fullgraph_matches_eager(tg, tiny_model):
     from torch._dynamo.testing import CompileCounter
 
     h = tiny_config(tg)
-    m = _randomize(tiny_model)
+    m = randomize_params(tiny_model)
     ids, tgt = _ids(h), _ids(h, seed=4)
     torch._dynamo.reset()
     cnt = CompileCounter()
@@ -400,7 +393,7 @@ def test_hessian_store_keys_shapes_psd_and_accumulation(tg, tiny_model):
     mlp.proj) with the right widths, symmetric PSD, summed over tokens (two sequences in one batch == the sum of
     each alone), and recording off again once the store is None."""
     h = tiny_config(tg)
-    m = _randomize(tiny_model).eval()
+    m = randomize_params(tiny_model).eval()
     ids = _ids(h)
     m.hessian_store = {}
     with torch.inference_mode():
@@ -430,7 +423,7 @@ def test_hessian_qkv_is_normed_block_input(tg, tiny_model):
     """Guards which tensor is recorded for attn.qkv: RMSNorm(x_in) * ln_scale, i.e. rows of RMS 1/sqrt(i+1), so
     trace(H) = tokens * d / (i + 1)."""
     h = tiny_config(tg)
-    m = _randomize(tiny_model).eval()
+    m = randomize_params(tiny_model).eval()
     m.hessian_store = {}
     with torch.inference_mode():
         m.forward_logits(_ids(h))
@@ -443,7 +436,7 @@ def test_every_parameter_gets_a_gradient(tg, tiny_model):
     """Guards detached or dead branches (a .detach(), an unused scale, a skip gate never read): with random
     weights every parameter must receive a non-zero gradient from the training loss."""
     h = tiny_config(tg)
-    m = _randomize(tiny_model).train()
+    m = randomize_params(tiny_model).train()
     m(_ids(h), _ids(h, seed=5)).backward()
     dead = [n for n, p in m.named_parameters() if p.grad is None or p.grad.float().abs().sum() == 0]
     assert dead == []

@@ -8,15 +8,9 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_config, randomize_params
 
 
-def _randomize(model, std=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
-    return model
 
 
 def _batch(h, seed=1):
@@ -78,7 +72,7 @@ def test_qat_off_is_bitwise_identity(tg):
     and gradients of a forward that never touches the QAT path (eval mode skips it)."""
     h = tiny_config(tg)
     torch.manual_seed(0)
-    m = _randomize(tg.GPT(h))
+    m = randomize_params(tg.GPT(h))
     x, y = _batch(h)
     m.set_qat(0.0)
     m.train()
@@ -101,13 +95,13 @@ def test_qat_on_fake_quantises_every_int6_matrix(tg, monkeypatch):
     monkeypatch.setattr(tg, "SMALL_TENSOR_NUMEL", 0)  # make the tiny bigram.proj an int6 matrix
     h = tiny_config(tg)
     torch.manual_seed(0)
-    m = _randomize(tg.GPT(h)).train()
+    m = randomize_params(tg.GPT(h)).train()
     assert m.qat_bigram
     x, y = _batch(h)
     alpha = 3.0
     m.set_qat(alpha)
     got = m(x, y)
-    ref = _randomize(tg.GPT(h)).train()
+    ref = randomize_params(tg.GPT(h)).train()
     ref.load_state_dict(m.state_dict())
     with torch.no_grad():
         for p in (ref.qo_bank, ref.kv_bank, ref.mlp_up_bank, ref.mlp_down_bank, ref.bigram.proj.weight):
@@ -122,7 +116,7 @@ def test_qat_does_not_touch_eval_forwards(tg):
     """Guards evaluation: QAT is a training-forward transform (SPEC §6), so eval-mode logits ignore qat_alpha."""
     h = tiny_config(tg)
     torch.manual_seed(0)
-    m = _randomize(tg.GPT(h)).eval()
+    m = randomize_params(tg.GPT(h)).eval()
     x, _ = _batch(h)
     off = m.forward_logits(x)
     m.set_qat(8.0)
@@ -147,7 +141,7 @@ def test_compiled_model_sees_qat_switch_without_recompile(tg):
 
     h = tiny_config(tg)
     torch.manual_seed(0)
-    m = _randomize(tg.GPT(h)).train()
+    m = randomize_params(tg.GPT(h)).train()
     x, y = _batch(h)
     torch._dynamo.reset()
     cnt = CompileCounter()
@@ -171,7 +165,7 @@ def test_qat_disabled_keeps_ops_out_and_refuses_alpha(tg):
     off forward, and turning QAT on is refused loudly instead of silently doing nothing."""
     h = tiny_config(tg)
     torch.manual_seed(0)
-    on = _randomize(tg.GPT(h)).train()
+    on = randomize_params(tg.GPT(h)).train()
     off = tg.GPT(tiny_config(tg, qat_enabled=False)).train()
     off.load_state_dict(on.state_dict())
     x, y = _batch(h)
