@@ -20,6 +20,7 @@ Sections: 1 CONFIG, 2 RUNTIME, 3 DATA, 4 MODEL, 5 OPTIMIZER, 6 QUANTIZATION, 7 C
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import glob
 import io
 import math
@@ -289,6 +290,7 @@ INT8_CLIP_PERCENTILE = 99.99984
 GPTQ_BLOCK_SIZE = 128
 GPTQ_DAMP = 0.01
 GPTQ_CLIP_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
+PROCESS_GROUP_TIMEOUT_S = 3600
 
 
 @dataclass(frozen=True)
@@ -669,9 +671,10 @@ def rope_base(base: float, rope_dims: int, seq_len: int) -> float:
     return base * (seq_len / ROPE_TRAIN_SEQ_LEN) ** (rope_dims / (rope_dims - 2))
 
 
-def rope_tables(seq_len: int, rope_dims: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape [seq_len, rope_dims/2] (fp32) for positions 0..seq_len-1."""
-    b = rope_base(base, rope_dims, seq_len)
+def rope_tables(seq_len: int, rope_dims: int, base: float, device: torch.device, ntk_len: int = 0) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape [seq_len, rope_dims/2] (fp32) for positions 0..seq_len-1; the NTK base is that of
+    max(seq_len, ntk_len) tokens (ntk_len lets a short sampling window use the training length's base)."""
+    b = rope_base(base, rope_dims, max(seq_len, ntk_len))
     inv_freq = 1.0 / b ** (torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims)
     ang = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
     return ang.cos(), ang.sin()
@@ -684,14 +687,14 @@ class Rotary:
     def __init__(self, rope_dims: int, base: float):
         self.rope_dims, self.base, self._cache = rope_dims, base, {}
 
-    def __call__(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def __call__(self, seq_len: int, device: torch.device, dtype: torch.dtype, ntk_len: int = 0) -> tuple[Tensor, Tensor]:
         if torch.compiler.is_compiling():
-            return tuple(t.to(dtype) for t in rope_tables(seq_len, self.rope_dims, self.base, device))
-        key = (seq_len, device, dtype)
+            return tuple(t.to(dtype) for t in rope_tables(seq_len, self.rope_dims, self.base, device, ntk_len))
+        key = (seq_len, device, dtype, ntk_len)
         if key not in self._cache:
             # Normal tensors even under inference_mode, so a later training forward can save them for backward.
             with torch.inference_mode(False), torch.no_grad():
-                self._cache[key] = tuple(t.to(dtype) for t in rope_tables(seq_len, self.rope_dims, self.base, device))
+                self._cache[key] = tuple(t.to(dtype) for t in rope_tables(seq_len, self.rope_dims, self.base, device, ntk_len))
         return self._cache[key]
 
 
@@ -912,6 +915,7 @@ class GPT(nn.Module):
         # bigram.proj is stored as int6 only when too large for fp16 passthrough (SPEC §7.4); QAT follows suit.
         self.qat_bigram = self.bigram.proj.weight.numel() > SMALL_TENSOR_NUMEL
         self.hessian_store: dict | None = None
+        self.rope_ntk_len = 0  # > 0: RoPE's NTK base of this length for shorter inputs (selfgen sampling windows)
         self._init_weights(h)
         self._apply_dtype_rule()
 
@@ -970,7 +974,7 @@ class GPT(nn.Module):
         x = self.smear(F.rms_norm(x, (x.size(-1),)))
         x0 = x
         ve = self.ve_shared(input_ids, dt) if self.ve_index else None
-        rope = self.rotary(input_ids.size(1), input_ids.device, dt)
+        rope = self.rotary(input_ids.size(1), input_ids.device, dt, self.rope_ntk_len)
         skips: list[Tensor] = []
         for i, block in enumerate(self.blocks):
             j = i - self.num_encoder
@@ -1420,6 +1424,7 @@ def generate_calibration(model: nn.Module, h: Hyperparameters, device: torch.dev
     gen.manual_seed(seed)
     was_training = model.training
     model.eval()
+    model.rope_ntk_len = seq_len  # sampling windows are short, but the text should be what a seq_len model writes
     batches = []
     try:
         for b0 in range(0, n_seqs, SELFGEN_BATCH_SEQS):
@@ -1428,6 +1433,7 @@ def generate_calibration(model: nn.Module, h: Hyperparameters, device: torch.dev
                 _sample_batch(model, ids, temperature, window, gen)
             batches.append(ids)
     finally:
+        model.rope_ntk_len = 0
         model.train(was_training)
     cuda_sync(device)
     log0(f"gptq:selfgen {n_seqs}x{seq_len} tokens at temperature {temperature} in {time.perf_counter() - t0:.1f}s")
@@ -2124,12 +2130,14 @@ def run_train_step(model, opt, loader, h: Hyperparameters, d: DistInfo, device, 
     return total / ga
 
 
-def _agree(flags: list[bool | Tensor], device) -> list[bool]:
-    """All-reduce(MAX) a few stop flags so every rank takes the same branch; one host sync."""
-    t = torch.stack([f.to(device=device, dtype=torch.float32).reshape(()) if isinstance(f, Tensor)
-                     else torch.tensor(float(f), device=device) for f in flags])
+def _agree_step(train_ms: float, loss: Tensor, device) -> tuple[float, bool]:
+    """All-reduce(MAX) of (elapsed ms, loss is non-finite), one host sync per step: every rank then uses the same
+    clock for the LR schedule, the QAT start and the stop, so the replicated weights never drift apart."""
+    t = torch.stack([torch.tensor(train_ms, device=device, dtype=torch.float32),
+                     (~torch.isfinite(loss.detach())).to(device=device, dtype=torch.float32).reshape(())])
     all_reduce_(t, dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
+    agreed_ms, bad = t.tolist()
+    return agreed_ms, bool(bad)
 
 
 def _timed_val(h, model, d, device, val_data, step: int, train_ms: float) -> None:
@@ -2169,6 +2177,8 @@ def train_model(h: Hyperparameters, d: DistInfo, device, base: nn.Module, model,
     t0 = time.perf_counter()
     while step < h.iterations:
         scale = lr_scale(step, train_ms, budget_ms, h.warmdown_iters, h.iterations)
+        # D2: QAT starts on the LR scale alone; the seed's extra `step >= 2000` never binds in the record run
+        # (its QAT would start at ~6100) and would switch QAT off entirely in shortened runs.
         if h.qat_enabled and qat_start is None and scale < h.late_qat_threshold:
             qat_start = step
             log0(f"late_qat:enabled step:{step} scale:{scale:.4f}")
@@ -2176,8 +2186,8 @@ def train_model(h: Hyperparameters, d: DistInfo, device, base: nn.Module, model,
             base.set_qat(qat_alpha(step, qat_start))
         loss = run_train_step(model, opt, loader, h, d, device, step, scale)
         step += 1
-        train_ms = 1000.0 * (time.perf_counter() - t0)
-        capped, bad = _agree([budget_ms > 0 and train_ms >= budget_ms, ~torch.isfinite(loss)], device)
+        train_ms, bad = _agree_step(1000.0 * (time.perf_counter() - t0), loss, device)
+        capped = budget_ms > 0 and train_ms >= budget_ms
         if bad:
             save_state(ema.last_finite_state(), "final_model.pt", d)
             raise RuntimeError(f"non-finite train_loss at step:{step}; stopped. The last finite EMA weights are in "
@@ -2194,6 +2204,7 @@ def train_model(h: Hyperparameters, d: DistInfo, device, base: nn.Module, model,
             _timed_val(h, model, d, device, val_data, step, train_ms)
             t0 = time.perf_counter() - train_ms / 1000.0  # validation is excluded from the clock
     base.set_qat(0.0)
+    save_state(ema.last_finite_state(), "final_model.pt", d)  # the trained weights reach disk before any eval
     _timed_val(h, model, d, device, val_data, step, train_ms)
     if device.type == "cuda":
         log0(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2**20} MiB "
@@ -2208,7 +2219,8 @@ def calibration_batches(h: Hyperparameters, d: DistInfo, device, model) -> list[
     model's own samples (GPTQ_CALIB=selfgen, PR #1019), which read no data at all."""
     if h.gptq_calib == "selfgen":
         log0(f"gptq:generating {h.gptq_calib_samples} sequences of {h.train_seq_len} tokens (selfgen, temperature 0.8)...")
-        return generate_calibration(model, h, device, h.gptq_calib_samples, h.train_seq_len, seed=h.seed + d.rank)
+        n_seqs = max(1, h.gptq_calib_samples // d.world_size)  # D4: 64 sequences in all, split across ranks
+        return generate_calibration(model, h, device, n_seqs, h.train_seq_len, seed=h.seed + d.rank)
     log0(f"gptq:calibrating with {h.gptq_calib_samples} batches (training data)...")
     loader = TrainLoader(list_shards(h.train_files), h.seed, d.rank, d.world_size, device)
     return [loader.next_batch(h.train_batch_tokens, h.train_seq_len, d.grad_accum_steps)[0]
@@ -2302,10 +2314,13 @@ def setup_runtime(h: Hyperparameters, d: DistInfo) -> torch.device:
     else:
         device = torch.device("cpu")
     if d.world_size > 1:
+        # Rank 0 alone compresses the artifact (brotli-11 of ~27 MB: ~100 s a pass, up to 8 passes when pruning)
+        # while the others wait in a barrier: a default 10-minute collective timeout could kill the run there.
+        timeout = datetime.timedelta(seconds=PROCESS_GROUP_TIMEOUT_S)
         if device.type == "cuda":
-            dist.init_process_group(backend="nccl", device_id=device)
+            dist.init_process_group(backend="nccl", device_id=device, timeout=timeout)
         else:
-            dist.init_process_group(backend="gloo")
+            dist.init_process_group(backend="gloo", timeout=timeout)
         dist.barrier()
     return device
 
@@ -2328,6 +2343,10 @@ def log_header(h: Hyperparameters, d: DistInfo, device) -> None:
     log0(f"train_loader:dataset:{h.data_path} train_shards:{len(list_shards(h.train_files))}")
     log0(f"XSA:last_{h.xsa_last_n} active_layers:{list(range(h.num_layers - h.xsa_last_n, h.num_layers))}")
     log0(f"world_size:{d.world_size} grad_accum_steps:{d.grad_accum_steps}")
+    if device.type == "cuda":
+        b = torch.backends.cuda
+        log0(f"sdp_backends:cudnn={b.cudnn_sdp_enabled()} flash={b.flash_sdp_enabled()} "
+             f"mem_efficient={b.mem_efficient_sdp_enabled()} math={b.math_sdp_enabled()}")
     log0(f"attention_backend:{attention_backend_name(device)}")
     log0(f"attention_mode:gqa num_heads:{h.num_heads} num_kv_heads:{h.num_kv_heads}")
     log0(f"tie_embeddings:{h.tie_embeddings} embed_lr:{h.tied_embed_lr} head_lr:0.0 matrix_lr:{h.matrix_lr} "

@@ -50,3 +50,47 @@ def test_ema_update_is_a_lerp_and_keeps_the_previous_average(tg):
     torch.testing.assert_close(saved["bias"], ema.previous[1])
     ema.copy_to(m)
     assert m.weight.dtype == torch.bfloat16
+
+
+def _agree_worker(rank: int, world: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+    from conftest import SOURCE, load_module
+
+    tg = load_module(SOURCE, "train_gpt_agree")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        loss = torch.tensor(float("nan") if rank == 1 else 2.5)
+        ms, bad = tg._agree_step(100.0 + 7.0 * rank, loss, torch.device("cpu"))
+        torch.save((ms, bad), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_on_clock_and_nonfinite_loss(tmp_path):
+    """Guards rank divergence: each rank's own clock would give each a different LR scale and QAT start step, and a
+    NaN on one rank must stop every rank.  Both must be the all-reduced MAX."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agree_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        assert torch.load(tmp_path / f"rank{r}.pt") == (107.0, True)
+
+
+def test_short_window_uses_the_training_length_rope_base(tg):
+    """Guards GPTQ_CALIB=selfgen: its 256-token sampling windows must see the RoPE base of the 2048-token training
+    length (~22,082), not 10,000, or the sampled text is off-distribution.  With rope_ntk_len set, a causal model's
+    output on a prefix equals the prefix of its full-length output."""
+    from conftest import randomize_params, tiny_config
+
+    h = tiny_config(tg, vocab_size=64, train_seq_len=1100)
+    torch.manual_seed(0)
+    model = randomize_params(tg.GPT(h).eval())  # W_O / W_down start at zero: attention (and RoPE) would be inert
+    x = torch.randint(0, 64, (1, 1100))
+    with torch.no_grad():
+        full = model.forward_hidden(x)
+        short = model.forward_hidden(x[:, :300])
+        model.rope_ntk_len = 1100
+        short_ntk = model.forward_hidden(x[:, :300])
+    model.rope_ntk_len = 0
+    torch.testing.assert_close(short_ntk, full[:, :300], rtol=1e-4, atol=1e-4)
+    assert (short - full[:, :300]).abs().max() > 1e-2
