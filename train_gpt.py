@@ -2231,7 +2231,8 @@ def export_artifact(h: Hyperparameters, d: DistInfo, device, base: nn.Module) ->
     """Full-precision EMA state to disk first, then GPTQ int6 + brotli, sized against TARGET_MB (SPEC §7-§8)."""
     sd = {k: v.detach().cpu() for k, v in base.state_dict().items()}
     save_state(sd, "final_model.pt", d)
-    log0(f"Serialized model: {len(serialize(sd))} bytes")
+    if d.is_main:
+        log0(f"Serialized model: {os.path.getsize('final_model.pt')} bytes")
     code_bytes = code_size_bytes()
     log0(f"Code size: {code_bytes} bytes")
     hessians = None
@@ -2245,8 +2246,6 @@ def export_artifact(h: Hyperparameters, d: DistInfo, device, base: nn.Module) ->
         with open(path + ".tmp", "wb") as f:
             f.write(blob)
         os.replace(path + ".tmp", path)
-        if info.get("pruned"):
-            log0(f"prune:zeroed {info['pruned']} quantized +-1 values to fit {h.target_bytes} bytes")
         log0(f"Serialized model int6+brotli: {len(blob)} bytes")
         log0(f"Total submission size int6+brotli: {len(blob) + code_bytes} bytes")
         log0(f"quantize+compress:{1000 * (time.perf_counter() - t0):.0f}ms")
