@@ -19,6 +19,7 @@ Sections: 1 CONFIG, 2 RUNTIME, 3 DATA, 4 MODEL, 5 OPTIMIZER, 6 QUANTIZATION, 7 C
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import glob
@@ -230,43 +231,31 @@ class Hyperparameters:
         except ValueError:
             raise ValueError(f"VE_LAYERS={self.ve_layers!r} must be a comma-separated list of layer indices") from None
         need(all(0 <= i < self.num_layers for i in ve), f"VE_LAYERS={self.ve_layers} must name layers in [0, {self.num_layers})")
-        need(self.mlp_mult > 0, f"MLP_MULT={self.mlp_mult} must be positive")
-        need(self.logit_softcap > 0, f"LOGIT_SOFTCAP={self.logit_softcap} must be positive")
+        for name in ("mlp_mult", "logit_softcap", "rope_base", "qk_gain_init", "adam_eps", "target_mb"):
+            need(getattr(self, name) > 0, f"{name.upper()}={getattr(self, name)} must be positive")
+        for name in ("iterations", "warmup_steps", "warmdown_iters", "max_wallclock_seconds", "gptq_reserve_ms",
+                     "train_log_every", "val_loss_every", "bank_split", "grad_clip_norm", "slot_steps",
+                     "tied_embed_init_std", "matrix_lr", "matrix_lr_early", "matrix_lr_late", "tied_embed_lr",
+                     "scalar_lr", "slot_lr"):
+            need(getattr(self, name) >= 0, f"{name.upper()}={getattr(self, name)} must be >= 0")
         need(self.train_seq_len >= 2, f"TRAIN_SEQ_LEN={self.train_seq_len} must be >= 2")
         need(self.eval_seq_len >= 2, f"EVAL_SEQ_LEN={self.eval_seq_len} must be >= 2")
         need(1 <= self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} must be in [1, EVAL_SEQ_LEN={self.eval_seq_len}]")
         need(self.train_batch_tokens % (REFERENCE_WORLD * self.train_seq_len) == 0,
              f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of 8 * TRAIN_SEQ_LEN={self.train_seq_len} "
              "(8 = world_size * grad_accum_steps)")
-        need(self.rope_base > 0 and self.tied_embed_init_std >= 0 and self.qk_gain_init > 0,
-             f"ROPE_BASE={self.rope_base} and QK_GAIN_INIT={self.qk_gain_init} must be positive, "
-             f"TIED_EMBED_INIT_STD={self.tied_embed_init_std} non-negative")
-        need(self.iterations >= 0, f"ITERATIONS={self.iterations} must be >= 0")
-        need(self.warmup_steps >= 0, f"WARMUP_STEPS={self.warmup_steps} must be >= 0")
-        need(self.warmdown_iters >= 0, f"WARMDOWN_ITERS={self.warmdown_iters} must be >= 0")
-        need(self.max_wallclock_seconds >= 0, f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} must be >= 0")
-        need(self.gptq_reserve_ms >= 0, f"GPTQ_RESERVE_MS={self.gptq_reserve_ms} must be >= 0")
         need(self.max_wallclock_seconds == 0 or self.train_budget_ms > 0,
              f"GPTQ_RESERVE_MS={self.gptq_reserve_ms} leaves no training time under MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
-        need(self.train_log_every >= 0 and self.val_loss_every >= 0,
-             f"TRAIN_LOG_EVERY={self.train_log_every} and VAL_LOSS_EVERY={self.val_loss_every} must be >= 0")
         need(self.val_batch_size >= self.train_seq_len, f"VAL_BATCH_SIZE={self.val_batch_size} must be at least TRAIN_SEQ_LEN")
-        need(self.bank_split >= 0, f"BANK_SPLIT={self.bank_split} must be >= 0")
-        for name in ("matrix_lr", "matrix_lr_early", "matrix_lr_late", "tied_embed_lr", "scalar_lr", "slot_lr"):
-            need(getattr(self, name) >= 0, f"{name.upper()}={getattr(self, name)} must be >= 0")
         need(0 <= self.muon_momentum < 1 and 0 <= self.muon_momentum_warmup_start < 1,
              f"MUON_MOMENTUM={self.muon_momentum} and MUON_MOMENTUM_WARMUP_START={self.muon_momentum_warmup_start} must be in [0, 1)")
         need(self.muon_backend_steps >= 1, f"MUON_BACKEND_STEPS={self.muon_backend_steps} must be >= 1")
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"BETA1={self.beta1} and BETA2={self.beta2} must be in [0, 1)")
-        need(self.adam_eps > 0, f"ADAM_EPS={self.adam_eps} must be positive")
-        need(self.grad_clip_norm >= 0, f"GRAD_CLIP_NORM={self.grad_clip_norm} must be >= 0")
         need(0 <= self.late_qat_threshold <= 1, f"LATE_QAT_THRESHOLD={self.late_qat_threshold} must be in [0, 1]")
         need(self.gptq_calib in ("train", "selfgen"), f"GPTQ_CALIB={self.gptq_calib!r} must be 'train' or 'selfgen'")
         need(self.gptq_calib_samples >= 1, f"GPTQ_CALIB_SAMPLES={self.gptq_calib_samples} must be >= 1")
         need(1 <= self.quant_clip_range <= 127, f"QUANT_CLIP_RANGE={self.quant_clip_range} must be in [1, 127]")
-        need(self.target_mb > 0, f"TARGET_MB={self.target_mb} must be positive")
         need(self.slot_mode in ("causal", "standard"), f"SLOT_MODE={self.slot_mode!r} must be 'causal' or 'standard'")
-        need(self.slot_steps >= 0, f"SLOT_STEPS={self.slot_steps} must be >= 0")
         need(not self.ttt_enabled, "TTT_ENABLED=1 is not supported: score-first TTT is not part of this stack")
 
 
@@ -352,6 +341,17 @@ def autocast_ctx(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """model.eval() inside the block; the previous train/eval mode is restored on exit, errors included."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def all_reduce_(t: Tensor, op=None) -> Tensor:
     """In-place all-reduce (SUM by default) when distributed; identity otherwise."""
     if is_distributed():
@@ -362,15 +362,8 @@ def all_reduce_(t: Tensor, op=None) -> Tensor:
 # ==============================================================================
 # 3. DATA
 # ==============================================================================
-# [owner: data] Shard reader (SPEC §1.2), coprime-stride train loader (SPEC §1.5, D8), validation tokens (§1.3),
-# SentencePiece byte LUTs (§1.4).  Contract used by other sections:
-#   read_shard(path) -> np.ndarray[uint16] (memmap; validated header; errors name the file) ; write_shard(path, tokens)
-#   list_shards(pattern, what) -> list[str] (sorted; error naming the pattern and DATA_PATH when empty)
-#   TrainLoader(files, seed, rank, world_size, device) .next_batch(global_tokens, seq_len, grad_accum) -> (x, y)
-#       x, y: int64 [local_tokens // seq_len, seq_len] on device; local_tokens = global_tokens // (world * grad_accum)
-#   build_sentencepiece_luts(sp, vocab_size, device) -> (base_bytes int16, has_leading_space bool, is_boundary bool)
-#   ValidationData(tokens, base_bytes, has_leading_space, is_boundary)  (tokens int64 CPU; LUTs on device)
-#   load_validation_data(h, device, seq_len) -> ValidationData
+# Shard reader (SPEC §1.2), coprime-stride train loader (SPEC §1.5, D8), validation tokens (§1.3),
+# SentencePiece byte LUTs (§1.4).
 import sentencepiece as spm
 
 LOADER_MIX_BATCHES = 1800  # the shard-mixing schedule reaches its end state after this many next_batch calls
@@ -534,9 +527,8 @@ class TrainLoader:
         mine = windows[self.rank::self.world_size]
         buf = torch.from_numpy(np.stack([self.shards[s][o:o + seq_len + 1] for s, o in mine]).astype(np.int64))
         if self.device.type == "cuda":
-            buf = buf.pin_memory().to(self.device, non_blocking=True)
-        else:
-            buf = buf.to(self.device)
+            buf = buf.pin_memory()
+        buf = buf.to(self.device, non_blocking=True)
         return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
 
 
@@ -595,16 +587,8 @@ def load_validation_data(h: Hyperparameters, device, seq_len: int) -> Validation
 # ==============================================================================
 # 4. MODEL
 # ==============================================================================
-# [owner: model] SPEC §2 + D2 (QAT) + D6 (attention backends) + D7.  Contract used by other sections:
-#   classify_param(name) -> "embed" | "matrix" | "scalar"   (bank names AND unbanked per-layer names)
-#   GPT(h): .forward(ids, targets) -> mean CE loss; .forward_hidden(ids) -> final-normed hidden [B,T,d];
-#           .compute_logits(hidden) -> softcapped fp32 logits; .forward_logits(ids);
-#           .set_qat(alpha: float) (0 = off; a buffer, so compiled graphs see it; training-mode forwards only;
-#               with QAT_ENABLED=0 the QAT ops are not in the graph at all and set_qat(alpha > 0) raises);
-#           .hessian_store: dict | None  -> when a dict, attention/MLP accumulate X^T X (fp32) under the keys
-#               f"blocks.{i}.attn.qkv", f"blocks.{i}.attn.proj", f"blocks.{i}.mlp.fc", f"blocks.{i}.mlp.proj"
-#               (sums over tokens; collect_hessians averages over batches and ranks).
-#   attention_backend_name(device) -> "fa3" | "fa2" | "sdpa_cudnn" | "sdpa"
+# SPEC §2 + D2 (QAT) + D6 (attention backends) + D7.  GPT.hessian_store, when a dict, accumulates X^T X sums
+# of each block's four matrix inputs under f"blocks.{i}.attn.qkv" / "attn.proj" / "mlp.fc" / "mlp.proj" (GPTQ).
 # The 66 block matrices live in four 3-D banks owned by GPT (PR #549's layout, so Parallel Muon can shard them);
 # blocks receive their slices as arguments.  Activations are bf16 under CUDA autocast and fp32 otherwise; every
 # weight is cast to the activation dtype where it is used, so bf16 embedding params also work in a CPU forward.
@@ -755,8 +739,10 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
     return (yg - (yg * vn).sum(-1, keepdim=True) * vn).reshape(B, T, H, D)
 
 
-def _record_hessian(store: dict, key: str, x: Tensor) -> None:
-    """Accumulate X^T X (fp32, summed over all tokens) of a layer input for GPTQ (SPEC §7.1)."""
+def _record_hessian(store: dict | None, key: str, x: Tensor) -> None:
+    """Accumulate X^T X (fp32, summed over all tokens) of a layer input for GPTQ (SPEC §7.1); no-op without a store."""
+    if store is None:
+        return
     x2 = x.detach().reshape(-1, x.size(-1)).float()
     with torch.autocast(x.device.type, enabled=False):
         xtx = x2.T @ x2
@@ -826,8 +812,7 @@ class CausalSelfAttention(nn.Module):
                 ve: Tensor | None, store: dict | None, prefix: str) -> Tensor:
         B, T, _ = h.shape
         D = self.head_dim
-        if store is not None:
-            _record_hessian(store, prefix + "qkv", h)
+        _record_hessian(store, prefix + "qkv", h)
         q = F.rms_norm(F.linear(h, wq).view(B, T, self.num_heads, D), (D,))
         k = F.rms_norm(F.linear(h, wk).view(B, T, self.num_kv_heads, D), (D,))
         v = F.linear(h, wv)
@@ -840,8 +825,7 @@ class CausalSelfAttention(nn.Module):
         if self.xsa:
             y = exclusive_self_attention(y, v)
         y = y.reshape(B, T, self.num_heads * D)
-        if store is not None:
-            _record_hessian(store, prefix + "proj", y)
+        _record_hessian(store, prefix + "proj", y)
         return F.linear(y, wo)
 
 
@@ -859,11 +843,9 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
 
     def mlp(self, h: Tensor, w_up: Tensor, w_down: Tensor, store: dict | None) -> Tensor:
-        if store is not None:
-            _record_hessian(store, f"blocks.{self.layer_idx}.mlp.fc", h)
+        _record_hessian(store, f"blocks.{self.layer_idx}.mlp.fc", h)
         u = F.leaky_relu(F.linear(h, w_up), self.negative_slope).square()
-        if store is not None:
-            _record_hessian(store, f"blocks.{self.layer_idx}.mlp.proj", u)
+        _record_hessian(store, f"blocks.{self.layer_idx}.mlp.proj", u)
         return F.linear(u, w_down)
 
     def forward(self, x: Tensor, x0: Tensor, w: tuple[Tensor, ...], rope: tuple[Tensor, Tensor],
@@ -1006,15 +988,8 @@ class GPT(nn.Module):
 # ==============================================================================
 # 5. OPTIMIZER
 # ==============================================================================
-# [owner: optimizer] SPEC §3 + D1.  Contract:
-#   newton_schulz5(G, steps=5) -> bf16 ; lr_scale(step, elapsed_ms, budget_ms, warmdown_iters, iterations) -> float
-#       (budget_ms = h.train_budget_ms; 0 -> step-based warmdown ending at ITERATIONS) ; muon_momentum(step, h) -> float
-#   Muon(banks, lr, momentum, backend_steps, nesterov, weight_decay, lr_mults) (torch.optim.Optimizer)
-#   build_optimizers(h, model, d: DistInfo) -> Optimizers with .step(step, scale), .zero_grad(), .params,
-#       .state_dict() (a deep copy) / .load_state_dict(sd).  Optimizers.step sets lrs (base * scale) and Muon momentum,
-#       clips the local grads, reduces grads across ranks (reduce-scatter for banks, one all-reduce for the rest) and
-#       steps every optimizer.  newton_schulz5 is looked up as a module global at call time, so main() may rebind it
-#       to a compiled version.
+# SPEC §3 + D1.  newton_schulz5 is looked up as a module global at call time, so main() may rebind it to a
+# compiled version.
 
 import copy
 
@@ -1286,16 +1261,8 @@ def build_optimizers(h: Hyperparameters, model: nn.Module, d: DistInfo) -> Optim
 # ==============================================================================
 # 6. QUANTIZATION
 # ==============================================================================
-# [owner: quant] SPEC §7 + D4.  Contract:
-#   unbank_state_dict(sd, num_layers) / rebank_state_dict(sd, num_layers): banks <-> per-layer weight names
-#   collect_hessians(model, batches, device) -> dict[weight name, Tensor]  (EAGER model; every rank calls it: the
-#       Hessians are averaged over batches AND ranks (D4), damped, on CPU; logs gptq:calibrated N layers in Xs)
-#   generate_calibration(model, h, device, n_seqs, seq_len, temperature=0.8, seed) -> list[Tensor]  (selfgen;
-#       per rank: n_seqs = GPTQ_CALIB_SAMPLES // world, seed = SEED + rank)
-#   gptq_quantize_weight(W, H, ...) -> (q int8, scale fp16) ; gptq_quantize_group(Ws, Hs, ...) -> (q, scale, ok)
-#   quantize_rows_int6 / quantize_rows_int8 / dequantize_rows
-#   quantize_state_dict(sd, hessians, h, device=None) -> {'w': ..., 'm': ...}  (sd banked or unbanked; logs
-#       gptq_quantize: N GPTQ layers, M naive layers) ; dequantize_state_dict(qsd, template_sd) -> sd like template
+# SPEC §7 + D4.  collect_hessians runs on the EAGER model and every rank calls it: Hessians are averaged over
+# batches and ranks (D4).
 #
 # Full-Hessian GPTQ (Frantar et al. 2022, "GPTQ"; full-Hessian int6 variant of PR #1019 / #1060): each matrix is
 # rounded one column at a time, in order of decreasing Hessian diagonal ("act-order"), and the rounding error of
@@ -1367,17 +1334,14 @@ def collect_hessians(model: nn.Module, batches: list, device: torch.device) -> d
     if not batches:
         raise ValueError("collect_hessians got no batches (GPTQ_CALIB_SAMPLES must be >= 1)")
     t0 = time.perf_counter()
-    was_training = model.training
-    model.eval()
     model.hessian_store = {}
     try:
-        with torch.inference_mode(), autocast_ctx(device):
+        with eval_mode(model), torch.inference_mode(), autocast_ctx(device):
             for x in batches:
                 model.forward_hidden(x.to(device, non_blocking=True))
         store = model.hessian_store
     finally:
         model.hessian_store = None
-        model.train(was_training)
     if not store:
         raise RuntimeError("the model recorded no activations: GPT must accumulate X^T X into model.hessian_store")
     world = dist.get_world_size() if is_distributed() else 1
@@ -1386,11 +1350,9 @@ def collect_hessians(model: nn.Module, batches: list, device: torch.device) -> d
         H = store[key].to(torch.float32).div(len(batches))  # a fresh (non-inference) tensor
         all_reduce_(H).div_(world)  # AVG written as SUM / world: gloo has no ReduceOp.AVG
         H = _damp_(H).cpu()
-        prefix, kind = ".".join(key.split(".")[:2]), ".".join(key.split(".")[2:])  # "blocks.3", "attn.qkv"
-        if kind not in _HESSIAN_TARGETS:
-            raise RuntimeError(f"unexpected hessian_store key {key!r}")
+        kind = key.split(".", 2)[2]  # "blocks.3.attn.qkv" -> "attn.qkv"
         for name in _HESSIAN_TARGETS[kind]:
-            hessians[f"{prefix}.{name}"] = H
+            hessians[key[: -len(kind)] + name] = H
     cuda_sync(device)
     log0(f"gptq:calibrated {len(hessians)} layers in {time.perf_counter() - t0:.1f}s")
     return hessians
@@ -1422,19 +1384,16 @@ def generate_calibration(model: nn.Module, h: Hyperparameters, device: torch.dev
     t0 = time.perf_counter()
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    was_training = model.training
-    model.eval()
     model.rope_ntk_len = seq_len  # sampling windows are short, but the text should be what a seq_len model writes
     batches = []
     try:
         for b0 in range(0, n_seqs, SELFGEN_BATCH_SEQS):
             ids = torch.full((min(SELFGEN_BATCH_SEQS, n_seqs - b0), seq_len), SELFGEN_BOS_ID, dtype=torch.int64, device=device)
-            with torch.inference_mode(), autocast_ctx(device):
+            with eval_mode(model), torch.inference_mode(), autocast_ctx(device):
                 _sample_batch(model, ids, temperature, window, gen)
             batches.append(ids)
     finally:
         model.rope_ntk_len = 0
-        model.train(was_training)
     cuda_sync(device)
     log0(f"gptq:selfgen {n_seqs}x{seq_len} tokens at temperature {temperature} in {time.perf_counter() - t0:.1f}s")
     return batches
@@ -1630,10 +1589,7 @@ def dequantize_state_dict(qsd: dict, template_sd: dict) -> dict:
 # ==============================================================================
 # 7. COMPRESSION & SERIALIZATION
 # ==============================================================================
-# [owner: quant] SPEC §8 + D9.  Contract:
-#   byte_shuffle(b, stride=2) / byte_unshuffle(b) ; compress(b) / decompress(b) (byte shuffle + brotli 11)
-#   serialize(qsd) -> bytes ; deserialize(bytes) -> qsd ; code_size_bytes(path=None) -> int
-#   fit_to_budget(qsd, hessians_or_None, code_bytes, target_bytes) -> (qsd, blob, info)  (±1 pruning, PR #1019)
+# SPEC §8 + D9.
 #
 # The artifact is torch.save of the quantised dict, byte-shuffled and Brotli-11 compressed (PR #1172).  The int8
 # values and the fp16 scales' low/high bytes have very different statistics; the stride-2 shuffle puts like bytes
@@ -1825,15 +1781,7 @@ def fit_to_budget(qsd: dict, hessians: dict | None, code_bytes: int, target_byte
 # ==============================================================================
 # 8. EVALUATION
 # ==============================================================================
-# [owner: eval] SPEC §9 + D5 + D10.  Contract:
-#   count_target_bytes(val_data, prev, tgt) -> int32 Tensor ; loss_to_bpb(loss_sum, tokens, bytes) -> (loss, bpb)
-#   eval_val(h, model, d, device, val_data, seq_len=None) -> (val_loss, val_bpb)
-#   plan_windows(n_tokens, seq_len, stride, rank, world) -> (starts, score_from)
-#   eval_val_sliding(h, model, d, device, val_data, hidden_fn=None, slot_enabled=None, slot_mode=None) -> (loss, bpb)
-#   sliding_window_sums(same args, nll_out=None) -> this rank's unreduced fp64 [nll, tokens, bytes]
-#   token_nll(model, hidden, y) -> fp32 per-position CE of compute_logits(hidden) (main may compile-rebind it)
-#   slot_tag(h, slot_enabled=None, slot_mode=None) -> "slot:causal" | "slot:standard" | "slot:off"
-#   timed_eval(label, fn, *args, extra="", suffix="", **kwargs) -> (loss, bpb)  (logs the final_* pair)
+# SPEC §9 + D5 + D10.
 #
 # BPB = sum of NLL in nats / (ln 2 * sum of UTF-8 bytes of the scored targets) (SPEC §1.4).  Every evaluator keeps
 # three fp64 running sums on the device, [nll, tokens, bytes], all-reduces them once at the end and syncs the host
@@ -1906,12 +1854,8 @@ def val_sums(h, model, d: DistInfo, device: torch.device, val_data, seq_len: int
 def eval_val(h, model, d: DistInfo, device: torch.device, val_data, seq_len: int | None = None) -> tuple[float, float]:
     """Non-overlapping eval (SPEC §9.1): contiguous rank ranges of T-token sequences (T = seq_len or
     TRAIN_SEQ_LEN), VAL_BATCH_SIZE / (W * grad_accum) / T sequences per batch, bf16 autocast, inference mode."""
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        out = _reduce_to_bpb(val_sums(h, model, d, device, val_data, seq_len))
-    model.train(was_training)
-    return out
+    with eval_mode(model), torch.inference_mode():
+        return _reduce_to_bpb(val_sums(h, model, d, device, val_data, seq_len))
 
 
 def plan_windows(n_tokens: int, seq_len: int, stride: int, rank: int, world: int) -> tuple[Tensor, Tensor]:
@@ -1930,9 +1874,7 @@ def plan_windows(n_tokens: int, seq_len: int, stride: int, rank: int, world: int
 
 
 def token_nll(model, hidden: Tensor, y: Tensor) -> Tensor:
-    """Per-position CE in fp32 of `compute_logits(hidden)` (which casts hidden to the embedding dtype: bf16).
-    The SLOT hot path (8 forward+backward per batch over [32, 2048, V] logits): main() may rebind this global to
-    a torch.compile'd version so softcap, cast and CE fuse."""
+    """Per-position CE in fp32 of `compute_logits(hidden)` (which casts hidden to the embedding dtype: bf16)."""
     with autocast_ctx(hidden.device):
         logits = model.compute_logits(hidden)
     return F.cross_entropy(logits.float().flatten(0, -2), y.flatten(), reduction="none").view_as(y)
@@ -2021,12 +1963,8 @@ def eval_val_sliding(h, model, d: DistInfo, device: torch.device, val_data, hidd
     target scored once (D10), optionally with SLOT (SLOT_ENABLED / SLOT_MODE / SLOT_LR / SLOT_STEPS; D5).
     hidden_fn: a compiled model.forward_hidden, called under torch.no_grad() + bf16 autocast on [32, T] inputs
     (warm it up the same way); logits via model.compute_logits; CE fp32; sums fp64, all-reduced."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():  # not inference_mode: SLOT needs autograd through compute_logits
-        out = _reduce_to_bpb(sliding_window_sums(h, model, d, device, val_data, hidden_fn, slot_enabled, slot_mode))
-    model.train(was_training)
-    return out
+    with eval_mode(model), torch.no_grad():  # not inference_mode: SLOT needs autograd through compute_logits
+        return _reduce_to_bpb(sliding_window_sums(h, model, d, device, val_data, hidden_fn, slot_enabled, slot_mode))
 
 
 def slot_tag(h, slot_enabled=None, slot_mode=None) -> str:
@@ -2159,7 +2097,6 @@ def warmup_compile(h: Hyperparameters, d: DistInfo, device, base: nn.Module, mod
         run_train_step(model, opt, loader, h, d, device, i, 1.0)
         log0(f"warmup_step:{i + 1}/{h.warmup_steps}")
     base.load_state_dict(initial)
-    del opt
 
 
 def train_model(h: Hyperparameters, d: DistInfo, device, base: nn.Module, model, val_data) -> tuple[int, float]:
@@ -2241,10 +2178,9 @@ def export_artifact(h: Hyperparameters, d: DistInfo, device, base: nn.Module) ->
     path = "final_model.int6.ptz"
     if d.is_main:
         t0 = time.perf_counter()
-        qsd = quantize_state_dict(unbank_state_dict(sd, h.num_layers), hessians, h, device=device)
+        qsd = quantize_state_dict(sd, hessians, h, device=device)
         qsd, blob, info = fit_to_budget(qsd, hessians, code_bytes, h.target_bytes)
-        with open(path + ".tmp", "wb") as f:
-            f.write(blob)
+        Path(path + ".tmp").write_bytes(blob)
         os.replace(path + ".tmp", path)
         log0(f"Serialized model int6+brotli: {len(blob)} bytes")
         log0(f"Total submission size int6+brotli: {len(blob) + code_bytes} bytes")
@@ -2257,10 +2193,9 @@ def export_artifact(h: Hyperparameters, d: DistInfo, device, base: nn.Module) ->
 def load_artifact(h: Hyperparameters, path: str, device) -> nn.Module:
     """Rebuild the model from the artifact file alone (decompress -> unshuffle -> dequantize -> rebank)."""
     model = build_model(h, device)
-    template = unbank_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()}, h.num_layers)
-    with open(path, "rb") as f:
-        qsd = deserialize(decompress(f.read()))
-    model.load_state_dict(rebank_state_dict(dequantize_state_dict(qsd, template), h.num_layers), strict=True)
+    qsd = deserialize(decompress(Path(path).read_bytes()))
+    template = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    model.load_state_dict(dequantize_state_dict(qsd, template), strict=True)
     return model.eval()
 
 
@@ -2316,10 +2251,8 @@ def setup_runtime(h: Hyperparameters, d: DistInfo) -> torch.device:
         # Rank 0 alone compresses the artifact (brotli-11 of ~27 MB: ~100 s a pass, up to 8 passes when pruning)
         # while the others wait in a barrier: a default 10-minute collective timeout could kill the run there.
         timeout = datetime.timedelta(seconds=PROCESS_GROUP_TIMEOUT_S)
-        if device.type == "cuda":
-            dist.init_process_group(backend="nccl", device_id=device, timeout=timeout)
-        else:
-            dist.init_process_group(backend="gloo", timeout=timeout)
+        backend = dict(backend="nccl", device_id=device) if device.type == "cuda" else dict(backend="gloo")
+        dist.init_process_group(**backend, timeout=timeout)
         dist.barrier()
     return device
 
