@@ -352,6 +352,13 @@ def eval_mode(model: nn.Module):
         model.train(was_training)
 
 
+def maybe_compile(fn, device):
+    """torch.compile on CUDA (fullgraph, static shapes); eager on CPU, where inductor would dominate tiny runs."""
+    if device.type != "cuda":
+        return fn
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
 def all_reduce_(t: Tensor, op=None) -> Tensor:
     """In-place all-reduce (SUM by default) when distributed; identity otherwise."""
     if is_distributed():
@@ -2228,13 +2235,6 @@ def evaluate_artifact_model(h: Hyperparameters, d: DistInfo, device, q_model: nn
 # ==============================================================================
 
 # Thin shell: runtime setup, the log header, then train_and_eval.  Everything with side effects lives here.
-
-
-def maybe_compile(fn, device):
-    """torch.compile on CUDA (fullgraph, static shapes); eager on CPU, where inductor would dominate tiny runs."""
-    if device.type != "cuda":
-        return fn
-    return torch.compile(fn, dynamic=False, fullgraph=True)
 
 
 def setup_runtime(h: Hyperparameters, d: DistInfo) -> torch.device:
