@@ -352,11 +352,14 @@ def eval_mode(model: nn.Module):
         model.train(was_training)
 
 
+COMPILE_MODE: str | None = None  # torch.compile mode for maybe_compile (None: inductor's default)
+
+
 def maybe_compile(fn, device):
     """torch.compile on CUDA (fullgraph, static shapes); eager on CPU, where inductor would dominate tiny runs."""
     if device.type != "cuda":
         return fn
-    return torch.compile(fn, dynamic=False, fullgraph=True)
+    return torch.compile(fn, dynamic=False, fullgraph=True, mode=COMPILE_MODE)
 
 
 def all_reduce_(t: Tensor, op=None) -> Tensor:
@@ -611,6 +614,7 @@ _WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile / DDP wrappers pr
 # cuDNN first: it is the fastest SDPA kernel on Hopper; the others are fallbacks (D6).
 _CUDA_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                     SDPBackend.MATH]
+CUDNN_GQA = True  # hand grouped KV heads to cuDNN (enable_gqa); False expands them to H heads first (docs/PERF.md)
 
 
 def classify_param(name: str) -> str:
@@ -672,8 +676,8 @@ def rope_tables(seq_len: int, rope_dims: int, base: float, device: torch.device,
 
 
 class Rotary:
-    """cos/sin tables cached per (T, device, dtype) in eager mode; compiled graphs rebuild them (a few tiny ops)
-    so no tensor is stashed from inside a trace and no cache miss forces a recompile."""
+    """cos/sin tables for lengths GPT keeps no buffer for: cached per (T, device, dtype) in eager mode; compiled
+    graphs rebuild them (a few tiny ops) so no tensor is stashed from inside a trace."""
 
     def __init__(self, rope_dims: int, base: float):
         self.rope_dims, self.base, self._cache = rope_dims, base, {}
@@ -711,18 +715,15 @@ def attention_backend_name(device: torch.device) -> str:
 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, prefer_cudnn: bool) -> Tensor:
-    """Causal GQA attention through PyTorch SDPA; takes and returns the FA layout (B, T, H, D)."""
+    """Causal GQA attention through PyTorch SDPA; takes and returns the FA layout (B, T, H, D).  On CUDA the cuDNN
+    kernel is tried first; with CUDNN_GQA it reads the grouped KV heads itself (2.7 ms/step faster than expanding
+    K/V, and 1,056 MiB less peak memory, in the compiled record config on an H200; docs/PERF.md)."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if not prefer_cudnn:
+    if prefer_cudnn and not CUDNN_GQA:
+        rep = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    with sdpa_kernel(_CUDA_SDPA_ORDER, set_priority=True) if prefer_cudnn else contextlib.nullcontext():
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
-        return y.transpose(1, 2)
-    # Expand KV heads explicitly.  cuDNN accepts grouped KV heads (alone: fwd+bwd 2.31 ms vs 2.66 ms expanded, H200,
-    # 48x2048), but in the compiled model the KV-head gradient reduction then fuses badly with the k/v RMSNorm
-    # backward (+76 ms per 2 steps): 629.9 vs 613.3 ms/step, so the expand stays (docs/PERF.md).
-    rep = q.size(1) // k.size(1)
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    with sdpa_kernel(_CUDA_SDPA_ORDER, set_priority=True):
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return y.transpose(1, 2)
 
 
@@ -737,13 +738,45 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return sdpa_attention(q, k, v, prefer_cudnn=q.is_cuda)
 
 
+XSA_EPS = 1e-12  # F.normalize's floor on |v|
+
+
+def _at_least_fp32(t: Tensor) -> Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class _ExclusiveSelfAttention(torch.autograd.Function):
+    """XSA with a hand-written backward, computed in (at least) fp32: it reads g, y, v once and writes dy, dv, where the autograd of
+    normalize + the grouped reshapes gave inductor three kernels and an extra pass (docs/PERF.md).
+    y (B,T,Hkv,G,D) in groups of the KV head it reads, v (B,T,Hkv,D)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, v: Tensor) -> Tensor:
+        ctx.save_for_backward(y, v)
+        yf, vf = _at_least_fp32(y), _at_least_fp32(v)
+        vn = (vf / vf.norm(dim=-1, keepdim=True).clamp_min(XSA_EPS)).unsqueeze(3)
+        return (yf - (yf * vn).sum(-1, keepdim=True) * vn).to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        y, v = ctx.saved_tensors
+        yf, vf, gf = _at_least_fp32(y), _at_least_fp32(v), _at_least_fp32(g)
+        norm = vf.norm(dim=-1, keepdim=True)
+        vn = (vf / norm.clamp_min(XSA_EPS)).unsqueeze(3)
+        c, gv = (yf * vn).sum(-1, keepdim=True), (gf * vn).sum(-1, keepdim=True)
+        dy = gf - gv * vn
+        dvn = -(c * gf + gv * yf).sum(3)  # d out / d vn, summed over the query heads of each KV group
+        vn = vn.squeeze(3)
+        # normalize's backward: project out the radial part; below the floor vn = v / eps is linear in v
+        dv = torch.where(norm > XSA_EPS, dvn - (dvn * vn).sum(-1, keepdim=True) * vn, dvn) / norm.clamp_min(XSA_EPS)
+        return dy.to(y.dtype), dv.to(v.dtype)
+
+
 def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
     """XSA (SPEC §2.4.6): remove from each head's output its component along the token's own (unit) value
     vector of that head's KV group.  y (B,T,H,D), v (B,T,Hkv,D)."""
     B, T, H, D = y.shape
-    yg = y.reshape(B, T, v.size(2), H // v.size(2), D)
-    vn = F.normalize(v, dim=-1).unsqueeze(3)
-    return (yg - (yg * vn).sum(-1, keepdim=True) * vn).reshape(B, T, H, D)
+    return _ExclusiveSelfAttention.apply(y.reshape(B, T, v.size(2), H // v.size(2), D), v).reshape(B, T, H, D)
 
 
 def _record_hessian(store: dict | None, key: str, x: Tensor) -> None:
@@ -899,6 +932,12 @@ class GPT(nn.Module):
             self.ve_shared = ValueEmbedding(V, h.ve_dim, kv_dim)
             self.ve_layer_scales = nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in self.ve_index)
         self.rotary = Rotary(h.rope_dims, h.rope_base)
+        # cos/sin of the train and eval lengths as buffers: compiled graphs read them instead of recomputing
+        # cos/sin inside every fused RoPE kernel (other lengths go through self.rotary).
+        for T in sorted({h.train_seq_len, h.eval_seq_len}):
+            cos, sin = rope_tables(T, h.rope_dims, h.rope_base, self.tok_emb.weight.device)
+            self.register_buffer(f"rope_cos_{T}", cos, persistent=False)
+            self.register_buffer(f"rope_sin_{T}", sin, persistent=False)
         # QAT sharpness (0 = off).  A buffer, not a Python attribute, so compiled graphs read its value (D2).
         self.register_buffer("qat_alpha", torch.zeros(()), persistent=False)
         # bigram.proj is stored as int6 only when too large for fp16 passthrough (SPEC §7.4); QAT follows suit.
@@ -953,6 +992,13 @@ class GPT(nn.Module):
             banks = tuple(_qat_weight(b, self.qat_alpha, self.qat_clip) for b in banks)
         return [b.to(dtype) for b in banks]
 
+    def rope(self, T: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """RoPE cos/sin for T positions (NTK base of max(T, rope_ntk_len) tokens, D7), from the buffers if built."""
+        cos = getattr(self, f"rope_cos_{T}", None)
+        if cos is None or self.rope_ntk_len > T:
+            return self.rotary(T, self.qat_alpha.device, dtype, self.rope_ntk_len)
+        return cos.to(dtype), getattr(self, f"rope_sin_{T}").to(dtype)
+
     def forward_hidden(self, input_ids: Tensor) -> Tensor:
         """Final-normed hidden states h_L [B, T, d] in the activation dtype."""
         dt = activation_dtype(input_ids.device)
@@ -963,7 +1009,7 @@ class GPT(nn.Module):
         x = self.smear(F.rms_norm(x, (x.size(-1),)))
         x0 = x
         ve = self.ve_shared(input_ids, dt) if self.ve_index else None
-        rope = self.rotary(input_ids.size(1), input_ids.device, dt, self.rope_ntk_len)
+        rope = self.rope(input_ids.size(1), dt)
         skips: list[Tensor] = []
         for i, block in enumerate(self.blocks):
             j = i - self.num_encoder

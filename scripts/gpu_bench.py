@@ -4,8 +4,9 @@ on 8 GPUs, and GPTQ calibration / quantisation / compression times.
 
     DATA_PATH=data/datasets/proxy_sp1024 python3 scripts/gpu_bench.py [train] [eval] [gptq]
 
-Env: BENCH_STEPS (timed steps, default 8), BENCH_EVAL_BATCHES (32-window batches per mode, default 24), and every
-train_gpt.py env var.  Not counted code: loads train_gpt.py by path.
+Env: BENCH_STEPS (timed steps, default 8), BENCH_EVAL_BATCHES (32-window batches per mode, default 24),
+BENCH_VARIANTS (comma-separated training variants, see apply_variant; default "base"; eval and GPTQ use the first),
+OUT (folder for the full profile tables), and every train_gpt.py env var.  Not counted code: loads train_gpt.py by path.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 
 FULL_VAL_WINDOWS = 969_057  # windows of the 62,021,632-token FineWeb val at stride 64 (every target once, D10)
 
@@ -38,28 +40,101 @@ def timed(fn, device):
     return out, time.perf_counter() - t0
 
 
-def bench_train(tg, h, d, device, base, model):
+KERNEL_KINDS = (("attention", ("sdpa", "fmha", "flash", "cudnn")), ("gemm", ("nvjet", "gemm", "sm90_xmma", "cutlass")),
+                ("triton", ("triton_",)))
+
+
+def profile_summary(prof, steps: int, out_path: str | None) -> None:
+    """Self CUDA ms per step by kernel kind (attention / GEMM / Triton / other); the full table to out_path."""
+    kinds: dict[str, float] = {}
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+        kind = next((k for k, keys in KERNEL_KINDS if any(x in e.key for x in keys)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + us
+    print("bench_profile ms/step " + " ".join(f"{k}:{v / 1000 / steps:.1f}" for k, v in sorted(kinds.items()))
+          + f" total:{sum(kinds.values()) / 1000 / steps:.1f}")
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=-1, max_name_column_width=160)
+    if out_path:
+        Path(out_path).write_text(table)
+    print("\n".join(table.splitlines()[:34]))
+
+
+def bench_train(tg, h, d, device, base, model, tag: str = ""):
     opt = tg.build_optimizers(h, base, d)
     loader = tg.TrainLoader(tg.list_shards(h.train_files), h.seed, 0, 1, device)
     step = lambda i: tg.run_train_step(model, opt, loader, h, d, device, i, 1.0)
-    _, t_compile = timed(lambda: [step(i) for i in range(3)], device)
-    print(f"bench_train compile+3 steps: {t_compile:.1f}s")
+    losses, t_compile = timed(lambda: [step(i) for i in range(3)], device)
+    print(f"bench_train{tag} compile+3 steps: {t_compile:.1f}s")
     n = int(os.environ.get("BENCH_STEPS", "8"))
     torch.cuda.reset_peak_memory_stats(device)
-    _, t = timed(lambda: [step(i) for i in range(3, 3 + n)], device)
+    more, t = timed(lambda: [step(i) for i in range(3, 3 + n)], device)
     ms = 1000 * t / n
-    print(f"bench_train ms/step:{ms:.1f} tok/s:{h.train_batch_tokens / (ms / 1000):.0f} "
+    # Same seed, data and init in every variant: equal math shows as equal losses up to bf16 noise.
+    print(f"bench_train{tag} losses:" + ",".join(f"{x.item():.4f}" for x in losses + more))
+    print(f"bench_train{tag} ms/step:{ms:.1f} tok/s:{h.train_batch_tokens / (ms / 1000):.0f} "
           f"peak_alloc:{torch.cuda.max_memory_allocated(device) // 2**20}MiB")
     base.set_qat(1.0)
     _, t = timed(lambda: [step(i) for i in range(3 + n, 3 + 2 * n)], device)
     base.set_qat(0.0)
-    print(f"bench_train qat_on ms/step:{1000 * t / n:.1f}")
+    print(f"bench_train{tag} qat_on ms/step:{1000 * t / n:.1f}")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for i in range(2):
             step(100 + i)
         torch.cuda.synchronize(device)
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
+    out, name = os.environ.get("OUT"), tag.strip(" []").replace("+", "-") or "base"
+    profile_summary(prof, 2, os.path.join(out, f"profile_{name}.txt") if out else None)
     return ms
+
+
+def apply_variant(tg, variant: str) -> None:
+    """BENCH_VARIANTS entries: '+'-joined flags among base (train_gpt as is), expand (K/V expanded to H heads
+    before cuDNN), xsaref (XSA through autograd), aggr (inductor aggressive_fusion), autotune (torch.compile mode
+    max-autotune-no-cudagraphs)."""
+    flags = set(variant.split("+"))
+    unknown = flags - {"base", "expand", "xsaref", "aggr", "autotune"}
+    if unknown:
+        raise ValueError(f"BENCH_VARIANTS: unknown flags {sorted(unknown)}")
+    tg.CUDNN_GQA = "expand" not in flags
+    tg.exclusive_self_attention = xsa_autograd if "xsaref" in flags else XSA_DEFAULT[0]
+    torch._inductor.config.aggressive_fusion = "aggr" in flags
+    tg.COMPILE_MODE = "max-autotune-no-cudagraphs" if "autotune" in flags else None
+
+
+XSA_DEFAULT: list = []
+
+
+def xsa_autograd(y, v):
+    """XSA through autograd of F.normalize (the form before the hand-written backward), for A/B timing."""
+    B, T, H, D = y.shape
+    yg = y.reshape(B, T, v.size(2), H // v.size(2), D)
+    vn = torch.nn.functional.normalize(v, dim=-1).unsqueeze(3)
+    return (yg - (yg * vn).sum(-1, keepdim=True) * vn).reshape(B, T, H, D)
+
+
+def naive_sliding(tg, h, model, device, val_data, mode: str) -> tuple[float, float]:
+    """The straightforward reference for the eval-throughput comparison (issue 7): the same windows, batches of 32
+    and SLOT math, but an eager (uncompiled) model, logits and CE at every position of every window, and the last
+    batch at its own size.  Its bpb must match train_gpt's within bf16 noise."""
+    T, B = h.eval_seq_len, tg.SLIDING_BATCH_WINDOWS
+    n_tok = val_data.tokens.numel() - 1
+    starts, score_from = tg.plan_windows(n_tok, T, h.eval_stride, 0, 1)
+    tok = val_data.tokens.to(device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    with tg.eval_mode(model), torch.no_grad():
+        for b in range(0, starts.numel(), B):
+            ws, sf = starts[b : b + B].to(device), score_from[b : b + B].to(device)
+            x, y, scored = tg._window_batch(tok, ws, sf, n_tok, T)
+            with tg.autocast_ctx(device):
+                hidden = model.forward_hidden(x)
+            if mode != "off":
+                ctx = None if mode == "standard" else torch.arange(T, device=device) < sf[:, None]
+                hidden = hidden.float()
+                hidden = hidden + tg._fit_slot_delta(model, hidden, y, ctx, ws.numel(), h.slot_lr, h.slot_steps)
+            nll = tg.token_nll(model, hidden, y)
+            sums[0] += torch.where(scored, nll, 0.0).sum(dtype=torch.float64)
+            sums[1] += scored.sum()
+            sums[2] += torch.where(scored, tg.count_target_bytes(val_data, x, y), 0).sum()
+    return tg.loss_to_bpb(*sums.tolist())
 
 
 def bench_eval(tg, h, d, device, model, val_data):
@@ -77,6 +152,10 @@ def bench_eval(tg, h, d, device, model, val_data):
         proj = t / n_windows * FULL_VAL_WINDOWS / 8
         print(f"bench_eval slot:{mode} windows:{n_windows} time:{t:.2f}s tokens_scored/s:{n_tok / t:.0f} "
               f"window_tokens/s:{n_windows * T / t:.0f} projected_full_val_8gpu:{proj:.0f}s bpb:{bpb:.4f}")
+        naive_sliding(tg, h, model, device, sub, mode)  # warm-up (cuDNN plans, allocator)
+        (_, nbpb), tn = timed(lambda: naive_sliding(tg, h, model, device, sub, mode), device)
+        print(f"bench_eval_naive slot:{mode} time:{tn:.2f}s window_tokens/s:{n_windows * T / tn:.0f} "
+              f"speedup:{tn / t:.2f}x bpb:{nbpb:.4f} bpb_diff:{bpb - nbpb:+.5f}")
 
 
 def bench_gptq(tg, h, d, device, base):
@@ -91,6 +170,7 @@ def bench_gptq(tg, h, d, device, base):
 
 def main():
     tg = load_train_gpt()
+    XSA_DEFAULT.append(tg.exclusive_self_attention)
     what = set(sys.argv[1:]) or {"train", "eval", "gptq"}
     h = tg.Hyperparameters.from_env()
     h.validate()
@@ -98,11 +178,19 @@ def main():
     device = tg.setup_runtime(h, d)
     print(f"device:{torch.cuda.get_device_name(device)} torch:{torch.__version__} "
           f"attention_backend:{tg.attention_backend_name(device)}")
+    variants = [v for v in os.environ.get("BENCH_VARIANTS", "base").split(",") if v]
+    if "train" in what:
+        for variant in variants:
+            apply_variant(tg, variant)
+            torch._dynamo.reset()
+            torch.manual_seed(h.seed)
+            base = tg.build_model(h, device)
+            bench_train(tg, h, d, device, base, tg.maybe_compile(base, device), f" [{variant}]")
+            del base
+            torch.cuda.empty_cache()
+    apply_variant(tg, variants[0])
     torch.manual_seed(h.seed)
     base = tg.build_model(h, device)
-    model = tg.maybe_compile(base, device)
-    if "train" in what:
-        bench_train(tg, h, d, device, base, model)
     if "eval" in what:
         val_data = tg.load_validation_data(h, device, h.train_seq_len)
         bench_eval(tg, h, d, device, base.eval(), val_data)

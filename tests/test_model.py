@@ -440,3 +440,62 @@ def test_every_parameter_gets_a_gradient(tg, tiny_model):
     m(_ids(h), _ids(h, seed=5)).backward()
     dead = [n for n, p in m.named_parameters() if p.grad is None or p.grad.float().abs().sum() == 0]
     assert dead == []
+
+
+def _xsa_reference(y, v):
+    B, T, H, D = y.shape
+    yg = y.reshape(B, T, v.size(2), H // v.size(2), D)
+    vn = torch.nn.functional.normalize(v, dim=-1).unsqueeze(3)
+    return (yg - (yg * vn).sum(-1, keepdim=True) * vn).reshape(B, T, H, D)
+
+
+def test_xsa_hand_written_backward_matches_autograd(tg):
+    """Guards XSA's custom backward: output and gradients equal autograd through F.normalize (fp64 gradcheck too),
+    including a zero value vector (below normalize's floor)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 5, 4, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 5, 2, 8, generator=g, dtype=torch.float64)
+    v[0, 1, 1] = 0.0
+    v.requires_grad_(True)
+    out = tg.exclusive_self_attention(y, v)
+    ref = _xsa_reference(y, v)
+    torch.testing.assert_close(out, ref)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((out * w).sum(), (y, v))
+    want = torch.autograd.grad((ref * w).sum(), (y, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    v2 = torch.randn(1, 3, 2, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    y2 = torch.randn(1, 3, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(tg.exclusive_self_attention, (y2, v2))
+
+
+def test_xsa_bf16_inputs_keep_dtype_and_match_fp32(tg):
+    """Guards the fp32 internals: bf16 in, bf16 out and bf16 grads, equal to the fp32 computation rounded once."""
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(2, 6, 4, 16, generator=g).bfloat16().requires_grad_(True)
+    v = torch.randn(2, 6, 2, 16, generator=g).bfloat16().requires_grad_(True)
+    out = tg.exclusive_self_attention(y, v)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, _xsa_reference(y.float(), v.float()).bfloat16(), atol=0, rtol=0)
+    out.float().square().sum().backward()
+    assert y.grad.dtype == torch.bfloat16 and v.grad.dtype == torch.bfloat16
+
+
+def test_rope_buffers_match_tables_and_stay_out_of_state_dict(tg):
+    """Guards the RoPE buffers: the model reads cos/sin of its train/eval lengths from non-persistent buffers equal
+    to rope_tables (so checkpoints and artifacts do not change), and falls back to the computed tables for other
+    lengths and when rope_ntk_len asks for a longer length's base."""
+    h = tiny_config(tg, train_seq_len=32, eval_seq_len=48)
+    model = tg.GPT(h)
+    assert not any(k.startswith("rope_") for k in model.state_dict())
+    for T in (32, 48):
+        cos, sin = model.rope(T, torch.float32)
+        ref = tg.rope_tables(T, h.rope_dims, h.rope_base, torch.device("cpu"))
+        assert cos is not ref[0]
+        torch.testing.assert_close(cos, ref[0], rtol=0, atol=0)
+        torch.testing.assert_close(sin, ref[1], rtol=0, atol=0)
+    assert model.rope(16, torch.float32)[0].shape == (16, h.rope_dims // 2)
+    model.rope_ntk_len = 2048
+    cos = model.rope(32, torch.float32)[0]
+    torch.testing.assert_close(cos, tg.rope_tables(32, h.rope_dims, h.rope_base, torch.device("cpu"), 2048)[0])
