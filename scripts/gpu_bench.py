@@ -86,6 +86,9 @@ def bench_train(tg, h, d, device, base, model, tag: str = ""):
     return ms
 
 
+ORIGINALS: dict = {}  # train_gpt's own functions, replaced per variant
+
+
 def apply_variant(tg, variant: str) -> None:
     """BENCH_VARIANTS entries: '+'-joined flags among base (train_gpt as is), expand (K/V expanded to H heads
     before cuDNN), xsaref (XSA through autograd), aggr (inductor aggressive_fusion), autotune (torch.compile mode
@@ -94,13 +97,12 @@ def apply_variant(tg, variant: str) -> None:
     unknown = flags - {"base", "expand", "xsaref", "aggr", "autotune"}
     if unknown:
         raise ValueError(f"BENCH_VARIANTS: unknown flags {sorted(unknown)}")
+    if not ORIGINALS:
+        ORIGINALS.update(xsa=tg.exclusive_self_attention)
     tg.CUDNN_GQA = "expand" not in flags
-    tg.exclusive_self_attention = xsa_autograd if "xsaref" in flags else XSA_DEFAULT[0]
+    tg.exclusive_self_attention = xsa_autograd if "xsaref" in flags else ORIGINALS["xsa"]
     torch._inductor.config.aggressive_fusion = "aggr" in flags
     tg.COMPILE_MODE = "max-autotune-no-cudagraphs" if "autotune" in flags else None
-
-
-XSA_DEFAULT: list = []
 
 
 def xsa_autograd(y, v):
@@ -170,7 +172,6 @@ def bench_gptq(tg, h, d, device, base):
 
 def main():
     tg = load_train_gpt()
-    XSA_DEFAULT.append(tg.exclusive_self_attention)
     what = set(sys.argv[1:]) or {"train", "eval", "gptq"}
     h = tg.Hyperparameters.from_env()
     h.validate()
