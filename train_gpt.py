@@ -746,9 +746,9 @@ def _at_least_fp32(t: Tensor) -> Tensor:
 
 
 class _ExclusiveSelfAttention(torch.autograd.Function):
-    """XSA with a hand-written backward, computed in (at least) fp32: it reads g, y, v once and writes dy, dv, where the autograd of
-    normalize + the grouped reshapes gave inductor three kernels and an extra pass (docs/PERF.md).
-    y (B,T,Hkv,G,D) in groups of the KV head it reads, v (B,T,Hkv,D)."""
+    """XSA with a hand-written backward, computed in (at least) fp32: it reads g, y, v once and writes dy, dv,
+    where the autograd of normalize + the grouped reshapes gave inductor three backward kernels, 5.8 ms/step slower
+    (docs/PERF.md).  y (B,T,Hkv,G,D) in groups of the KV head it reads, v (B,T,Hkv,D)."""
 
     @staticmethod
     def forward(ctx, y: Tensor, v: Tensor) -> Tensor:
