@@ -352,14 +352,11 @@ def eval_mode(model: nn.Module):
         model.train(was_training)
 
 
-COMPILE_MODE: str | None = None  # torch.compile mode for maybe_compile (None: inductor's default)
-
-
 def maybe_compile(fn, device):
     """torch.compile on CUDA (fullgraph, static shapes); eager on CPU, where inductor would dominate tiny runs."""
     if device.type != "cuda":
         return fn
-    return torch.compile(fn, dynamic=False, fullgraph=True, mode=COMPILE_MODE)
+    return torch.compile(fn, dynamic=False, fullgraph=True)
 
 
 def all_reduce_(t: Tensor, op=None) -> Tensor:
@@ -614,7 +611,6 @@ _WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile / DDP wrappers pr
 # cuDNN first: it is the fastest SDPA kernel on Hopper; the others are fallbacks (D6).
 _CUDA_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                     SDPBackend.MATH]
-CUDNN_GQA = True  # hand grouped KV heads to cuDNN (enable_gqa); False expands them to H heads first (docs/PERF.md)
 
 
 def classify_param(name: str) -> str:
@@ -716,12 +712,9 @@ def attention_backend_name(device: torch.device) -> str:
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, prefer_cudnn: bool) -> Tensor:
     """Causal GQA attention through PyTorch SDPA; takes and returns the FA layout (B, T, H, D).  On CUDA the cuDNN
-    kernel is tried first; with CUDNN_GQA it reads the grouped KV heads itself (2.7 ms/step faster than expanding
-    K/V, and 1,056 MiB less peak memory, in the compiled record config on an H200; docs/PERF.md)."""
+    kernel is tried first, reading the grouped KV heads itself (2.7 ms/step faster than expanding K/V to H heads,
+    and 1,056 MiB less peak memory, in the compiled record config on an H200; docs/PERF.md)."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if prefer_cudnn and not CUDNN_GQA:
-        rep = q.size(1) // k.size(1)
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     with sdpa_kernel(_CUDA_SDPA_ORDER, set_priority=True) if prefer_cudnn else contextlib.nullcontext():
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
     return y.transpose(1, 2)
@@ -768,7 +761,7 @@ class _ExclusiveSelfAttention(torch.autograd.Function):
         dvn = -(c * gf + gv * yf).sum(3)  # d out / d vn, summed over the query heads of each KV group
         vn = vn.squeeze(3)
         # normalize's backward: project out the radial part; below the floor vn = v / eps is linear in v
-        dv = torch.where(norm > XSA_EPS, dvn - (dvn * vn).sum(-1, keepdim=True) * vn, dvn) / norm.clamp_min(XSA_EPS)
+        dv = torch.where(norm >= XSA_EPS, dvn - (dvn * vn).sum(-1, keepdim=True) * vn, dvn) / norm.clamp_min(XSA_EPS)
         return dy.to(y.dtype), dv.to(v.dtype)
 
 

@@ -40,8 +40,9 @@ def timed(fn, device):
     return out, time.perf_counter() - t0
 
 
-KERNEL_KINDS = (("attention", ("sdpa", "fmha", "flash", "cudnn")), ("gemm", ("nvjet", "gemm", "sm90_xmma", "cutlass")),
-                ("triton", ("triton_",)))
+# Triton first: inductor names its kernels after the ops they fuse ("triton_..._cudnn_attention_backward_...").
+KERNEL_KINDS = (("triton", ("triton_",)), ("attention", ("sdpa", "fmha", "flash", "cudnn")),
+                ("gemm", ("nvjet", "gemm", "sm90_xmma", "cutlass")))
 
 
 def profile_summary(prof, steps: int, out_path: str | None) -> None:
@@ -91,18 +92,27 @@ ORIGINALS: dict = {}  # train_gpt's own functions, replaced per variant
 
 def apply_variant(tg, variant: str) -> None:
     """BENCH_VARIANTS entries: '+'-joined flags among base (train_gpt as is), expand (K/V expanded to H heads
-    before cuDNN), xsaref (XSA through autograd), aggr (inductor aggressive_fusion), autotune (torch.compile mode
-    max-autotune-no-cudagraphs)."""
+    before cuDNN, the form before grouped heads), xsaref (XSA through autograd), aggr (inductor aggressive_fusion),
+    autotune (torch.compile mode max-autotune-no-cudagraphs)."""
     flags = set(variant.split("+"))
     unknown = flags - {"base", "expand", "xsaref", "aggr", "autotune"}
     if unknown:
         raise ValueError(f"BENCH_VARIANTS: unknown flags {sorted(unknown)}")
     if not ORIGINALS:
-        ORIGINALS.update(xsa=tg.exclusive_self_attention)
-    tg.CUDNN_GQA = "expand" not in flags
+        ORIGINALS.update(xsa=tg.exclusive_self_attention, sdpa=tg.sdpa_attention, compile=tg.maybe_compile)
     tg.exclusive_self_attention = xsa_autograd if "xsaref" in flags else ORIGINALS["xsa"]
+    tg.sdpa_attention = (lambda q, k, v, prefer_cudnn: ORIGINALS["sdpa"](q, *expand_kv(q, k, v), prefer_cudnn)) \
+        if "expand" in flags else ORIGINALS["sdpa"]
     torch._inductor.config.aggressive_fusion = "aggr" in flags
-    tg.COMPILE_MODE = "max-autotune-no-cudagraphs" if "autotune" in flags else None
+    tg.maybe_compile = (lambda fn, device: torch.compile(fn, dynamic=False, fullgraph=True,
+                                                         mode="max-autotune-no-cudagraphs")) \
+        if "autotune" in flags else ORIGINALS["compile"]
+
+
+def expand_kv(q, k, v):
+    """K/V (B,T,Hkv,D) repeated to q's H heads (head h reads KV head h // (H/Hkv))."""
+    rep = q.size(2) // k.size(2)
+    return k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
 
 
 def xsa_autograd(y, v):
@@ -180,6 +190,8 @@ def main():
     print(f"device:{torch.cuda.get_device_name(device)} torch:{torch.__version__} "
           f"attention_backend:{tg.attention_backend_name(device)}")
     variants = [v for v in os.environ.get("BENCH_VARIANTS", "base").split(",") if v]
+    if not variants:
+        raise ValueError("BENCH_VARIANTS names no variant (default: base)")
     if "train" in what:
         for variant in variants:
             apply_variant(tg, variant)
