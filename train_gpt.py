@@ -740,7 +740,7 @@ def _at_least_fp32(t: Tensor) -> Tensor:
 
 class _ExclusiveSelfAttention(torch.autograd.Function):
     """XSA with a hand-written backward, computed in (at least) fp32: it reads g, y, v once and writes dy, dv,
-    where the autograd of normalize + the grouped reshapes gave inductor three backward kernels, 5.8 ms/step slower
+    where autograd through normalize + the grouped reshapes compiled to more kernels and ran 5.8 ms/step slower
     (docs/PERF.md).  y (B,T,Hkv,G,D) in groups of the KV head it reads, v (B,T,Hkv,D)."""
 
     @staticmethod
