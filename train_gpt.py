@@ -699,6 +699,147 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * c + x2 * s, x2 * c - x1 * s, rest), dim=-1)
 
 
+RMS_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default eps: that of its fp32 computation dtype
+
+# q/k RMSNorm + partial RoPE + q_gain as one Triton kernel per direction, as torch custom ops (opaque to inductor).
+# Inductor split this into several kernels at 1.7-2.3 TB/s (docs/PERF.md).  The source is a string, compiled on first
+# use with a linecache entry, because Triton reads a kernel's source and the self-extracting build exec()s the file.
+# Math (fp32 inside, per row of D): n = x * rsqrt(mean(x^2) + eps); rotate the first 2*HALF dims of n by (cos, sin)
+# of the row's position; times gain[head].  The backward recomputes n from x (nothing but x is saved).
+_QK_TRITON_SRC = """
+import triton
+import triton.language as tl
+
+EPS = tl.constexpr(RMS_EPS)
+
+
+@triton.jit
+def _tile(X, COS, SIN, M, T, H, D: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr, BM: tl.constexpr):
+    m = tl.program_id(0) * BM + tl.arange(0, BM)
+    j = tl.arange(0, BD)
+    mask = (m < M)[:, None] & (j < D)[None, :]
+    row = (m.to(tl.int64) * H + tl.program_id(1)) * D
+    rot = j < 2 * HALF
+    partner = tl.where(j < HALF, j + HALF, tl.where(rot, j - HALF, j))
+    sign = tl.where(j < HALF, 1.0, -1.0)[None, :]
+    c, s = 1.0, 0.0
+    if HALF > 0:
+        trig = (m % T)[:, None] * HALF + (j % HALF)[None, :]
+        c = tl.load(COS + trig, mask=mask & rot[None, :], other=1.0).to(tl.float32)
+        s = tl.load(SIN + trig, mask=mask & rot[None, :], other=0.0).to(tl.float32) * sign
+    x = tl.load(X + row[:, None] + j[None, :], mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(X + row[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + EPS)
+    return row, j, mask, c, s, x * r[:, None], xp * r[:, None], r, partner
+
+
+@triton.jit
+def qk_fwd(X, Y, COS, SIN, GAIN, M, T, H, D: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr,
+           BM: tl.constexpr, HAS_GAIN: tl.constexpr):
+    row, j, mask, c, s, n, npart, r, partner = _tile(X, COS, SIN, M, T, H, D, BD, HALF, BM)
+    y = n * c + npart * s
+    if HAS_GAIN:
+        y = y * tl.load(GAIN + tl.program_id(1)).to(tl.float32)
+    tl.store(Y + row[:, None] + j[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def qk_bwd(G, X, DX, COS, SIN, GAIN, PART, M, T, H, D: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr,
+           BM: tl.constexpr, HAS_GAIN: tl.constexpr):
+    row, j, mask, c, s, n, npart, r, partner = _tile(X, COS, SIN, M, T, H, D, BD, HALF, BM)
+    g = tl.load(G + row[:, None] + j[None, :], mask=mask, other=0.0).to(tl.float32)
+    gp = tl.load(G + row[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_GAIN:
+        gain = tl.load(GAIN + tl.program_id(1)).to(tl.float32)
+        tl.store(PART + tl.program_id(0) * H + tl.program_id(1), tl.sum(tl.sum(g * (n * c + npart * s), axis=1), axis=0))
+        g, gp = g * gain, gp * gain
+    dn = g * c - gp * s
+    dx = (dn - n * (tl.sum(dn * n, axis=1) / D)[:, None]) * r[:, None]
+    tl.store(DX + row[:, None] + j[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+"""
+QK_BLOCK_ROWS, QK_WARPS = 16, 4  # tokens x one head per Triton program, and its warps: the fastest of 16 shapes (PERF.md)
+
+
+def _load_triton_source(src: str, name: str) -> dict:
+    import linecache
+    filename = f"<{name}>"
+    linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+    ns = {"RMS_EPS": RMS_EPS, "__name__": name}  # Triton names called kernels after their __module__
+    exec(compile(src, filename, "exec"), ns)
+    return ns
+
+
+def _qk_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, g: Tensor | None = None):
+    """Run the forward (g None) or backward kernel on x (B, T, H, D); returns y, or (dx, d_gain or an empty tensor)."""
+    k = _QK_KERNELS["ns"]
+    B, T, H, D = x.shape
+    M, x = B * T, x.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()  # any float dtype: the kernels read them as fp32
+    grid = (-(-M // QK_BLOCK_ROWS), H)
+    meta = dict(D=D, BD=1 << (D - 1).bit_length(), HALF=cos.size(-1), BM=QK_BLOCK_ROWS, HAS_GAIN=gain is not None)
+    gain_arg = gain if gain is not None else cos
+    if g is None:
+        y = torch.empty_like(x)
+        k["qk_fwd"][grid](x, y, cos, sin, gain_arg, M, T, H, **meta, num_warps=QK_WARPS)
+        return y
+    dx = torch.empty_like(x)
+    part = torch.empty(grid[0] * H if gain is not None else 0, device=x.device, dtype=torch.float32)
+    k["qk_bwd"][grid](g.contiguous(), x, dx, cos, sin, gain_arg, part if gain is not None else cos, M, T, H, **meta,
+                      num_warps=QK_WARPS)
+    return dx, (part.view(grid[0], H).sum(0).to(gain.dtype) if gain is not None else part)
+
+
+_QK_KERNELS: dict = {}
+
+
+def qk_norm_rope_op():
+    """The custom op (built once per process; None without Triton).  op(x, cos, sin, gain|None) == qk_norm_rope_ref."""
+    if "op" in _QK_KERNELS:
+        return _QK_KERNELS["op"]
+    try:
+        _QK_KERNELS["ns"] = _load_triton_source(_QK_TRITON_SRC, "qk_norm_rope_triton")
+    except ImportError:
+        _QK_KERNELS["op"] = None
+        return None
+    lib = "pgolf_" + "".join(ch if ch.isalnum() else "_" for ch in __name__)  # one per loaded copy of this file
+    args = "Tensor x, Tensor cos, Tensor sin, Tensor? gain"  # explicit schemas: the build strips annotations
+
+    @torch.library.custom_op(f"{lib}::qk_norm_rope", mutates_args=(), schema=f"({args}) -> Tensor")
+    def fwd(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -> Tensor:
+        return _qk_launch(x, cos, sin, gain)
+
+    @fwd.register_fake
+    def _(x, cos, sin, gain):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.custom_op(f"{lib}::qk_norm_rope_backward", mutates_args=(), schema=f"(Tensor g, {args}) -> (Tensor, Tensor)")
+    def bwd(g: Tensor, x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -> tuple[Tensor, Tensor]:
+        return _qk_launch(x, cos, sin, gain, g)
+
+    @bwd.register_fake
+    def _(g, x, cos, sin, gain):
+        dgain = torch.empty_like(gain) if gain is not None else x.new_empty(0, dtype=torch.float32)
+        return torch.empty_like(x, memory_format=torch.contiguous_format), dgain
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:3], inputs[3])
+
+    def backward(ctx, g):
+        x, cos, sin, gain = ctx.saved_tensors
+        dx, dgain = bwd(g, x, cos, sin, gain)
+        return dx, None, None, dgain if gain is not None else None
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    _QK_KERNELS["op"] = fwd
+    return fwd
+
+
+def qk_norm_rope_ref(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -> Tensor:
+    """The same math in torch ops (CPU, and CUDA without Triton): x (B, T, H, D) -> RMSNorm, RoPE, times gain[head]."""
+    y = apply_rope(F.rms_norm(x, (x.size(-1),)), cos, sin)
+    return y if gain is None else y * gain.to(y.dtype)[:, None]
+
+
 def attention_backend_name(device: torch.device) -> str:
     """Which kernel causal_attention uses on this device (D6); main() logs it as attention_backend:<name>."""
     if device.type != "cuda":
@@ -840,20 +981,20 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.xsa = num_heads, num_kv_heads, head_dim, xsa
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
+        self.fused_qk = False  # GPT sets it on CUDA when Triton is there: qk_norm_rope_op() instead of torch ops
 
     def forward(self, h: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, wo: Tensor, rope: tuple[Tensor, Tensor],
                 ve: Tensor | None, store: dict | None, prefix: str) -> Tensor:
         B, T, _ = h.shape
         D = self.head_dim
         _record_hessian(store, prefix + "qkv", h)
-        q = F.rms_norm(F.linear(h, wq).view(B, T, self.num_heads, D), (D,))
-        k = F.rms_norm(F.linear(h, wk).view(B, T, self.num_kv_heads, D), (D,))
+        norm_rope = _QK_KERNELS["op"] if self.fused_qk else qk_norm_rope_ref
+        q = norm_rope(F.linear(h, wq).view(B, T, self.num_heads, D), *rope, self.q_gain)
+        k = norm_rope(F.linear(h, wk).view(B, T, self.num_kv_heads, D), *rope, None)
         v = F.linear(h, wv)
         if ve is not None:
             v = v + ve
         v = v.view(B, T, self.num_kv_heads, D)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        q = q * self.q_gain.to(q.dtype)[:, None]
         y = causal_attention(q, k, v)
         if self.xsa:
             y = exclusive_self_attention(y, v)
@@ -936,6 +1077,7 @@ class GPT(nn.Module):
         # bigram.proj is stored as int6 only when too large for fp16 passthrough (SPEC §7.4); QAT follows suit.
         self.qat_bigram = self.bigram.proj.weight.numel() > SMALL_TENSOR_NUMEL
         self.hessian_store: dict | None = None
+        self.set_fused_qk(self.tok_emb.weight.is_cuda)
         self.rope_ntk_len = 0  # > 0: RoPE's NTK base of this length for shorter inputs (selfgen sampling windows)
         self._init_weights(h)
         self._apply_dtype_rule()
@@ -971,6 +1113,13 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             keep_bf16 = classify_param(name) == "embed" or name == "skip_gates"
             p.data = p.data.to(torch.bfloat16) if keep_bf16 else p.data.to(torch.bfloat16).float()
+
+    def set_fused_qk(self, on: bool) -> bool:
+        """Use the Triton q/k norm + RoPE op (when Triton imports); returns whether it is now on."""
+        on = on and qk_norm_rope_op() is not None
+        for block in self.blocks:
+            block.attn.fused_qk = on
+        return on
 
     def set_qat(self, alpha: float) -> None:
         """Soft-round QAT sharpness for training forwards; 0 turns it off.  In place: no recompile."""

@@ -2,7 +2,7 @@
 the top CUDA kernels), peak memory, sliding-eval throughput per SLOT mode with the projection to the full FineWeb val
 on 8 GPUs, and GPTQ calibration / quantisation / compression times.
 
-    DATA_PATH=data/datasets/proxy_sp1024 python3 scripts/gpu_bench.py [train] [eval] [gptq]
+    DATA_PATH=data/datasets/proxy_sp1024 python3 scripts/gpu_bench.py [kernels] [train] [eval] [gptq]
 
 Env: BENCH_STEPS (timed steps, default 8), BENCH_EVAL_BATCHES (32-window batches per mode, default 24),
 BENCH_VARIANTS (comma-separated training variants, see apply_variant; default "base"; eval and GPTQ use the first),
@@ -41,7 +41,7 @@ def timed(fn, device):
 
 
 # Triton first: inductor names its kernels after the ops they fuse ("triton_..._cudnn_attention_backward_...").
-KERNEL_KINDS = (("triton", ("triton_",)), ("attention", ("sdpa", "fmha", "flash", "cudnn")),
+KERNEL_KINDS = (("triton", ("triton_", "qk_fwd", "qk_bwd")), ("attention", ("sdpa", "fmha", "flash", "cudnn")),
                 ("gemm", ("nvjet", "gemm", "sm90_xmma", "cutlass")))
 
 
@@ -92,14 +92,18 @@ ORIGINALS: dict = {}  # train_gpt's own functions, replaced per variant
 
 def apply_variant(tg, variant: str) -> None:
     """BENCH_VARIANTS entries: '+'-joined flags among base (train_gpt as is), expand (K/V expanded to H heads
-    before cuDNN, the form before grouped heads), xsaref (XSA through autograd), aggr (inductor aggressive_fusion),
-    autotune (torch.compile mode max-autotune-no-cudagraphs)."""
+    before cuDNN, the form before grouped heads), xsaref (XSA through autograd), qkref (q/k norm + RoPE through
+    torch ops instead of the Triton op), aggr (inductor aggressive_fusion), autotune (torch.compile mode
+    max-autotune-no-cudagraphs)."""
     flags = set(variant.split("+"))
-    unknown = flags - {"base", "expand", "xsaref", "aggr", "autotune"}
+    unknown = flags - {"base", "expand", "xsaref", "qkref", "aggr", "autotune"}
     if unknown:
         raise ValueError(f"BENCH_VARIANTS: unknown flags {sorted(unknown)}")
     if not ORIGINALS:
-        ORIGINALS.update(xsa=tg.exclusive_self_attention, sdpa=tg.sdpa_attention, compile=tg.maybe_compile)
+        ORIGINALS.update(xsa=tg.exclusive_self_attention, sdpa=tg.sdpa_attention, compile=tg.maybe_compile,
+                         qk=getattr(tg, "qk_norm_rope_op", None))
+    if ORIGINALS["qk"] is not None:  # GPT.__init__ asks qk_norm_rope_op() whether the Triton op is there
+        tg.qk_norm_rope_op = (lambda: None) if "qkref" in flags else ORIGINALS["qk"]
     tg.exclusive_self_attention = xsa_autograd if "xsaref" in flags else ORIGINALS["xsa"]
     tg.sdpa_attention = (lambda q, k, v, prefer_cudnn: ORIGINALS["sdpa"](q, *expand_kv(q, k, v), prefer_cudnn)) \
         if "expand" in flags else ORIGINALS["sdpa"]
@@ -121,6 +125,71 @@ def xsa_autograd(y, v):
     yg = y.reshape(B, T, v.size(2), H // v.size(2), D)
     vn = torch.nn.functional.normalize(v, dim=-1).unsqueeze(3)
     return (yg - (yg * vn).sum(-1, keepdim=True) * vn).reshape(B, T, H, D)
+
+
+def rel_err(a, ref) -> float:
+    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def bench_kernels(tg, device) -> None:
+    """The Triton q/k norm + RoPE op against the torch-ops reference: bf16 error against an fp64 reference (both
+    paths), then forward and forward+backward times at the record shape (48 x 2048 tokens, 8 q heads, 4 KV heads),
+    the torch reference compiled as the training step compiles it."""
+    import triton.testing
+    op = tg.qk_norm_rope_op()
+    for B, T, H, D, half in ((3, 100, 8, 64, 8), (2, 77, 4, 64, 0), (1, 130, 3, 32, 16)):
+        x = torch.randn(B, T, H, D, device=device) * 3
+        cos, sin = tg.rope_tables(T, 2 * half, 10000.0, device)
+        gain = torch.randn(H, device=device)
+        up = torch.randn(B, T, H, D, device=device)
+        for g in (gain, None):
+            x64, g64 = x.double().requires_grad_(), g.double().requires_grad_() if g is not None else None
+            ref = tg.qk_norm_rope_ref(x64, cos.double(), sin.double(), g64)
+            ref.backward(up.double())
+            for name, fn in (("triton", op), ("torch", tg.qk_norm_rope_ref)):
+                xb = x.bfloat16().requires_grad_()
+                gb = g.clone().requires_grad_() if g is not None else None
+                y = fn(xb, cos.bfloat16() if fn is not op else cos, sin.bfloat16() if fn is not op else sin, gb)
+                y.backward(up.bfloat16())
+                errs = [rel_err(y, ref), rel_err(xb.grad, x64.grad)] + ([rel_err(gb.grad, g64.grad)] if g is not None else [])
+                print(f"bench_kernels check {name} shape:{(B, T, H, D)} half:{half} gain:{g is not None} "
+                      f"rel_err y/dx/dgain: " + " ".join(f"{e:.2e}" for e in errs))
+    B, T, D = 48, 2048, 64
+    cos, sin = tg.rope_tables(T, 16, 22081.79, device)
+    cases = []
+    for H, gain in ((8, torch.full((8,), 1.5, device=device)), (4, None)):
+        x = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16)
+        cases.append((H, gain, x, torch.randn_like(x)))
+    bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    # Launch shape sweep on the kernels alone (fwd bytes: read x, write y; bwd: read g and x, write dx).
+    best = None
+    for rows in (16, 32, 64, 128):
+        for warps in (1, 2, 4, 8):
+            tg.QK_BLOCK_ROWS, tg.QK_WARPS = rows, warps
+            total, parts = 0.0, []
+            for H, gain, x, up in cases:
+                t_f = bench(lambda: tg._qk_launch(x, cos, sin, gain))
+                t_b = bench(lambda: tg._qk_launch(x, cos, sin, gain, up))
+                total += t_f + t_b
+                nb = x.numel() * 2
+                parts.append(f"h{H} fwd:{1000 * t_f:.1f}us({2 * nb / t_f / 1e9:.2f}TB/s) "
+                             f"bwd:{1000 * t_b:.1f}us({3 * nb / t_b / 1e9:.2f}TB/s)")
+            print(f"bench_kernels sweep rows:{rows} warps:{warps} q+k fwd+bwd:{1000 * total:.1f}us " + " ".join(parts))
+            if best is None or total < best[0]:
+                best = (total, rows, warps)
+    tg.QK_BLOCK_ROWS, tg.QK_WARPS = best[1], best[2]
+    print(f"bench_kernels best rows:{best[1]} warps:{best[2]} q+k fwd+bwd:{1000 * best[0]:.1f}us (used from here on)")
+    # The op through autograd against the torch-ops reference compiled as the training step compiles it.
+    ref_c = torch.compile(tg.qk_norm_rope_ref, fullgraph=True, dynamic=False)
+    for H, gain, x, up in cases:
+        x = x.detach().requires_grad_()
+        g = gain.clone().requires_grad_() if gain is not None else None
+        ins = [x] + ([g] if g is not None else [])
+        for name, fn, c, s in (("triton", op, cos, sin), ("torch_compiled", ref_c, cos.bfloat16(), sin.bfloat16())):
+            with torch.no_grad():
+                t_f = bench(lambda: fn(x, c, s, g))
+            t_fb = bench(lambda: torch.autograd.grad(fn(x, c, s, g), ins, up))
+            print(f"bench_kernels autograd {name} heads:{H} fwd:{1000 * t_f:.1f}us fwd+bwd:{1000 * t_fb:.1f}us")
 
 
 def naive_sliding(tg, h, model, device, val_data, mode: str) -> tuple[float, float]:
@@ -182,7 +251,7 @@ def bench_gptq(tg, h, d, device, base):
 
 def main():
     tg = load_train_gpt()
-    what = set(sys.argv[1:]) or {"train", "eval", "gptq"}
+    what = set(sys.argv[1:]) or {"kernels", "train", "eval", "gptq"}
     h = tg.Hyperparameters.from_env()
     h.validate()
     d = tg.DistInfo()
@@ -192,6 +261,8 @@ def main():
     variants = [v for v in os.environ.get("BENCH_VARIANTS", "base").split(",") if v]
     if not variants:
         raise ValueError("BENCH_VARIANTS names no variant (default: base)")
+    if "kernels" in what:
+        bench_kernels(tg, device)
     if "train" in what:
         for variant in variants:
             apply_variant(tg, variant)

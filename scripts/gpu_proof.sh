@@ -5,6 +5,7 @@
 #
 #   bash scripts/gpu_proof.sh     # MAX_WALLCLOCK_SECONDS=200 WARMDOWN_ITERS=200 NPROC=1 by default; any train_gpt.py env var
 #   SKIP_TRAIN=1 ARTIFACT=path/final_model.int6.ptz bash scripts/gpu_proof.sh    # only re-score an artifact
+#   SCRIPT=dist/train_gpt.py bash scripts/gpu_proof.sh   # run the minified build (python build_submission.py)
 #
 # WARMDOWN_ITERS is scaled to the short run (the record's 4000 of ~6700 steps would put a 200 s run entirely in the
 # warmdown, starting at ~10% of the peak LR); EXTRA_SLOT_MODES="standard off" re-scores the artifact in those modes.
@@ -20,8 +21,10 @@ export MAX_WALLCLOCK_SECONDS=${MAX_WALLCLOCK_SECONDS:-200} WARMDOWN_ITERS=${WARM
 export RUN_ID=${RUN_ID:-proxy_1xH200}
 ARTIFACT=${ARTIFACT:-final_model.int6.ptz}
 NPROC=${NPROC:-1}
+SCRIPT=${SCRIPT:-train_gpt.py}
+export TRAIN_GPT=$SCRIPT  # scripts/eval_artifact.py reuses the same file's functions
 if [ "${SKIP_TRAIN:-0}" != 1 ]; then
-  torchrun --standalone --nproc_per_node="$NPROC" train_gpt.py
+  torchrun --standalone --nproc_per_node="$NPROC" "$SCRIPT"
   cp "logs/$RUN_ID.txt" "$OUT/train_seed${SEED:-1337}.log"
   cp final_model.int6.ptz "$OUT/"
 fi

@@ -18,6 +18,7 @@ SHARED = ROOT.parent / "shared"
 TOKENIZER = ROOT / "data" / "tokenizers" / "fineweb_1024_bpe.model"
 SAMPLE_DIR = ROOT / "data" / "sample"
 
+os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors (tests/test_kernels.py)
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the subprocess and gloo tests
 torch.set_num_threads(1)  # 2 OpenMP threads on 2 busy cores can make small matmuls 500x slower
 

@@ -19,7 +19,9 @@ Sections: 1 CONFIG, 2 RUNTIME, 3 DATA, 4 MODEL, 5 OPTIMIZER, 6 QUANTIZATION, 7 C
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import glob
 import io
 import math
@@ -229,43 +231,31 @@ class Hyperparameters:
         except ValueError:
             raise ValueError(f"VE_LAYERS={self.ve_layers!r} must be a comma-separated list of layer indices") from None
         need(all(0 <= i < self.num_layers for i in ve), f"VE_LAYERS={self.ve_layers} must name layers in [0, {self.num_layers})")
-        need(self.mlp_mult > 0, f"MLP_MULT={self.mlp_mult} must be positive")
-        need(self.logit_softcap > 0, f"LOGIT_SOFTCAP={self.logit_softcap} must be positive")
+        for name in ("mlp_mult", "logit_softcap", "rope_base", "qk_gain_init", "adam_eps", "target_mb"):
+            need(getattr(self, name) > 0, f"{name.upper()}={getattr(self, name)} must be positive")
+        for name in ("iterations", "warmup_steps", "warmdown_iters", "max_wallclock_seconds", "gptq_reserve_ms",
+                     "train_log_every", "val_loss_every", "bank_split", "grad_clip_norm", "slot_steps",
+                     "tied_embed_init_std", "matrix_lr", "matrix_lr_early", "matrix_lr_late", "tied_embed_lr",
+                     "scalar_lr", "slot_lr"):
+            need(getattr(self, name) >= 0, f"{name.upper()}={getattr(self, name)} must be >= 0")
         need(self.train_seq_len >= 2, f"TRAIN_SEQ_LEN={self.train_seq_len} must be >= 2")
         need(self.eval_seq_len >= 2, f"EVAL_SEQ_LEN={self.eval_seq_len} must be >= 2")
         need(1 <= self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} must be in [1, EVAL_SEQ_LEN={self.eval_seq_len}]")
         need(self.train_batch_tokens % (REFERENCE_WORLD * self.train_seq_len) == 0,
              f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of 8 * TRAIN_SEQ_LEN={self.train_seq_len} "
              "(8 = world_size * grad_accum_steps)")
-        need(self.rope_base > 0 and self.tied_embed_init_std >= 0 and self.qk_gain_init > 0,
-             f"ROPE_BASE={self.rope_base} and QK_GAIN_INIT={self.qk_gain_init} must be positive, "
-             f"TIED_EMBED_INIT_STD={self.tied_embed_init_std} non-negative")
-        need(self.iterations >= 0, f"ITERATIONS={self.iterations} must be >= 0")
-        need(self.warmup_steps >= 0, f"WARMUP_STEPS={self.warmup_steps} must be >= 0")
-        need(self.warmdown_iters >= 0, f"WARMDOWN_ITERS={self.warmdown_iters} must be >= 0")
-        need(self.max_wallclock_seconds >= 0, f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} must be >= 0")
-        need(self.gptq_reserve_ms >= 0, f"GPTQ_RESERVE_MS={self.gptq_reserve_ms} must be >= 0")
         need(self.max_wallclock_seconds == 0 or self.train_budget_ms > 0,
              f"GPTQ_RESERVE_MS={self.gptq_reserve_ms} leaves no training time under MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
-        need(self.train_log_every >= 0 and self.val_loss_every >= 0,
-             f"TRAIN_LOG_EVERY={self.train_log_every} and VAL_LOSS_EVERY={self.val_loss_every} must be >= 0")
         need(self.val_batch_size >= self.train_seq_len, f"VAL_BATCH_SIZE={self.val_batch_size} must be at least TRAIN_SEQ_LEN")
-        need(self.bank_split >= 0, f"BANK_SPLIT={self.bank_split} must be >= 0")
-        for name in ("matrix_lr", "matrix_lr_early", "matrix_lr_late", "tied_embed_lr", "scalar_lr", "slot_lr"):
-            need(getattr(self, name) >= 0, f"{name.upper()}={getattr(self, name)} must be >= 0")
         need(0 <= self.muon_momentum < 1 and 0 <= self.muon_momentum_warmup_start < 1,
              f"MUON_MOMENTUM={self.muon_momentum} and MUON_MOMENTUM_WARMUP_START={self.muon_momentum_warmup_start} must be in [0, 1)")
         need(self.muon_backend_steps >= 1, f"MUON_BACKEND_STEPS={self.muon_backend_steps} must be >= 1")
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"BETA1={self.beta1} and BETA2={self.beta2} must be in [0, 1)")
-        need(self.adam_eps > 0, f"ADAM_EPS={self.adam_eps} must be positive")
-        need(self.grad_clip_norm >= 0, f"GRAD_CLIP_NORM={self.grad_clip_norm} must be >= 0")
         need(0 <= self.late_qat_threshold <= 1, f"LATE_QAT_THRESHOLD={self.late_qat_threshold} must be in [0, 1]")
         need(self.gptq_calib in ("train", "selfgen"), f"GPTQ_CALIB={self.gptq_calib!r} must be 'train' or 'selfgen'")
         need(self.gptq_calib_samples >= 1, f"GPTQ_CALIB_SAMPLES={self.gptq_calib_samples} must be >= 1")
         need(1 <= self.quant_clip_range <= 127, f"QUANT_CLIP_RANGE={self.quant_clip_range} must be in [1, 127]")
-        need(self.target_mb > 0, f"TARGET_MB={self.target_mb} must be positive")
         need(self.slot_mode in ("causal", "standard"), f"SLOT_MODE={self.slot_mode!r} must be 'causal' or 'standard'")
-        need(self.slot_steps >= 0, f"SLOT_STEPS={self.slot_steps} must be >= 0")
         need(not self.ttt_enabled, "TTT_ENABLED=1 is not supported: score-first TTT is not part of this stack")
 
 
@@ -289,6 +279,7 @@ INT8_CLIP_PERCENTILE = 99.99984
 GPTQ_BLOCK_SIZE = 128
 GPTQ_DAMP = 0.01
 GPTQ_CLIP_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
+PROCESS_GROUP_TIMEOUT_S = 3600
 
 
 @dataclass(frozen=True)
@@ -350,6 +341,24 @@ def autocast_ctx(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """model.eval() inside the block; the previous train/eval mode is restored on exit, errors included."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def maybe_compile(fn, device):
+    """torch.compile on CUDA (fullgraph, static shapes); eager on CPU, where inductor would dominate tiny runs."""
+    if device.type != "cuda":
+        return fn
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
 def all_reduce_(t: Tensor, op=None) -> Tensor:
     """In-place all-reduce (SUM by default) when distributed; identity otherwise."""
     if is_distributed():
@@ -360,15 +369,8 @@ def all_reduce_(t: Tensor, op=None) -> Tensor:
 # ==============================================================================
 # 3. DATA
 # ==============================================================================
-# [owner: data] Shard reader (SPEC §1.2), coprime-stride train loader (SPEC §1.5, D8), validation tokens (§1.3),
-# SentencePiece byte LUTs (§1.4).  Contract used by other sections:
-#   read_shard(path) -> np.ndarray[uint16] (memmap; validated header; errors name the file) ; write_shard(path, tokens)
-#   list_shards(pattern, what) -> list[str] (sorted; error naming the pattern and DATA_PATH when empty)
-#   TrainLoader(files, seed, rank, world_size, device) .next_batch(global_tokens, seq_len, grad_accum) -> (x, y)
-#       x, y: int64 [local_tokens // seq_len, seq_len] on device; local_tokens = global_tokens // (world * grad_accum)
-#   build_sentencepiece_luts(sp, vocab_size, device) -> (base_bytes int16, has_leading_space bool, is_boundary bool)
-#   ValidationData(tokens, base_bytes, has_leading_space, is_boundary)  (tokens int64 CPU; LUTs on device)
-#   load_validation_data(h, device, seq_len) -> ValidationData
+# Shard reader (SPEC §1.2), coprime-stride train loader (SPEC §1.5, D8), validation tokens (§1.3),
+# SentencePiece byte LUTs (§1.4).
 import sentencepiece as spm
 
 LOADER_MIX_BATCHES = 1800  # the shard-mixing schedule reaches its end state after this many next_batch calls
@@ -532,9 +534,8 @@ class TrainLoader:
         mine = windows[self.rank::self.world_size]
         buf = torch.from_numpy(np.stack([self.shards[s][o:o + seq_len + 1] for s, o in mine]).astype(np.int64))
         if self.device.type == "cuda":
-            buf = buf.pin_memory().to(self.device, non_blocking=True)
-        else:
-            buf = buf.to(self.device)
+            buf = buf.pin_memory()
+        buf = buf.to(self.device, non_blocking=True)
         return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
 
 
@@ -593,16 +594,8 @@ def load_validation_data(h: Hyperparameters, device, seq_len: int) -> Validation
 # ==============================================================================
 # 4. MODEL
 # ==============================================================================
-# [owner: model] SPEC §2 + D2 (QAT) + D6 (attention backends) + D7.  Contract used by other sections:
-#   classify_param(name) -> "embed" | "matrix" | "scalar"   (bank names AND unbanked per-layer names)
-#   GPT(h): .forward(ids, targets) -> mean CE loss; .forward_hidden(ids) -> final-normed hidden [B,T,d];
-#           .compute_logits(hidden) -> softcapped fp32 logits; .forward_logits(ids);
-#           .set_qat(alpha: float) (0 = off; a buffer, so compiled graphs see it; training-mode forwards only;
-#               with QAT_ENABLED=0 the QAT ops are not in the graph at all and set_qat(alpha > 0) raises);
-#           .hessian_store: dict | None  -> when a dict, attention/MLP accumulate X^T X (fp32) under the keys
-#               f"blocks.{i}.attn.qkv", f"blocks.{i}.attn.proj", f"blocks.{i}.mlp.fc", f"blocks.{i}.mlp.proj"
-#               (sums over tokens; collect_hessians averages over batches and ranks).
-#   attention_backend_name(device) -> "fa3" | "fa2" | "sdpa_cudnn" | "sdpa"
+# SPEC §2 + D2 (QAT) + D6 (attention backends) + D7.  GPT.hessian_store, when a dict, accumulates X^T X sums
+# of each block's four matrix inputs under f"blocks.{i}.attn.qkv" / "attn.proj" / "mlp.fc" / "mlp.proj" (GPTQ).
 # The 66 block matrices live in four 3-D banks owned by GPT (PR #549's layout, so Parallel Muon can shard them);
 # blocks receive their slices as arguments.  Activations are bf16 under CUDA autocast and fp32 otherwise; every
 # weight is cast to the activation dtype where it is used, so bf16 embedding params also work in a CPU forward.
@@ -669,29 +662,30 @@ def rope_base(base: float, rope_dims: int, seq_len: int) -> float:
     return base * (seq_len / ROPE_TRAIN_SEQ_LEN) ** (rope_dims / (rope_dims - 2))
 
 
-def rope_tables(seq_len: int, rope_dims: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape [seq_len, rope_dims/2] (fp32) for positions 0..seq_len-1."""
-    b = rope_base(base, rope_dims, seq_len)
+def rope_tables(seq_len: int, rope_dims: int, base: float, device: torch.device, ntk_len: int = 0) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape [seq_len, rope_dims/2] (fp32) for positions 0..seq_len-1; the NTK base is that of
+    max(seq_len, ntk_len) tokens (ntk_len lets a short sampling window use the training length's base)."""
+    b = rope_base(base, rope_dims, max(seq_len, ntk_len))
     inv_freq = 1.0 / b ** (torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims)
     ang = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
     return ang.cos(), ang.sin()
 
 
 class Rotary:
-    """cos/sin tables cached per (T, device, dtype) in eager mode; compiled graphs rebuild them (a few tiny ops)
-    so no tensor is stashed from inside a trace and no cache miss forces a recompile."""
+    """cos/sin tables for lengths GPT keeps no buffer for: cached per (T, device, dtype) in eager mode; compiled
+    graphs rebuild them (a few tiny ops) so no tensor is stashed from inside a trace."""
 
     def __init__(self, rope_dims: int, base: float):
         self.rope_dims, self.base, self._cache = rope_dims, base, {}
 
-    def __call__(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def __call__(self, seq_len: int, device: torch.device, dtype: torch.dtype, ntk_len: int = 0) -> tuple[Tensor, Tensor]:
         if torch.compiler.is_compiling():
-            return tuple(t.to(dtype) for t in rope_tables(seq_len, self.rope_dims, self.base, device))
-        key = (seq_len, device, dtype)
+            return tuple(t.to(dtype) for t in rope_tables(seq_len, self.rope_dims, self.base, device, ntk_len))
+        key = (seq_len, device, dtype, ntk_len)
         if key not in self._cache:
             # Normal tensors even under inference_mode, so a later training forward can save them for backward.
             with torch.inference_mode(False), torch.no_grad():
-                self._cache[key] = tuple(t.to(dtype) for t in rope_tables(seq_len, self.rope_dims, self.base, device))
+                self._cache[key] = tuple(t.to(dtype) for t in rope_tables(seq_len, self.rope_dims, self.base, device, ntk_len))
         return self._cache[key]
 
 
@@ -703,6 +697,146 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
     c, s = cos[None, :, None, :], sin[None, :, None, :]
     return torch.cat((x1 * c + x2 * s, x2 * c - x1 * s, rest), dim=-1)
+
+
+RMS_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default eps: that of its fp32 computation dtype
+
+# q/k RMSNorm + partial RoPE + q_gain as one Triton kernel per direction, as torch custom ops (opaque to inductor).
+# Inductor split this into several kernels at 1.7-2.3 TB/s (docs/PERF.md).  The source is a string, compiled on first
+# use with a linecache entry, because Triton reads a kernel's source and the self-extracting build exec()s the file.
+# Math (fp32 inside, per row of D): n = x * rsqrt(mean(x^2) + eps); rotate the first 2*HALF dims of n by (cos, sin)
+# of the row's position; times gain[head].  The backward recomputes n from x (nothing but x is saved).
+_QK_TRITON_SRC = """
+import triton
+import triton.language as tl
+
+EPS = tl.constexpr(RMS_EPS)
+
+
+@triton.jit
+def _tile(X, COS, SIN, M, T, H, D: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr, BM: tl.constexpr):
+    m = tl.program_id(0) * BM + tl.arange(0, BM)
+    j = tl.arange(0, BD)
+    mask = (m < M)[:, None] & (j < D)[None, :]
+    row = (m.to(tl.int64) * H + tl.program_id(1)) * D
+    rot = j < 2 * HALF
+    partner = tl.where(j < HALF, j + HALF, tl.where(rot, j - HALF, j))
+    sign = tl.where(j < HALF, 1.0, -1.0)[None, :]
+    trig = (m % T)[:, None] * HALF + (j % HALF)[None, :] if HALF > 0 else m[:, None] * 0
+    rmask = mask & rot[None, :]
+    c = tl.load(COS + trig, mask=rmask, other=1.0).to(tl.float32)
+    s = tl.load(SIN + trig, mask=rmask, other=0.0).to(tl.float32) * sign
+    x = tl.load(X + row[:, None] + j[None, :], mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(X + row[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + EPS)
+    return row, j, mask, c, s, x * r[:, None], xp * r[:, None], r, partner
+
+
+@triton.jit
+def qk_fwd(X, Y, COS, SIN, GAIN, M, T, H, D: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr,
+           BM: tl.constexpr, HAS_GAIN: tl.constexpr):
+    row, j, mask, c, s, n, npart, r, partner = _tile(X, COS, SIN, M, T, H, D, BD, HALF, BM)
+    y = n * c + npart * s
+    if HAS_GAIN:
+        y = y * tl.load(GAIN + tl.program_id(1)).to(tl.float32)
+    tl.store(Y + row[:, None] + j[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def qk_bwd(G, X, DX, COS, SIN, GAIN, PART, M, T, H, D: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr,
+           BM: tl.constexpr, HAS_GAIN: tl.constexpr):
+    row, j, mask, c, s, n, npart, r, partner = _tile(X, COS, SIN, M, T, H, D, BD, HALF, BM)
+    g = tl.load(G + row[:, None] + j[None, :], mask=mask, other=0.0).to(tl.float32)
+    gp = tl.load(G + row[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_GAIN:
+        gain = tl.load(GAIN + tl.program_id(1)).to(tl.float32)
+        tl.store(PART + tl.program_id(0) * H + tl.program_id(1), tl.sum(tl.sum(g * (n * c + npart * s), axis=1), axis=0))
+        g, gp = g * gain, gp * gain
+    dn = g * c - gp * s
+    dx = (dn - n * (tl.sum(dn * n, axis=1) / D)[:, None]) * r[:, None]
+    tl.store(DX + row[:, None] + j[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+"""
+QK_BLOCK_ROWS, QK_WARPS = 16, 4  # tokens x one head per Triton program, and its warps: the fastest of 16 shapes (PERF.md)
+
+
+def _load_triton_source(src: str, name: str) -> dict:
+    import linecache
+    filename = f"<{name}>"
+    linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+    ns = {"RMS_EPS": RMS_EPS, "__name__": name}  # Triton names called kernels after their __module__
+    exec(compile(src, filename, "exec"), ns)
+    return ns
+
+
+def _qk_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, g: Tensor | None = None):
+    """Run the forward (g None) or backward kernel on x (B, T, H, D); returns y, or (dx, d_gain or an empty tensor)."""
+    k = _QK_KERNELS["ns"]
+    B, T, H, D = x.shape
+    M, x = B * T, x.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()  # any float dtype: the kernels read them as fp32
+    grid = (-(-M // QK_BLOCK_ROWS), H)
+    meta = dict(D=D, BD=1 << (D - 1).bit_length(), HALF=cos.size(-1), BM=QK_BLOCK_ROWS, HAS_GAIN=gain is not None)
+    gain_arg = gain if gain is not None else cos
+    if g is None:
+        y = torch.empty_like(x)
+        k["qk_fwd"][grid](x, y, cos, sin, gain_arg, M, T, H, **meta, num_warps=QK_WARPS)
+        return y
+    dx = torch.empty_like(x)
+    part = torch.empty(grid[0] * H if gain is not None else 0, device=x.device, dtype=torch.float32)
+    k["qk_bwd"][grid](g.contiguous(), x, dx, cos, sin, gain_arg, part if gain is not None else cos, M, T, H, **meta,
+                      num_warps=QK_WARPS)
+    return dx, (part.view(grid[0], H).sum(0).to(gain.dtype) if gain is not None else part)
+
+
+_QK_KERNELS: dict = {}
+
+
+def qk_norm_rope_op():
+    """The custom op (built once per process; None without Triton).  op(x, cos, sin, gain|None) == qk_norm_rope_ref."""
+    if "op" in _QK_KERNELS:
+        return _QK_KERNELS["op"]
+    try:
+        _QK_KERNELS["ns"] = _load_triton_source(_QK_TRITON_SRC, "qk_norm_rope_triton")
+    except ImportError:
+        _QK_KERNELS["op"] = None
+        return None
+    lib = "pgolf_" + "".join(ch if ch.isalnum() else "_" for ch in __name__)  # one per loaded copy of this file
+    args = "Tensor x, Tensor cos, Tensor sin, Tensor? gain"  # explicit schemas: the build strips annotations
+
+    @torch.library.custom_op(f"{lib}::qk_norm_rope", mutates_args=(), schema=f"({args}) -> Tensor")
+    def fwd(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -> Tensor:
+        return _qk_launch(x, cos, sin, gain)
+
+    @fwd.register_fake
+    def _(x, cos, sin, gain):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.custom_op(f"{lib}::qk_norm_rope_backward", mutates_args=(), schema=f"(Tensor g, {args}) -> (Tensor, Tensor)")
+    def bwd(g: Tensor, x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -> tuple[Tensor, Tensor]:
+        return _qk_launch(x, cos, sin, gain, g)
+
+    @bwd.register_fake
+    def _(g, x, cos, sin, gain):
+        dgain = torch.empty_like(gain) if gain is not None else x.new_empty(0, dtype=torch.float32)
+        return torch.empty_like(x, memory_format=torch.contiguous_format), dgain
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:3], inputs[3])
+
+    def backward(ctx, g):
+        x, cos, sin, gain = ctx.saved_tensors
+        dx, dgain = bwd(g, x, cos, sin, gain)
+        return dx, None, None, dgain if gain is not None else None
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    _QK_KERNELS["op"] = fwd
+    return fwd
+
+
+def qk_norm_rope_ref(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -> Tensor:
+    """The same math in torch ops (CPU, and CUDA without Triton): x (B, T, H, D) -> RMSNorm, RoPE, times gain[head]."""
+    y = apply_rope(F.rms_norm(x, (x.size(-1),)), cos, sin)
+    return y if gain is None else y * gain.to(y.dtype)[:, None]
 
 
 def attention_backend_name(device: torch.device) -> str:
@@ -717,16 +851,12 @@ def attention_backend_name(device: torch.device) -> str:
 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, prefer_cudnn: bool) -> Tensor:
-    """Causal GQA attention through PyTorch SDPA; takes and returns the FA layout (B, T, H, D)."""
+    """Causal GQA attention through PyTorch SDPA; takes and returns the FA layout (B, T, H, D).  On CUDA the cuDNN
+    kernel is tried first, reading the grouped KV heads itself (2.7 ms/step faster than expanding K/V to H heads,
+    and 1,056 MiB less peak memory, in the compiled record config on an H200; docs/PERF.md)."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if not prefer_cudnn:
+    with sdpa_kernel(_CUDA_SDPA_ORDER, set_priority=True) if prefer_cudnn else contextlib.nullcontext():
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
-        return y.transpose(1, 2)
-    # Expand KV heads explicitly: not every SDPA backend (cuDNN included) accepts grouped KV heads.
-    rep = q.size(1) // k.size(1)
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    with sdpa_kernel(_CUDA_SDPA_ORDER, set_priority=True):
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return y.transpose(1, 2)
 
 
@@ -741,17 +871,51 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return sdpa_attention(q, k, v, prefer_cudnn=q.is_cuda)
 
 
+XSA_EPS = 1e-12  # F.normalize's floor on |v|
+
+
+def _at_least_fp32(t: Tensor) -> Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class _ExclusiveSelfAttention(torch.autograd.Function):
+    """XSA with a hand-written backward, computed in (at least) fp32: it reads g, y, v once and writes dy, dv,
+    where autograd through normalize + the grouped reshapes compiled to more kernels and ran 5.8 ms/step slower
+    (docs/PERF.md).  y (B,T,Hkv,G,D) in groups of the KV head it reads, v (B,T,Hkv,D)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, v: Tensor) -> Tensor:
+        ctx.save_for_backward(y, v)
+        yf, vf = _at_least_fp32(y), _at_least_fp32(v)
+        vn = (vf / vf.norm(dim=-1, keepdim=True).clamp_min(XSA_EPS)).unsqueeze(3)
+        return (yf - (yf * vn).sum(-1, keepdim=True) * vn).to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        y, v = ctx.saved_tensors
+        yf, vf, gf = _at_least_fp32(y), _at_least_fp32(v), _at_least_fp32(g)
+        norm = vf.norm(dim=-1, keepdim=True)
+        vn = (vf / norm.clamp_min(XSA_EPS)).unsqueeze(3)
+        c, gv = (yf * vn).sum(-1, keepdim=True), (gf * vn).sum(-1, keepdim=True)
+        dy = gf - gv * vn
+        dvn = -(c * gf + gv * yf).sum(3)  # d out / d vn, summed over the query heads of each KV group
+        vn = vn.squeeze(3)
+        # normalize's backward: project out the radial part; below the floor vn = v / eps is linear in v
+        dv = torch.where(norm >= XSA_EPS, dvn - (dvn * vn).sum(-1, keepdim=True) * vn, dvn) / norm.clamp_min(XSA_EPS)
+        return dy.to(y.dtype), dv.to(v.dtype)
+
+
 def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
     """XSA (SPEC §2.4.6): remove from each head's output its component along the token's own (unit) value
     vector of that head's KV group.  y (B,T,H,D), v (B,T,Hkv,D)."""
     B, T, H, D = y.shape
-    yg = y.reshape(B, T, v.size(2), H // v.size(2), D)
-    vn = F.normalize(v, dim=-1).unsqueeze(3)
-    return (yg - (yg * vn).sum(-1, keepdim=True) * vn).reshape(B, T, H, D)
+    return _ExclusiveSelfAttention.apply(y.reshape(B, T, v.size(2), H // v.size(2), D), v).reshape(B, T, H, D)
 
 
-def _record_hessian(store: dict, key: str, x: Tensor) -> None:
-    """Accumulate X^T X (fp32, summed over all tokens) of a layer input for GPTQ (SPEC §7.1)."""
+def _record_hessian(store: dict | None, key: str, x: Tensor) -> None:
+    """Accumulate X^T X (fp32, summed over all tokens) of a layer input for GPTQ (SPEC §7.1); no-op without a store."""
+    if store is None:
+        return
     x2 = x.detach().reshape(-1, x.size(-1)).float()
     with torch.autocast(x.device.type, enabled=False):
         xtx = x2.T @ x2
@@ -816,27 +980,25 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.xsa = num_heads, num_kv_heads, head_dim, xsa
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
+        self.fused_qk = False  # GPT sets it on CUDA when Triton is there: qk_norm_rope_op() instead of torch ops
 
     def forward(self, h: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, wo: Tensor, rope: tuple[Tensor, Tensor],
                 ve: Tensor | None, store: dict | None, prefix: str) -> Tensor:
         B, T, _ = h.shape
         D = self.head_dim
-        if store is not None:
-            _record_hessian(store, prefix + "qkv", h)
-        q = F.rms_norm(F.linear(h, wq).view(B, T, self.num_heads, D), (D,))
-        k = F.rms_norm(F.linear(h, wk).view(B, T, self.num_kv_heads, D), (D,))
+        _record_hessian(store, prefix + "qkv", h)
+        norm_rope = _QK_KERNELS["op"] if self.fused_qk else qk_norm_rope_ref
+        q = norm_rope(F.linear(h, wq).view(B, T, self.num_heads, D), *rope, self.q_gain)
+        k = norm_rope(F.linear(h, wk).view(B, T, self.num_kv_heads, D), *rope, None)
         v = F.linear(h, wv)
         if ve is not None:
             v = v + ve
         v = v.view(B, T, self.num_kv_heads, D)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        q = q * self.q_gain.to(q.dtype)[:, None]
         y = causal_attention(q, k, v)
         if self.xsa:
             y = exclusive_self_attention(y, v)
         y = y.reshape(B, T, self.num_heads * D)
-        if store is not None:
-            _record_hessian(store, prefix + "proj", y)
+        _record_hessian(store, prefix + "proj", y)
         return F.linear(y, wo)
 
 
@@ -854,11 +1016,9 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
 
     def mlp(self, h: Tensor, w_up: Tensor, w_down: Tensor, store: dict | None) -> Tensor:
-        if store is not None:
-            _record_hessian(store, f"blocks.{self.layer_idx}.mlp.fc", h)
+        _record_hessian(store, f"blocks.{self.layer_idx}.mlp.fc", h)
         u = F.leaky_relu(F.linear(h, w_up), self.negative_slope).square()
-        if store is not None:
-            _record_hessian(store, f"blocks.{self.layer_idx}.mlp.proj", u)
+        _record_hessian(store, f"blocks.{self.layer_idx}.mlp.proj", u)
         return F.linear(u, w_down)
 
     def forward(self, x: Tensor, x0: Tensor, w: tuple[Tensor, ...], rope: tuple[Tensor, Tensor],
@@ -905,11 +1065,19 @@ class GPT(nn.Module):
             self.ve_shared = ValueEmbedding(V, h.ve_dim, kv_dim)
             self.ve_layer_scales = nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in self.ve_index)
         self.rotary = Rotary(h.rope_dims, h.rope_base)
+        # cos/sin of the train and eval lengths as buffers: compiled graphs read them instead of recomputing
+        # cos/sin inside every fused RoPE kernel (other lengths go through self.rotary).
+        for T in sorted({h.train_seq_len, h.eval_seq_len}):
+            cos, sin = rope_tables(T, h.rope_dims, h.rope_base, self.tok_emb.weight.device)
+            self.register_buffer(f"rope_cos_{T}", cos, persistent=False)
+            self.register_buffer(f"rope_sin_{T}", sin, persistent=False)
         # QAT sharpness (0 = off).  A buffer, not a Python attribute, so compiled graphs read its value (D2).
         self.register_buffer("qat_alpha", torch.zeros(()), persistent=False)
         # bigram.proj is stored as int6 only when too large for fp16 passthrough (SPEC §7.4); QAT follows suit.
         self.qat_bigram = self.bigram.proj.weight.numel() > SMALL_TENSOR_NUMEL
         self.hessian_store: dict | None = None
+        self.set_fused_qk(self.tok_emb.weight.is_cuda)
+        self.rope_ntk_len = 0  # > 0: RoPE's NTK base of this length for shorter inputs (selfgen sampling windows)
         self._init_weights(h)
         self._apply_dtype_rule()
 
@@ -945,6 +1113,13 @@ class GPT(nn.Module):
             keep_bf16 = classify_param(name) == "embed" or name == "skip_gates"
             p.data = p.data.to(torch.bfloat16) if keep_bf16 else p.data.to(torch.bfloat16).float()
 
+    def set_fused_qk(self, on: bool) -> bool:
+        """Use the Triton q/k norm + RoPE op (when Triton imports); returns whether it is now on."""
+        on = on and qk_norm_rope_op() is not None
+        for block in self.blocks:
+            block.attn.fused_qk = on
+        return on
+
     def set_qat(self, alpha: float) -> None:
         """Soft-round QAT sharpness for training forwards; 0 turns it off.  In place: no recompile."""
         if alpha > 0 and not self.qat_enabled:
@@ -958,6 +1133,13 @@ class GPT(nn.Module):
             banks = tuple(_qat_weight(b, self.qat_alpha, self.qat_clip) for b in banks)
         return [b.to(dtype) for b in banks]
 
+    def rope(self, T: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """RoPE cos/sin for T positions (NTK base of max(T, rope_ntk_len) tokens, D7), from the buffers if built."""
+        cos = getattr(self, f"rope_cos_{T}", None)
+        if cos is None or self.rope_ntk_len > T:
+            return self.rotary(T, self.qat_alpha.device, dtype, self.rope_ntk_len)
+        return cos.to(dtype), getattr(self, f"rope_sin_{T}").to(dtype)
+
     def forward_hidden(self, input_ids: Tensor) -> Tensor:
         """Final-normed hidden states h_L [B, T, d] in the activation dtype."""
         dt = activation_dtype(input_ids.device)
@@ -968,7 +1150,7 @@ class GPT(nn.Module):
         x = self.smear(F.rms_norm(x, (x.size(-1),)))
         x0 = x
         ve = self.ve_shared(input_ids, dt) if self.ve_index else None
-        rope = self.rotary(input_ids.size(1), input_ids.device, dt)
+        rope = self.rope(input_ids.size(1), dt)
         skips: list[Tensor] = []
         for i, block in enumerate(self.blocks):
             j = i - self.num_encoder
@@ -1000,15 +1182,8 @@ class GPT(nn.Module):
 # ==============================================================================
 # 5. OPTIMIZER
 # ==============================================================================
-# [owner: optimizer] SPEC §3 + D1.  Contract:
-#   newton_schulz5(G, steps=5) -> bf16 ; lr_scale(step, elapsed_ms, budget_ms, warmdown_iters, iterations) -> float
-#       (budget_ms = h.train_budget_ms; 0 -> step-based warmdown ending at ITERATIONS) ; muon_momentum(step, h) -> float
-#   Muon(banks, lr, momentum, backend_steps, nesterov, weight_decay, lr_mults) (torch.optim.Optimizer)
-#   build_optimizers(h, model, d: DistInfo) -> Optimizers with .step(step, scale), .zero_grad(), .params,
-#       .state_dict() (a deep copy) / .load_state_dict(sd).  Optimizers.step sets lrs (base * scale) and Muon momentum,
-#       clips the local grads, reduces grads across ranks (reduce-scatter for banks, one all-reduce for the rest) and
-#       steps every optimizer.  newton_schulz5 is looked up as a module global at call time, so main() may rebind it
-#       to a compiled version.
+# SPEC §3 + D1.  newton_schulz5 is looked up as a module global at call time, so main() may rebind it to a
+# compiled version.
 
 import copy
 
@@ -1280,16 +1455,8 @@ def build_optimizers(h: Hyperparameters, model: nn.Module, d: DistInfo) -> Optim
 # ==============================================================================
 # 6. QUANTIZATION
 # ==============================================================================
-# [owner: quant] SPEC §7 + D4.  Contract:
-#   unbank_state_dict(sd, num_layers) / rebank_state_dict(sd, num_layers): banks <-> per-layer weight names
-#   collect_hessians(model, batches, device) -> dict[weight name, Tensor]  (EAGER model; every rank calls it: the
-#       Hessians are averaged over batches AND ranks (D4), damped, on CPU; logs gptq:calibrated N layers in Xs)
-#   generate_calibration(model, h, device, n_seqs, seq_len, temperature=0.8, seed) -> list[Tensor]  (selfgen;
-#       per rank: n_seqs = GPTQ_CALIB_SAMPLES // world, seed = SEED + rank)
-#   gptq_quantize_weight(W, H, ...) -> (q int8, scale fp16) ; gptq_quantize_group(Ws, Hs, ...) -> (q, scale, ok)
-#   quantize_rows_int6 / quantize_rows_int8 / dequantize_rows
-#   quantize_state_dict(sd, hessians, h, device=None) -> {'w': ..., 'm': ...}  (sd banked or unbanked; logs
-#       gptq_quantize: N GPTQ layers, M naive layers) ; dequantize_state_dict(qsd, template_sd) -> sd like template
+# SPEC §7 + D4.  collect_hessians runs on the EAGER model and every rank calls it: Hessians are averaged over
+# batches and ranks (D4).
 #
 # Full-Hessian GPTQ (Frantar et al. 2022, "GPTQ"; full-Hessian int6 variant of PR #1019 / #1060): each matrix is
 # rounded one column at a time, in order of decreasing Hessian diagonal ("act-order"), and the rounding error of
@@ -1361,17 +1528,14 @@ def collect_hessians(model: nn.Module, batches: list, device: torch.device) -> d
     if not batches:
         raise ValueError("collect_hessians got no batches (GPTQ_CALIB_SAMPLES must be >= 1)")
     t0 = time.perf_counter()
-    was_training = model.training
-    model.eval()
     model.hessian_store = {}
     try:
-        with torch.inference_mode(), autocast_ctx(device):
+        with eval_mode(model), torch.inference_mode(), autocast_ctx(device):
             for x in batches:
                 model.forward_hidden(x.to(device, non_blocking=True))
         store = model.hessian_store
     finally:
         model.hessian_store = None
-        model.train(was_training)
     if not store:
         raise RuntimeError("the model recorded no activations: GPT must accumulate X^T X into model.hessian_store")
     world = dist.get_world_size() if is_distributed() else 1
@@ -1380,11 +1544,9 @@ def collect_hessians(model: nn.Module, batches: list, device: torch.device) -> d
         H = store[key].to(torch.float32).div(len(batches))  # a fresh (non-inference) tensor
         all_reduce_(H).div_(world)  # AVG written as SUM / world: gloo has no ReduceOp.AVG
         H = _damp_(H).cpu()
-        prefix, kind = ".".join(key.split(".")[:2]), ".".join(key.split(".")[2:])  # "blocks.3", "attn.qkv"
-        if kind not in _HESSIAN_TARGETS:
-            raise RuntimeError(f"unexpected hessian_store key {key!r}")
+        kind = key.split(".", 2)[2]  # "blocks.3.attn.qkv" -> "attn.qkv"
         for name in _HESSIAN_TARGETS[kind]:
-            hessians[f"{prefix}.{name}"] = H
+            hessians[key[: -len(kind)] + name] = H
     cuda_sync(device)
     log0(f"gptq:calibrated {len(hessians)} layers in {time.perf_counter() - t0:.1f}s")
     return hessians
@@ -1416,17 +1578,16 @@ def generate_calibration(model: nn.Module, h: Hyperparameters, device: torch.dev
     t0 = time.perf_counter()
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    was_training = model.training
-    model.eval()
+    model.rope_ntk_len = seq_len  # sampling windows are short, but the text should be what a seq_len model writes
     batches = []
     try:
         for b0 in range(0, n_seqs, SELFGEN_BATCH_SEQS):
             ids = torch.full((min(SELFGEN_BATCH_SEQS, n_seqs - b0), seq_len), SELFGEN_BOS_ID, dtype=torch.int64, device=device)
-            with torch.inference_mode(), autocast_ctx(device):
+            with eval_mode(model), torch.inference_mode(), autocast_ctx(device):
                 _sample_batch(model, ids, temperature, window, gen)
             batches.append(ids)
     finally:
-        model.train(was_training)
+        model.rope_ntk_len = 0
     cuda_sync(device)
     log0(f"gptq:selfgen {n_seqs}x{seq_len} tokens at temperature {temperature} in {time.perf_counter() - t0:.1f}s")
     return batches
@@ -1622,10 +1783,7 @@ def dequantize_state_dict(qsd: dict, template_sd: dict) -> dict:
 # ==============================================================================
 # 7. COMPRESSION & SERIALIZATION
 # ==============================================================================
-# [owner: quant] SPEC §8 + D9.  Contract:
-#   byte_shuffle(b, stride=2) / byte_unshuffle(b) ; compress(b) / decompress(b) (byte shuffle + brotli 11)
-#   serialize(qsd) -> bytes ; deserialize(bytes) -> qsd ; code_size_bytes(path=None) -> int
-#   fit_to_budget(qsd, hessians_or_None, code_bytes, target_bytes) -> (qsd, blob, info)  (±1 pruning, PR #1019)
+# SPEC §8 + D9.
 #
 # The artifact is torch.save of the quantised dict, byte-shuffled and Brotli-11 compressed (PR #1172).  The int8
 # values and the fp16 scales' low/high bytes have very different statistics; the stride-2 shuffle puts like bytes
@@ -1817,15 +1975,7 @@ def fit_to_budget(qsd: dict, hessians: dict | None, code_bytes: int, target_byte
 # ==============================================================================
 # 8. EVALUATION
 # ==============================================================================
-# [owner: eval] SPEC §9 + D5 + D10.  Contract:
-#   count_target_bytes(val_data, prev, tgt) -> int32 Tensor ; loss_to_bpb(loss_sum, tokens, bytes) -> (loss, bpb)
-#   eval_val(h, model, d, device, val_data, seq_len=None) -> (val_loss, val_bpb)
-#   plan_windows(n_tokens, seq_len, stride, rank, world) -> (starts, score_from)
-#   eval_val_sliding(h, model, d, device, val_data, hidden_fn=None, slot_enabled=None, slot_mode=None) -> (loss, bpb)
-#   sliding_window_sums(same args, nll_out=None) -> this rank's unreduced fp64 [nll, tokens, bytes]
-#   token_nll(model, hidden, y) -> fp32 per-position CE of compute_logits(hidden) (main may compile-rebind it)
-#   slot_tag(h, slot_enabled=None, slot_mode=None) -> "slot:causal" | "slot:standard" | "slot:off"
-#   timed_eval(label, fn, *args, extra="", suffix="", **kwargs) -> (loss, bpb)  (logs the final_* pair)
+# SPEC §9 + D5 + D10.
 #
 # BPB = sum of NLL in nats / (ln 2 * sum of UTF-8 bytes of the scored targets) (SPEC §1.4).  Every evaluator keeps
 # three fp64 running sums on the device, [nll, tokens, bytes], all-reduces them once at the end and syncs the host
@@ -1898,12 +2048,8 @@ def val_sums(h, model, d: DistInfo, device: torch.device, val_data, seq_len: int
 def eval_val(h, model, d: DistInfo, device: torch.device, val_data, seq_len: int | None = None) -> tuple[float, float]:
     """Non-overlapping eval (SPEC §9.1): contiguous rank ranges of T-token sequences (T = seq_len or
     TRAIN_SEQ_LEN), VAL_BATCH_SIZE / (W * grad_accum) / T sequences per batch, bf16 autocast, inference mode."""
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        out = _reduce_to_bpb(val_sums(h, model, d, device, val_data, seq_len))
-    model.train(was_training)
-    return out
+    with eval_mode(model), torch.inference_mode():
+        return _reduce_to_bpb(val_sums(h, model, d, device, val_data, seq_len))
 
 
 def plan_windows(n_tokens: int, seq_len: int, stride: int, rank: int, world: int) -> tuple[Tensor, Tensor]:
@@ -1922,9 +2068,7 @@ def plan_windows(n_tokens: int, seq_len: int, stride: int, rank: int, world: int
 
 
 def token_nll(model, hidden: Tensor, y: Tensor) -> Tensor:
-    """Per-position CE in fp32 of `compute_logits(hidden)` (which casts hidden to the embedding dtype: bf16).
-    The SLOT hot path (8 forward+backward per batch over [32, 2048, V] logits): main() may rebind this global to
-    a torch.compile'd version so softcap, cast and CE fuse."""
+    """Per-position CE in fp32 of `compute_logits(hidden)` (which casts hidden to the embedding dtype: bf16)."""
     with autocast_ctx(hidden.device):
         logits = model.compute_logits(hidden)
     return F.cross_entropy(logits.float().flatten(0, -2), y.flatten(), reduction="none").view_as(y)
@@ -2013,12 +2157,8 @@ def eval_val_sliding(h, model, d: DistInfo, device: torch.device, val_data, hidd
     target scored once (D10), optionally with SLOT (SLOT_ENABLED / SLOT_MODE / SLOT_LR / SLOT_STEPS; D5).
     hidden_fn: a compiled model.forward_hidden, called under torch.no_grad() + bf16 autocast on [32, T] inputs
     (warm it up the same way); logits via model.compute_logits; CE fp32; sums fp64, all-reduced."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():  # not inference_mode: SLOT needs autograd through compute_logits
-        out = _reduce_to_bpb(sliding_window_sums(h, model, d, device, val_data, hidden_fn, slot_enabled, slot_mode))
-    model.train(was_training)
-    return out
+    with eval_mode(model), torch.no_grad():  # not inference_mode: SLOT needs autograd through compute_logits
+        return _reduce_to_bpb(sliding_window_sums(h, model, d, device, val_data, hidden_fn, slot_enabled, slot_mode))
 
 
 def slot_tag(h, slot_enabled=None, slot_mode=None) -> str:
@@ -2122,12 +2262,14 @@ def run_train_step(model, opt, loader, h: Hyperparameters, d: DistInfo, device, 
     return total / ga
 
 
-def _agree(flags: list[bool | Tensor], device) -> list[bool]:
-    """All-reduce(MAX) a few stop flags so every rank takes the same branch; one host sync."""
-    t = torch.stack([f.to(device=device, dtype=torch.float32).reshape(()) if isinstance(f, Tensor)
-                     else torch.tensor(float(f), device=device) for f in flags])
+def _agree_step(train_ms: float, loss: Tensor, device) -> tuple[float, bool]:
+    """All-reduce(MAX) of (elapsed ms, loss is non-finite), one host sync per step: every rank then uses the same
+    clock for the LR schedule, the QAT start and the stop, so the replicated weights never drift apart."""
+    t = torch.stack([torch.tensor(train_ms, device=device, dtype=torch.float32),
+                     (~torch.isfinite(loss.detach())).to(device=device, dtype=torch.float32).reshape(())])
     all_reduce_(t, dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
+    agreed_ms, bad = t.tolist()
+    return agreed_ms, bool(bad)
 
 
 def _timed_val(h, model, d, device, val_data, step: int, train_ms: float) -> None:
@@ -2149,7 +2291,6 @@ def warmup_compile(h: Hyperparameters, d: DistInfo, device, base: nn.Module, mod
         run_train_step(model, opt, loader, h, d, device, i, 1.0)
         log0(f"warmup_step:{i + 1}/{h.warmup_steps}")
     base.load_state_dict(initial)
-    del opt
 
 
 def train_model(h: Hyperparameters, d: DistInfo, device, base: nn.Module, model, val_data) -> tuple[int, float]:
@@ -2167,6 +2308,8 @@ def train_model(h: Hyperparameters, d: DistInfo, device, base: nn.Module, model,
     t0 = time.perf_counter()
     while step < h.iterations:
         scale = lr_scale(step, train_ms, budget_ms, h.warmdown_iters, h.iterations)
+        # D2: QAT starts on the LR scale alone; the seed's extra `step >= 2000` never binds in the record run
+        # (its QAT would start at ~6100) and would switch QAT off entirely in shortened runs.
         if h.qat_enabled and qat_start is None and scale < h.late_qat_threshold:
             qat_start = step
             log0(f"late_qat:enabled step:{step} scale:{scale:.4f}")
@@ -2174,8 +2317,8 @@ def train_model(h: Hyperparameters, d: DistInfo, device, base: nn.Module, model,
             base.set_qat(qat_alpha(step, qat_start))
         loss = run_train_step(model, opt, loader, h, d, device, step, scale)
         step += 1
-        train_ms = 1000.0 * (time.perf_counter() - t0)
-        capped, bad = _agree([budget_ms > 0 and train_ms >= budget_ms, ~torch.isfinite(loss)], device)
+        train_ms, bad = _agree_step(1000.0 * (time.perf_counter() - t0), loss, device)
+        capped = budget_ms > 0 and train_ms >= budget_ms
         if bad:
             save_state(ema.last_finite_state(), "final_model.pt", d)
             raise RuntimeError(f"non-finite train_loss at step:{step}; stopped. The last finite EMA weights are in "
@@ -2192,6 +2335,7 @@ def train_model(h: Hyperparameters, d: DistInfo, device, base: nn.Module, model,
             _timed_val(h, model, d, device, val_data, step, train_ms)
             t0 = time.perf_counter() - train_ms / 1000.0  # validation is excluded from the clock
     base.set_qat(0.0)
+    save_state(ema.last_finite_state(), "final_model.pt", d)  # the trained weights reach disk before any eval
     _timed_val(h, model, d, device, val_data, step, train_ms)
     if device.type == "cuda":
         log0(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2**20} MiB "
@@ -2206,7 +2350,8 @@ def calibration_batches(h: Hyperparameters, d: DistInfo, device, model) -> list[
     model's own samples (GPTQ_CALIB=selfgen, PR #1019), which read no data at all."""
     if h.gptq_calib == "selfgen":
         log0(f"gptq:generating {h.gptq_calib_samples} sequences of {h.train_seq_len} tokens (selfgen, temperature 0.8)...")
-        return generate_calibration(model, h, device, h.gptq_calib_samples, h.train_seq_len, seed=h.seed + d.rank)
+        n_seqs = max(1, h.gptq_calib_samples // d.world_size)  # D4: 64 sequences in all, split across ranks
+        return generate_calibration(model, h, device, n_seqs, h.train_seq_len, seed=h.seed + d.rank)
     log0(f"gptq:calibrating with {h.gptq_calib_samples} batches (training data)...")
     loader = TrainLoader(list_shards(h.train_files), h.seed, d.rank, d.world_size, device)
     return [loader.next_batch(h.train_batch_tokens, h.train_seq_len, d.grad_accum_steps)[0]
@@ -2217,7 +2362,8 @@ def export_artifact(h: Hyperparameters, d: DistInfo, device, base: nn.Module) ->
     """Full-precision EMA state to disk first, then GPTQ int6 + brotli, sized against TARGET_MB (SPEC §7-§8)."""
     sd = {k: v.detach().cpu() for k, v in base.state_dict().items()}
     save_state(sd, "final_model.pt", d)
-    log0(f"Serialized model: {len(serialize(sd))} bytes")
+    if d.is_main:
+        log0(f"Serialized model: {os.path.getsize('final_model.pt')} bytes")
     code_bytes = code_size_bytes()
     log0(f"Code size: {code_bytes} bytes")
     hessians = None
@@ -2226,13 +2372,10 @@ def export_artifact(h: Hyperparameters, d: DistInfo, device, base: nn.Module) ->
     path = "final_model.int6.ptz"
     if d.is_main:
         t0 = time.perf_counter()
-        qsd = quantize_state_dict(unbank_state_dict(sd, h.num_layers), hessians, h, device=device)
+        qsd = quantize_state_dict(sd, hessians, h, device=device)
         qsd, blob, info = fit_to_budget(qsd, hessians, code_bytes, h.target_bytes)
-        with open(path + ".tmp", "wb") as f:
-            f.write(blob)
+        Path(path + ".tmp").write_bytes(blob)
         os.replace(path + ".tmp", path)
-        if info.get("pruned"):
-            log0(f"prune:zeroed {info['pruned']} quantized +-1 values to fit {h.target_bytes} bytes")
         log0(f"Serialized model int6+brotli: {len(blob)} bytes")
         log0(f"Total submission size int6+brotli: {len(blob) + code_bytes} bytes")
         log0(f"quantize+compress:{1000 * (time.perf_counter() - t0):.0f}ms")
@@ -2244,10 +2387,9 @@ def export_artifact(h: Hyperparameters, d: DistInfo, device, base: nn.Module) ->
 def load_artifact(h: Hyperparameters, path: str, device) -> nn.Module:
     """Rebuild the model from the artifact file alone (decompress -> unshuffle -> dequantize -> rebank)."""
     model = build_model(h, device)
-    template = unbank_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()}, h.num_layers)
-    with open(path, "rb") as f:
-        qsd = deserialize(decompress(f.read()))
-    model.load_state_dict(rebank_state_dict(dequantize_state_dict(qsd, template), h.num_layers), strict=True)
+    qsd = deserialize(decompress(Path(path).read_bytes()))
+    template = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    model.load_state_dict(dequantize_state_dict(qsd, template), strict=True)
     return model.eval()
 
 
@@ -2282,13 +2424,6 @@ def evaluate_artifact_model(h: Hyperparameters, d: DistInfo, device, q_model: nn
 # Thin shell: runtime setup, the log header, then train_and_eval.  Everything with side effects lives here.
 
 
-def maybe_compile(fn, device):
-    """torch.compile on CUDA (fullgraph, static shapes); eager on CPU, where inductor would dominate tiny runs."""
-    if device.type != "cuda":
-        return fn
-    return torch.compile(fn, dynamic=False, fullgraph=True)
-
-
 def setup_runtime(h: Hyperparameters, d: DistInfo) -> torch.device:
     if torch.cuda.is_available():
         device = torch.device("cuda", d.local_rank)
@@ -2300,10 +2435,11 @@ def setup_runtime(h: Hyperparameters, d: DistInfo) -> torch.device:
     else:
         device = torch.device("cpu")
     if d.world_size > 1:
-        if device.type == "cuda":
-            dist.init_process_group(backend="nccl", device_id=device)
-        else:
-            dist.init_process_group(backend="gloo")
+        # Rank 0 alone compresses the artifact (brotli-11 of ~27 MB: ~100 s a pass, up to 8 passes when pruning)
+        # while the others wait in a barrier: a default 10-minute collective timeout could kill the run there.
+        timeout = datetime.timedelta(seconds=PROCESS_GROUP_TIMEOUT_S)
+        backend = dict(backend="nccl", device_id=device) if device.type == "cuda" else dict(backend="gloo")
+        dist.init_process_group(**backend, timeout=timeout)
         dist.barrier()
     return device
 
@@ -2326,6 +2462,10 @@ def log_header(h: Hyperparameters, d: DistInfo, device) -> None:
     log0(f"train_loader:dataset:{h.data_path} train_shards:{len(list_shards(h.train_files))}")
     log0(f"XSA:last_{h.xsa_last_n} active_layers:{list(range(h.num_layers - h.xsa_last_n, h.num_layers))}")
     log0(f"world_size:{d.world_size} grad_accum_steps:{d.grad_accum_steps}")
+    if device.type == "cuda":
+        b = torch.backends.cuda
+        log0(f"sdp_backends:cudnn={b.cudnn_sdp_enabled()} flash={b.flash_sdp_enabled()} "
+             f"mem_efficient={b.mem_efficient_sdp_enabled()} math={b.math_sdp_enabled()}")
     log0(f"attention_backend:{attention_backend_name(device)}")
     log0(f"attention_mode:gqa num_heads:{h.num_heads} num_kv_heads:{h.num_kv_heads}")
     log0(f"tie_embeddings:{h.tie_embeddings} embed_lr:{h.tied_embed_lr} head_lr:0.0 matrix_lr:{h.matrix_lr} "
