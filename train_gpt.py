@@ -773,6 +773,9 @@ def _qk_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, g: Tens
     """Run the forward (g None) or backward kernel on x (B, T, H, D); returns y, or (dx, d_gain or an empty tensor)."""
     k = _QK_KERNELS["ns"]
     B, T, H, D = x.shape
+    if cos.shape != sin.shape or cos.dim() != 2 or cos.size(0) < T or 2 * cos.size(-1) > D or cos.device != x.device:
+        raise ValueError(f"qk_norm_rope: RoPE tables {tuple(cos.shape)}/{tuple(sin.shape)} on {cos.device} do not fit "
+                         f"q/k of shape {tuple(x.shape)} on {x.device} (need [>= T, <= D/2], same device)")
     M, x = B * T, x.contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()  # any float dtype: the kernels read them as fp32
     grid = (-(-M // QK_BLOCK_ROWS), H)
@@ -790,6 +793,7 @@ def _qk_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, g: Tens
 
 
 _QK_KERNELS: dict = {}
+FUSED_QK_DEVICES = ("cuda",)  # device types the Triton op runs on (the CPU tests add "cpu": Triton's interpreter)
 
 
 def qk_norm_rope_op():
@@ -801,7 +805,8 @@ def qk_norm_rope_op():
     except ImportError:
         _QK_KERNELS["op"] = None
         return None
-    lib = "pgolf_" + "".join(ch if ch.isalnum() else "_" for ch in __name__)  # one per loaded copy of this file
+    # One op library per loaded copy of this file (tests load it twice, sometimes under one module name).
+    lib = "pgolf_" + "".join(ch if ch.isalnum() else "_" for ch in __name__) + f"_{id(_QK_KERNELS):x}"
     args = "Tensor x, Tensor cos, Tensor sin, Tensor? gain"  # explicit schemas: the build strips annotations
 
     @torch.library.custom_op(f"{lib}::qk_norm_rope", mutates_args=(), schema=f"({args}) -> Tensor")
@@ -836,7 +841,7 @@ def qk_norm_rope_op():
 
 def qk_norm_rope_ref(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -> Tensor:
     """The same math in torch ops (CPU, and CUDA without Triton): x (B, T, H, D) -> RMSNorm, RoPE, times gain[head]."""
-    y = apply_rope(F.rms_norm(x, (x.size(-1),)), cos, sin)
+    y = apply_rope(F.rms_norm(x, (x.size(-1),), eps=RMS_EPS), cos, sin)
     return y if gain is None else y * gain.to(y.dtype)[:, None]
 
 
@@ -981,14 +986,14 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.xsa = num_heads, num_kv_heads, head_dim, xsa
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
-        self.fused_qk = False  # GPT sets it on CUDA when Triton is there: qk_norm_rope_op() instead of torch ops
+        self.fused_qk = False  # GPT sets it when Triton is there: inputs on FUSED_QK_DEVICES take qk_norm_rope_op()
 
     def forward(self, h: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, wo: Tensor, rope: tuple[Tensor, Tensor],
                 ve: Tensor | None, store: dict | None, prefix: str) -> Tensor:
         B, T, _ = h.shape
         D = self.head_dim
         _record_hessian(store, prefix + "qkv", h)
-        norm_rope = _QK_KERNELS["op"] if self.fused_qk else qk_norm_rope_ref
+        norm_rope = _QK_KERNELS["op"] if self.fused_qk and h.device.type in FUSED_QK_DEVICES else qk_norm_rope_ref
         q = norm_rope(F.linear(h, wq).view(B, T, self.num_heads, D), *rope, self.q_gain)
         k = norm_rope(F.linear(h, wk).view(B, T, self.num_kv_heads, D), *rope, None)
         v = F.linear(h, wv)
@@ -1077,7 +1082,7 @@ class GPT(nn.Module):
         # bigram.proj is stored as int6 only when too large for fp16 passthrough (SPEC §7.4); QAT follows suit.
         self.qat_bigram = self.bigram.proj.weight.numel() > SMALL_TENSOR_NUMEL
         self.hessian_store: dict | None = None
-        self.set_fused_qk(self.tok_emb.weight.is_cuda)
+        self.set_fused_qk(torch.cuda.is_available())  # per forward, only inputs on CUDA take it (moves are fine)
         self.rope_ntk_len = 0  # > 0: RoPE's NTK base of this length for shorter inputs (selfgen sampling windows)
         self._init_weights(h)
         self._apply_dtype_rule()
@@ -1115,7 +1120,7 @@ class GPT(nn.Module):
             p.data = p.data.to(torch.bfloat16) if keep_bf16 else p.data.to(torch.bfloat16).float()
 
     def set_fused_qk(self, on: bool) -> bool:
-        """Use the Triton q/k norm + RoPE op (when Triton imports); returns whether it is now on."""
+        """Use the Triton q/k norm + RoPE op for inputs on FUSED_QK_DEVICES (if Triton imports); returns whether on."""
         on = on and qk_norm_rope_op() is not None
         for block in self.blocks:
             block.attn.fused_qk = on
@@ -2468,6 +2473,8 @@ def log_header(h: Hyperparameters, d: DistInfo, device) -> None:
         log0(f"sdp_backends:cudnn={b.cudnn_sdp_enabled()} flash={b.flash_sdp_enabled()} "
              f"mem_efficient={b.mem_efficient_sdp_enabled()} math={b.math_sdp_enabled()}")
     log0(f"attention_backend:{attention_backend_name(device)}")
+    fused = device.type in FUSED_QK_DEVICES and qk_norm_rope_op() is not None
+    log0(f"qk_norm_rope:{'triton' if fused else 'torch'}")
     log0(f"attention_mode:gqa num_heads:{h.num_heads} num_kv_heads:{h.num_kv_heads}")
     log0(f"tie_embeddings:{h.tie_embeddings} embed_lr:{h.tied_embed_lr} head_lr:0.0 matrix_lr:{h.matrix_lr} "
          f"scalar_lr:{h.scalar_lr} matrix_lr_early:{h.matrix_lr_early} matrix_lr_late:{h.matrix_lr_late} "

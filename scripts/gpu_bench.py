@@ -149,27 +149,28 @@ def bench_kernels(tg, device) -> None:
             for name, fn in (("triton", op), ("torch", tg.qk_norm_rope_ref)):
                 xb = x.bfloat16().requires_grad_()
                 gb = g.clone().requires_grad_() if g is not None else None
-                y = fn(xb, cos.bfloat16() if fn is not op else cos, sin.bfloat16() if fn is not op else sin, gb)
+                y = fn(xb, cos.bfloat16(), sin.bfloat16(), gb)  # bf16 tables, as in training
                 y.backward(up.bfloat16())
                 errs = [rel_err(y, ref), rel_err(xb.grad, x64.grad)] + ([rel_err(gb.grad, g64.grad)] if g is not None else [])
                 print(f"bench_kernels check {name} shape:{(B, T, H, D)} half:{half} gain:{g is not None} "
                       f"rel_err y/dx/dgain: " + " ".join(f"{e:.2e}" for e in errs))
     B, T, D = 48, 2048, 64
     cos, sin = tg.rope_tables(T, 16, 22081.79, device)
+    cb, sb = cos.bfloat16(), sin.bfloat16()  # the training step's tables
     cases = []
     for H, gain in ((8, torch.full((8,), 1.5, device=device)), (4, None)):
         x = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16)
         cases.append((H, gain, x, torch.randn_like(x)))
     bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
     # Launch shape sweep on the kernels alone (fwd bytes: read x, write y; bwd: read g and x, write dx).
-    best = None
+    best, shipped = None, (tg.QK_BLOCK_ROWS, tg.QK_WARPS)
     for rows in (16, 32, 64, 128):
         for warps in (1, 2, 4, 8):
             tg.QK_BLOCK_ROWS, tg.QK_WARPS = rows, warps
             total, parts = 0.0, []
             for H, gain, x, up in cases:
-                t_f = bench(lambda: tg._qk_launch(x, cos, sin, gain))
-                t_b = bench(lambda: tg._qk_launch(x, cos, sin, gain, up))
+                t_f = bench(lambda: tg._qk_launch(x, cb, sb, gain))
+                t_b = bench(lambda: tg._qk_launch(x, cb, sb, gain, up))
                 total += t_f + t_b
                 nb = x.numel() * 2
                 parts.append(f"h{H} fwd:{1000 * t_f:.1f}us({2 * nb / t_f / 1e9:.2f}TB/s) "
@@ -177,15 +178,16 @@ def bench_kernels(tg, device) -> None:
             print(f"bench_kernels sweep rows:{rows} warps:{warps} q+k fwd+bwd:{1000 * total:.1f}us " + " ".join(parts))
             if best is None or total < best[0]:
                 best = (total, rows, warps)
-    tg.QK_BLOCK_ROWS, tg.QK_WARPS = best[1], best[2]
-    print(f"bench_kernels best rows:{best[1]} warps:{best[2]} q+k fwd+bwd:{1000 * best[0]:.1f}us (used from here on)")
+    print(f"bench_kernels best rows:{best[1]} warps:{best[2]} q+k fwd+bwd:{1000 * best[0]:.1f}us "
+          f"(train_gpt.py ships rows:{shipped[0]} warps:{shipped[1]}, used from here on)")
+    tg.QK_BLOCK_ROWS, tg.QK_WARPS = shipped
     # The op through autograd against the torch-ops reference compiled as the training step compiles it.
     ref_c = torch.compile(tg.qk_norm_rope_ref, fullgraph=True, dynamic=False)
     for H, gain, x, up in cases:
         x = x.detach().requires_grad_()
         g = gain.clone().requires_grad_() if gain is not None else None
         ins = [x] + ([g] if g is not None else [])
-        for name, fn, c, s in (("triton", op, cos, sin), ("torch_compiled", ref_c, cos.bfloat16(), sin.bfloat16())):
+        for name, fn, c, s in (("triton", op, cb, sb), ("torch_compiled", ref_c, cb, sb)):
             with torch.no_grad():
                 t_f = bench(lambda: fn(x, c, s, g))
             t_fb = bench(lambda: torch.autograd.grad(fn(x, c, s, g), ins, up))

@@ -13,9 +13,13 @@ from conftest import randomize_params, tiny_config
 pytest.importorskip("triton", reason="Triton not installed: the kernel tests run it in interpreter mode")
 
 
-def _case(tg, B, T, H, D, rope_dims, seed, dtype=torch.float32):
+def _rel_err(a, ref) -> float:
+    return ((a.double() - ref).norm() / ref.norm()).item()
+
+
+def _case(tg, B, T, H, D, rope_dims, seed, dtype=torch.float32, scale=3.0):
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(B, T, H, D, generator=g) * 3).to(dtype)
+    x = (torch.randn(B, T, H, D, generator=g) * scale).to(dtype)
     cos, sin = tg.rope_tables(T, rope_dims, 10000.0, torch.device("cpu"))
     gain = torch.randn(H, generator=g)
     up = torch.randn(B, T, H, D, generator=g)
@@ -25,14 +29,16 @@ def _case(tg, B, T, H, D, rope_dims, seed, dtype=torch.float32):
 @pytest.mark.parametrize("shape", [(2, 9, 4, 16, 8), (1, 70, 3, 16, 0), (2, 5, 2, 16, 16), (1, 66, 2, 64, 16),
                                    (1, 3, 2, 24, 8)])
 @pytest.mark.parametrize("with_gain", [True, False])
-def test_qk_norm_rope_op_matches_reference(tg, shape, with_gain):
+@pytest.mark.parametrize("scale", [3.0, 3e-4])
+def test_qk_norm_rope_op_matches_reference(tg, shape, with_gain, scale):
     """Guards the Triton q/k kernel: output, dx and d_gain equal the torch-ops reference (RMSNorm at F.rms_norm's
-    eps, rotate-half RoPE on the first rope_dims, per-head gain) computed in fp64, for row counts that are not a
-    multiple of the block, rope_dims 0 / partial / full, and a head dim that is not a power of two (24)."""
+    fp32 eps, rotate-half RoPE on the first rope_dims, per-head gain) computed in fp64, for row counts that are not
+    a multiple of the block, rope_dims 0 / partial / full, a head dim that is not a power of two (24), and inputs so
+    small (3e-4) that the eps changes the result."""
     B, T, H, D, R = shape
     op = tg.qk_norm_rope_op()
     assert op is not None
-    x, cos, sin, gain, up = _case(tg, B, T, H, D, R, seed=sum(shape))
+    x, cos, sin, gain, up = _case(tg, B, T, H, D, R, seed=sum(shape), scale=scale)
     g = gain if with_gain else None
     x64 = x.double().requires_grad_()
     g64 = g.double().requires_grad_() if with_gain else None
@@ -43,26 +49,28 @@ def test_qk_norm_rope_op_matches_reference(tg, shape, with_gain):
     out = op(x32, cos, sin, g32)
     out.backward(up)
     assert out.dtype == torch.float32 and out.shape == x.shape
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
-    if with_gain:
-        torch.testing.assert_close(g32.grad.double(), g64.grad, rtol=1e-5, atol=1e-4)
+    pairs = [(out, ref), (x32.grad, x64.grad)] + ([(g32.grad, g64.grad)] if with_gain else [])
+    for got, want in pairs:  # fp32 arithmetic against fp64: ~1e-7 relative; a wrong eps or sign is O(1)
+        assert _rel_err(got, want) < 1e-5, _rel_err(got, want)
 
 
 def test_qk_norm_rope_op_bf16_in_bf16_out(tg):
-    """Guards the dtype contract the training step relies on: bf16 q/k in, bf16 out and bf16 dx, fp32 d_gain (the
-    q_gain parameter's dtype), each within bf16 rounding of the fp64 reference."""
+    """Guards the dtype contract the training step relies on: bf16 q/k and bf16 RoPE tables in, bf16 out and bf16 dx,
+    fp32 d_gain (the q_gain parameter's dtype), each within bf16 rounding of the fp64 reference; and the no-grad
+    forward of the eval path gives the same output."""
     op = tg.qk_norm_rope_op()
     x, cos, sin, gain, up = _case(tg, 2, 10, 4, 16, 8, seed=3, dtype=torch.bfloat16)
     xb, gb = x.clone().requires_grad_(), gain.clone().requires_grad_()
-    out = op(xb, cos, sin, gb)
+    out = op(xb, cos.bfloat16(), sin.bfloat16(), gb)
+    with torch.inference_mode():
+        torch.testing.assert_close(op(x, cos.bfloat16(), sin.bfloat16(), gain), out.detach(), rtol=0, atol=0)
     out.backward(up.bfloat16())
     assert out.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16 and gb.grad.dtype == torch.float32
     x64, g64 = x.double().requires_grad_(), gain.double().requires_grad_()
     ref = tg.qk_norm_rope_ref(x64, cos.double(), sin.double(), g64)
     ref.backward(up.bfloat16().double())
     for a, b in ((out, ref), (xb.grad, x64.grad), (gb.grad, g64.grad)):
-        assert ((a.double() - b).norm() / b.norm()).item() < 1e-2
+        assert _rel_err(a, b) < 1e-2
 
 
 def test_qk_norm_rope_op_registration(tg):
@@ -74,9 +82,10 @@ def test_qk_norm_rope_op_registration(tg):
     torch.library.opcheck(op, (x.detach(), cos, sin, None))
 
 
-def test_model_with_fused_qk_matches_torch_ops_and_compiles(tg):
+def test_model_with_fused_qk_matches_torch_ops_and_compiles(tg, monkeypatch):
     """Guards the model wiring: with the op switched on, the loss and every parameter gradient equal those of the
     torch-ops path, and the training forward + backward still traces as one graph (fullgraph, aot_eager)."""
+    monkeypatch.setattr(tg, "FUSED_QK_DEVICES", ("cuda", "cpu"))
     h = tiny_config(tg)
     torch.manual_seed(0)
     model = randomize_params(tg.GPT(h), std=0.2)
@@ -147,3 +156,54 @@ def test_qk_kernels_compile_for_hopper_with_vector_loads(tg):
     assert len(lines) == 4, res.stdout
     for line in lines:
         assert "built=True" in line and "scalar_2byte_access=False" in line, line
+
+
+def test_fused_qk_only_for_inputs_on_its_devices(tg, monkeypatch):
+    """Guards device moves: a model switched to the op still runs inputs on other devices (CPU here, when only CUDA
+    is listed) through torch ops, so a model built on a GPU and moved to the CPU does not hand CPU tensors to Triton."""
+    h = tiny_config(tg)
+    torch.manual_seed(0)
+    model = randomize_params(tg.GPT(h), std=0.2)
+    ids = torch.randint(0, h.vocab_size, (2, h.train_seq_len), generator=torch.Generator().manual_seed(3))
+    ref = model(ids, ids)
+    assert model.set_fused_qk(True)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the Triton op ran on an input outside FUSED_QK_DEVICES")
+
+    monkeypatch.setattr(tg, "_qk_launch", boom)
+    assert tg.FUSED_QK_DEVICES == ("cuda",)
+    torch.testing.assert_close(model(ids, ids), ref, rtol=0, atol=0)
+    monkeypatch.setattr(tg, "FUSED_QK_DEVICES", ("cuda", "cpu"))
+    with pytest.raises(AssertionError, match="outside FUSED_QK_DEVICES"):
+        model(ids, ids)
+
+
+def test_without_triton_the_model_keeps_torch_ops(tmp_path):
+    """Guards the fallback: where Triton does not import, qk_norm_rope_op() is None, set_fused_qk reports off, and
+    the model trains through torch ops (a fresh copy of the module, so no op is cached)."""
+    from conftest import SOURCE, load_module
+
+    mod = load_module(SOURCE, "train_gpt_no_triton")
+
+    def no_triton(src, name):
+        raise ImportError("No module named 'triton'")
+
+    mod._load_triton_source = no_triton
+    assert mod.qk_norm_rope_op() is None
+    model = mod.GPT(tiny_config(mod))
+    assert not model.set_fused_qk(True) and not any(b.attn.fused_qk for b in model.blocks)
+    ids = torch.randint(0, 64, (1, 32), generator=torch.Generator().manual_seed(0))
+    model(ids, ids).backward()
+
+
+def test_qk_launch_rejects_tables_that_do_not_fit(tg):
+    """Guards the launcher's input check: RoPE tables wider than half the head dim (the partner load would read the
+    next head) or shorter than the sequence raise a ValueError naming the shapes instead of reading out of bounds."""
+    tg.qk_norm_rope_op()
+    x = torch.randn(1, 8, 2, 16)
+    wide = tg.rope_tables(8, 18, 10000.0, torch.device("cpu"))
+    short = tg.rope_tables(4, 8, 10000.0, torch.device("cpu"))
+    for cos, sin in (wide, short):
+        with pytest.raises(ValueError, match="RoPE tables"):
+            tg._qk_launch(x, cos, sin, None)
