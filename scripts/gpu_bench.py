@@ -84,6 +84,14 @@ def bench_train(tg, h, d, device, base, model, tag: str = ""):
         torch.cuda.synchronize(device)
     out, name = os.environ.get("OUT"), tag.strip(" []").replace("+", "-") or "base"
     profile_summary(prof, 2, os.path.join(out, f"profile_{name}.txt") if out else None)
+    if out:  # host ops (aten fallbacks, optimizer, custom ops) with the device time of what they launched
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
+            for i in range(2):
+                step(102 + i)
+            torch.cuda.synchronize(device)
+        Path(out, f"profile_ops_{name}.txt").write_text(prof.key_averages(group_by_input_shape=True).table(
+            sort_by="cuda_time_total", row_limit=150, max_name_column_width=100, max_shapes_column_width=120))
     return ms
 
 
@@ -132,66 +140,61 @@ def rel_err(a, ref) -> float:
 
 
 def bench_kernels(tg, device) -> None:
-    """The Triton q/k norm + RoPE op against the torch-ops reference: bf16 error against an fp64 reference (both
-    paths), then forward and forward+backward times at the record shape (48 x 2048 tokens, 8 q heads, 4 KV heads),
-    the torch reference compiled as the training step compiles it."""
+    """The Triton q/k/v op against the torch-ops reference: bf16 error against an fp64 reference (both paths), then
+    forward and backward times at the record shape (48 x 2048 tokens, Q|K|V of 8 + 4 + 4 heads) over a sweep of
+    launch shapes, and the op through autograd against the torch reference compiled as the training step compiles it."""
     import triton.testing
     op = tg.qk_norm_rope_op()
-    for B, T, H, D, half in ((3, 100, 8, 64, 8), (2, 77, 4, 64, 0), (1, 130, 3, 32, 16)):
-        x = torch.randn(B, T, H, D, device=device) * 3
+    for B, T, heads, D, half in ((3, 100, (8, 4, 4), 64, 8), (2, 77, (4, 2, 2), 64, 0), (1, 130, (3, 1, 1), 32, 16)):
+        x = torch.randn(B, T, sum(heads), D, device=device) * 3
         cos, sin = tg.rope_tables(T, 2 * half, 10000.0, device)
-        gain = torch.randn(H, device=device)
-        up = torch.randn(B, T, H, D, device=device)
+        gain = torch.randn(heads[0], device=device)
+        ups = [torch.randn(B, T, n, D, device=device) for n in heads]
         for g in (gain, None):
             x64, g64 = x.double().requires_grad_(), g.double().requires_grad_() if g is not None else None
-            ref = tg.qk_norm_rope_ref(x64, cos.double(), sin.double(), g64)
-            ref.backward(up.double())
-            for name, fn in (("triton", op), ("torch", tg.qk_norm_rope_ref)):
+            ref = tg.qkv_norm_rope_ref(x64, cos.double(), sin.double(), g64, *heads[:2])
+            sum((r * u.double()).sum() for r, u in zip(ref, ups)).backward()
+            for name, fn in (("triton", op), ("torch", tg.qkv_norm_rope_ref)):
                 xb = x.bfloat16().requires_grad_()
                 gb = g.clone().requires_grad_() if g is not None else None
-                y = fn(xb, cos.bfloat16(), sin.bfloat16(), gb)  # bf16 tables, as in training
-                y.backward(up.bfloat16())
-                errs = [rel_err(y, ref), rel_err(xb.grad, x64.grad)] + ([rel_err(gb.grad, g64.grad)] if g is not None else [])
-                print(f"bench_kernels check {name} shape:{(B, T, H, D)} half:{half} gain:{g is not None} "
-                      f"rel_err y/dx/dgain: " + " ".join(f"{e:.2e}" for e in errs))
-    B, T, D = 48, 2048, 64
+                out = fn(xb, cos.bfloat16(), sin.bfloat16(), gb, *heads[:2])  # bf16 tables, as in training
+                sum((o * u.bfloat16()).sum() for o, u in zip(out, ups)).backward()
+                errs = [rel_err(o, r) for o, r in zip(out, ref)] + [rel_err(xb.grad, x64.grad)]
+                errs += [rel_err(gb.grad, g64.grad)] if g is not None else []
+                print(f"bench_kernels check {name} shape:{(B, T, heads, D)} half:{half} gain:{g is not None} "
+                      f"rel_err q/k/v/dx/dgain: " + " ".join(f"{e:.2e}" for e in errs))
+    B, T, D, heads = 48, 2048, 64, (8, 4, 4)
     cos, sin = tg.rope_tables(T, 16, 22081.79, device)
     cb, sb = cos.bfloat16(), sin.bfloat16()  # the training step's tables
-    cases = []
-    for H, gain in ((8, torch.full((8,), 1.5, device=device)), (4, None)):
-        x = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16)
-        cases.append((H, gain, x, torch.randn_like(x)))
+    gain = torch.full((8,), 1.5, device=device)
+    x = torch.randn(B, T, sum(heads), D, device=device, dtype=torch.bfloat16)
+    ups = [torch.randn(B, T, n, D, device=device, dtype=torch.bfloat16) for n in heads]
     bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-    # Launch shape sweep on the kernels alone (fwd bytes: read x, write y; bwd: read g and x, write dx).
+    # Launch shape sweep (fwd bytes: read x, write q, k, v; bwd: read gq, gk, gv and the q/k part of x, write dx).
+    nb, nqk = x.numel() * 2, x.numel() * 2 * 12 // 16
     best, shipped = None, (tg.QK_BLOCK_ROWS, tg.QK_WARPS)
-    for rows in (16, 32, 64, 128):
+    for rows in (8, 16, 32, 64):
         for warps in (1, 2, 4, 8):
             tg.QK_BLOCK_ROWS, tg.QK_WARPS = rows, warps
-            total, parts = 0.0, []
-            for H, gain, x, up in cases:
-                t_f = bench(lambda: tg._qk_launch(x, cb, sb, gain))
-                t_b = bench(lambda: tg._qk_launch(x, cb, sb, gain, up))
-                total += t_f + t_b
-                nb = x.numel() * 2
-                parts.append(f"h{H} fwd:{1000 * t_f:.1f}us({2 * nb / t_f / 1e9:.2f}TB/s) "
-                             f"bwd:{1000 * t_b:.1f}us({3 * nb / t_b / 1e9:.2f}TB/s)")
-            print(f"bench_kernels sweep rows:{rows} warps:{warps} q+k fwd+bwd:{1000 * total:.1f}us " + " ".join(parts))
-            if best is None or total < best[0]:
-                best = (total, rows, warps)
-    print(f"bench_kernels best rows:{best[1]} warps:{best[2]} q+k fwd+bwd:{1000 * best[0]:.1f}us "
+            t_f = bench(lambda: tg._qk_launch(x, cb, sb, gain, 8, 4))
+            t_b = bench(lambda: tg._qk_launch(x, cb, sb, gain, 8, 4, ups))
+            print(f"bench_kernels sweep rows:{rows} warps:{warps} fwd+bwd:{1000 * (t_f + t_b):.1f}us "
+                  f"fwd:{1000 * t_f:.1f}us({2 * nb / t_f / 1e9:.2f}TB/s) "
+                  f"bwd:{1000 * t_b:.1f}us({(2 * nb + nqk) / t_b / 1e9:.2f}TB/s)")
+            if best is None or t_f + t_b < best[0]:
+                best = (t_f + t_b, rows, warps)
+    print(f"bench_kernels best rows:{best[1]} warps:{best[2]} fwd+bwd:{1000 * best[0]:.1f}us "
           f"(train_gpt.py ships rows:{shipped[0]} warps:{shipped[1]}, used from here on)")
     tg.QK_BLOCK_ROWS, tg.QK_WARPS = shipped
     # The op through autograd against the torch-ops reference compiled as the training step compiles it.
-    ref_c = torch.compile(tg.qk_norm_rope_ref, fullgraph=True, dynamic=False)
-    for H, gain, x, up in cases:
-        x = x.detach().requires_grad_()
-        g = gain.clone().requires_grad_() if gain is not None else None
-        ins = [x] + ([g] if g is not None else [])
-        for name, fn, c, s in (("triton", op, cb, sb), ("torch_compiled", ref_c, cb, sb)):
-            with torch.no_grad():
-                t_f = bench(lambda: fn(x, c, s, g))
-            t_fb = bench(lambda: torch.autograd.grad(fn(x, c, s, g), ins, up))
-            print(f"bench_kernels autograd {name} heads:{H} fwd:{1000 * t_f:.1f}us fwd+bwd:{1000 * t_fb:.1f}us")
+    ref_c = torch.compile(tg.qkv_norm_rope_ref, fullgraph=True, dynamic=False)
+    x = x.detach().requires_grad_()
+    g = gain.clone().requires_grad_()
+    for name, fn in (("triton", op), ("torch_compiled", ref_c)):
+        with torch.no_grad():
+            t_f = bench(lambda: fn(x, cb, sb, g, 8, 4))
+        t_fb = bench(lambda: torch.autograd.grad(fn(x, cb, sb, g, 8, 4), [x, g], ups))
+        print(f"bench_kernels autograd {name} fwd:{1000 * t_f:.1f}us fwd+bwd:{1000 * t_fb:.1f}us")
 
 
 def naive_sliding(tg, h, model, device, val_data, mode: str) -> tuple[float, float]:

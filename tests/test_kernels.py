@@ -17,59 +17,71 @@ def _rel_err(a, ref) -> float:
     return ((a.double() - ref).norm() / ref.norm()).item()
 
 
-def _case(tg, B, T, H, D, rope_dims, seed, dtype=torch.float32, scale=3.0):
+def _case(tg, B, T, heads, D, rope_dims, seed, dtype=torch.float32, scale=3.0):
+    """x of the fused Q|K|V projection with heads = (n_q, n_k, n_v), RoPE tables, a q gain, output gradients."""
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(B, T, H, D, generator=g) * scale).to(dtype)
+    x = (torch.randn(B, T, sum(heads), D, generator=g) * scale).to(dtype)
     cos, sin = tg.rope_tables(T, rope_dims, 10000.0, torch.device("cpu"))
-    gain = torch.randn(H, generator=g)
-    up = torch.randn(B, T, H, D, generator=g)
-    return x, cos, sin, gain, up
+    gain = torch.randn(heads[0], generator=g)
+    ups = [torch.randn(B, T, n, D, generator=g) for n in heads]
+    return x, cos, sin, gain, ups
 
 
-@pytest.mark.parametrize("shape", [(2, 9, 4, 16, 8), (1, 70, 3, 16, 0), (2, 5, 2, 16, 16), (1, 66, 2, 64, 16),
-                                   (1, 3, 2, 24, 8)])
+def _loss(outs, ups):
+    return sum((o * u.to(o.dtype)).sum() for o, u in zip(outs, ups))
+
+
+@pytest.mark.parametrize("shape", [(2, 9, (4, 2, 2), 16, 8), (1, 70, (3, 1, 0), 16, 0), (2, 5, (2, 2, 2), 16, 16),
+                                   (1, 66, (2, 1, 1), 64, 16), (1, 3, (2, 2, 1), 24, 8), (1, 17, (0, 2, 1), 16, 8)])
 @pytest.mark.parametrize("with_gain", [True, False])
 @pytest.mark.parametrize("scale", [3.0, 3e-4])
 def test_qk_norm_rope_op_matches_reference(tg, shape, with_gain, scale):
-    """Guards the Triton q/k kernel: output, dx and d_gain equal the torch-ops reference (RMSNorm at F.rms_norm's
-    fp32 eps, rotate-half RoPE on the first rope_dims, per-head gain) computed in fp64, for row counts that are not
-    a multiple of the block, rope_dims 0 / partial / full, a head dim that is not a power of two (24), and inputs so
-    small (3e-4) that the eps changes the result."""
-    B, T, H, D, R = shape
+    """Guards the Triton q/k/v kernel: q, k, v, dx and d_gain equal the torch-ops reference (RMSNorm at F.rms_norm's
+    fp32 eps, rotate-half RoPE on the first rope_dims, per-head gain on q, v passed through) computed in fp64, for
+    row counts that are not a multiple of the block, rope_dims 0 / partial / full, a head dim that is not a power of
+    two (24), head groups with no v or no q heads, and inputs so small (3e-4) that the eps changes the result."""
+    B, T, heads, D, R = shape
     op = tg.qk_norm_rope_op()
     assert op is not None
-    x, cos, sin, gain, up = _case(tg, B, T, H, D, R, seed=sum(shape), scale=scale)
-    g = gain if with_gain else None
+    x, cos, sin, gain, ups = _case(tg, B, T, heads, D, R, seed=B * T + D + R, scale=scale)
+    g = gain if with_gain and heads[0] else None
     x64 = x.double().requires_grad_()
-    g64 = g.double().requires_grad_() if with_gain else None
-    ref = tg.qk_norm_rope_ref(x64, cos.double(), sin.double(), g64)
-    ref.backward(up.double())
+    g64 = g.double().requires_grad_() if g is not None else None
+    ref = tg.qkv_norm_rope_ref(x64, cos.double(), sin.double(), g64, *heads[:2])
+    _loss(ref, [u.double() for u in ups]).backward()
     x32 = x.clone().requires_grad_()
-    g32 = g.clone().requires_grad_() if with_gain else None
-    out = op(x32, cos, sin, g32)
-    out.backward(up)
-    assert out.dtype == torch.float32 and out.shape == x.shape
-    pairs = [(out, ref), (x32.grad, x64.grad)] + ([(g32.grad, g64.grad)] if with_gain else [])
+    g32 = g.clone().requires_grad_() if g is not None else None
+    out = op(x32, cos, sin, g32, *heads[:2])
+    _loss(out, ups).backward()
+    assert [o.shape for o in out] == [r.shape for r in ref] and all(o.is_contiguous() for o in out)
+    assert all(o.dtype == torch.float32 for o in out)
+    pairs = [p for p in zip(out, ref) if p[1].numel()] + [(x32.grad, x64.grad)]
+    pairs += [(g32.grad, g64.grad)] if g is not None else []
     for got, want in pairs:  # fp32 arithmetic against fp64: ~1e-7 relative; a wrong eps or sign is O(1)
         assert _rel_err(got, want) < 1e-5, _rel_err(got, want)
 
 
 def test_qk_norm_rope_op_bf16_in_bf16_out(tg):
-    """Guards the dtype contract the training step relies on: bf16 q/k and bf16 RoPE tables in, bf16 out and bf16 dx,
-    fp32 d_gain (the q_gain parameter's dtype), each within bf16 rounding of the fp64 reference; and the no-grad
-    forward of the eval path gives the same output."""
+    """Guards the dtype contract the training step relies on: bf16 Q|K|V and bf16 RoPE tables in, bf16 q/k/v out and
+    bf16 dx, fp32 d_gain (the q_gain parameter's dtype), each within bf16 rounding of the fp64 reference, v bit-exact;
+    and the no-grad forward of the eval path gives the same outputs."""
     op = tg.qk_norm_rope_op()
-    x, cos, sin, gain, up = _case(tg, 2, 10, 4, 16, 8, seed=3, dtype=torch.bfloat16)
+    heads = (4, 2, 2)
+    x, cos, sin, gain, ups = _case(tg, 2, 10, heads, 16, 8, seed=3, dtype=torch.bfloat16)
     xb, gb = x.clone().requires_grad_(), gain.clone().requires_grad_()
-    out = op(xb, cos.bfloat16(), sin.bfloat16(), gb)
+    out = op(xb, cos.bfloat16(), sin.bfloat16(), gb, 4, 2)
     with torch.inference_mode():
-        torch.testing.assert_close(op(x, cos.bfloat16(), sin.bfloat16(), gain), out.detach(), rtol=0, atol=0)
-    out.backward(up.bfloat16())
-    assert out.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16 and gb.grad.dtype == torch.float32
+        for a, b in zip(op(x, cos.bfloat16(), sin.bfloat16(), gain, 4, 2), out):
+            torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+    _loss(out, ups).backward()
+    assert all(o.dtype == torch.bfloat16 for o in out) and xb.grad.dtype == torch.bfloat16
+    assert gb.grad.dtype == torch.float32
+    torch.testing.assert_close(out[2], x[:, :, 6:], rtol=0, atol=0)
+    torch.testing.assert_close(xb.grad[:, :, 6:], ups[2].bfloat16(), rtol=0, atol=0)
     x64, g64 = x.double().requires_grad_(), gain.double().requires_grad_()
-    ref = tg.qk_norm_rope_ref(x64, cos.double(), sin.double(), g64)
-    ref.backward(up.bfloat16().double())
-    for a, b in ((out, ref), (xb.grad, x64.grad), (gb.grad, g64.grad)):
+    ref = tg.qkv_norm_rope_ref(x64, cos.double(), sin.double(), g64, 4, 2)
+    _loss(ref, [u.bfloat16().double() for u in ups]).backward()
+    for a, b in list(zip(out, ref)) + [(xb.grad, x64.grad), (gb.grad, g64.grad)]:
         assert _rel_err(a, b) < 1e-2
 
 
@@ -77,9 +89,9 @@ def test_qk_norm_rope_op_registration(tg):
     """Guards the custom-op plumbing torch.compile relies on: schema, fake (meta) kernel and autograd registration
     pass torch.library.opcheck, with and without the gain."""
     op = tg.qk_norm_rope_op()
-    x, cos, sin, gain, _ = _case(tg, 1, 6, 2, 16, 8, seed=5)
-    torch.library.opcheck(op, (x.requires_grad_(), cos, sin, gain.requires_grad_()))
-    torch.library.opcheck(op, (x.detach(), cos, sin, None))
+    x, cos, sin, gain, _ = _case(tg, 1, 6, (2, 1, 1), 16, 8, seed=5)
+    torch.library.opcheck(op, (x.requires_grad_(), cos, sin, gain.requires_grad_(), 2, 1))
+    torch.library.opcheck(op, (x.detach(), cos, sin, None, 2, 1))
 
 
 def test_model_with_fused_qk_matches_torch_ops_and_compiles(tg, monkeypatch):
@@ -122,7 +134,7 @@ tg = importlib.util.module_from_spec(spec)
 sys.modules["tg_build_check"] = tg
 spec.loader.exec_module(tg)
 ns = tg._load_triton_source(tg._QK_TRITON_SRC, "qk_norm_rope_triton")
-scalars, consts = {"M", "T", "H"}, {"D", "BD", "HALF", "BM", "HAS_GAIN"}
+scalars, consts = {"M", "T", "NQ", "NK", "NV"}, {"D", "BD", "HALF", "BM", "HAS_GAIN"}
 for name in ("qk_fwd", "qk_bwd"):
     fn = ns[name]
     for half, has_gain in ((8, True), (0, False)):
@@ -197,13 +209,18 @@ def test_without_triton_the_model_keeps_torch_ops(tmp_path):
     model(ids, ids).backward()
 
 
-def test_qk_launch_rejects_tables_that_do_not_fit(tg):
-    """Guards the launcher's input check: RoPE tables wider than half the head dim (the partner load would read the
-    next head) or shorter than the sequence raise a ValueError naming the shapes instead of reading out of bounds."""
+def test_qk_launch_rejects_tables_and_heads_that_do_not_fit(tg):
+    """Guards the launcher's input checks: RoPE tables wider than half the head dim (the partner load would read the
+    next head) or shorter than the sequence, and head counts or a gain that do not fit x, raise a ValueError naming
+    the shapes instead of reading out of bounds."""
     tg.qk_norm_rope_op()
-    x = torch.randn(1, 8, 2, 16)
+    x = torch.randn(1, 8, 4, 16)
     wide = tg.rope_tables(8, 18, 10000.0, torch.device("cpu"))
     short = tg.rope_tables(4, 8, 10000.0, torch.device("cpu"))
     for cos, sin in (wide, short):
         with pytest.raises(ValueError, match="RoPE tables"):
-            tg._qk_launch(x, cos, sin, None)
+            tg._qk_launch(x, cos, sin, None, 2, 1)
+    cos, sin = tg.rope_tables(8, 8, 10000.0, torch.device("cpu"))
+    for gain, n_q, n_k in ((None, 3, 2), (None, -1, 2), (torch.ones(3), 2, 1)):
+        with pytest.raises(ValueError, match="heads"):
+            tg._qk_launch(x, cos, sin, gain, n_q, n_k)
