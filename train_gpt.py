@@ -704,10 +704,11 @@ RMS_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default eps: that of it
 # q/k RMSNorm + partial RoPE + q_gain as one Triton kernel per direction, as torch custom ops (opaque to inductor).
 # Inductor split this into several kernels at 1.7-2.3 TB/s (docs/PERF.md).  The source is a string, compiled on first
 # use with a linecache entry, because Triton reads a kernel's source and the self-extracting build exec()s the file.
-# The input is the fused Q|K|V projection, x (B, T, NQ+NK+NV, D); one program per BM tokens x one head.  q heads
-# [0, NQ) and k heads [NQ, NQ+NK): fp32 per row of D, n = x * rsqrt(mean(x^2) + eps); rotate the first 2*HALF dims of
-# n by (cos, sin) of the row's position; q heads times gain[head].  v heads are copied out (the gradient copied back),
-# so one GEMM feeds q, k and v and one backward writes the whole Q|K|V gradient.  The backward recomputes n from x.
+# The input is the fused Q|K|V projection, x (B, T, NQ+NK+NV, D); one program per BM tokens x one head, heads
+# fastest.  q heads [0, NQ) and k heads [NQ, NQ+NK): fp32 per row of D, n = x * rsqrt(mean(x^2) + eps); rotate the
+# first 2*HALF dims of n by (cos, sin) of the row's position; q heads times gain[head].  v heads are copied out (the
+# gradient copied back), so one GEMM feeds q, k and v and one backward writes the whole Q|K|V gradient.  The backward
+# recomputes n from x.
 _QK_TRITON_SRC = """
 import triton
 import triton.language as tl
@@ -717,9 +718,9 @@ EPS = tl.constexpr(RMS_EPS)
 
 @triton.jit
 def _rows(HX, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, M):
-    m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    m = (tl.program_id(0) // HX * BM + tl.arange(0, BM)).to(tl.int64)
     j = tl.arange(0, BD)
-    return m, j, (m < M)[:, None] & (j < D)[None, :], (m * HX + tl.program_id(1)) * D
+    return m, j, (m < M)[:, None] & (j < D)[None, :], (m * HX + tl.program_id(0) % HX) * D
 
 
 @triton.jit
@@ -742,7 +743,7 @@ def _tile(X, COS, SIN, M, T, HX, D: tl.constexpr, BD: tl.constexpr, HALF: tl.con
 @triton.jit
 def qk_fwd(X, Q, K, V, COS, SIN, GAIN, M, T, NQ, NK, NV, D: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr,
            BM: tl.constexpr, HAS_GAIN: tl.constexpr):
-    h = tl.program_id(1)
+    h = tl.program_id(0) % (NQ + NK + NV)
     if h < NQ + NK:
         m, j, mask, row, c, s, n, npart, r, partner = _tile(X, COS, SIN, M, T, NQ + NK + NV, D, BD, HALF, BM)
         y = n * c + npart * s
@@ -761,7 +762,7 @@ def qk_fwd(X, Q, K, V, COS, SIN, GAIN, M, T, NQ, NK, NV, D: tl.constexpr, BD: tl
 @triton.jit
 def qk_bwd(GQ, GK, GV, X, DX, COS, SIN, GAIN, PART, M, T, NQ, NK, NV, D: tl.constexpr, BD: tl.constexpr,
            HALF: tl.constexpr, BM: tl.constexpr, HAS_GAIN: tl.constexpr):
-    h = tl.program_id(1)
+    h = tl.program_id(0) % (NQ + NK + NV)
     if h < NQ + NK:
         m, j, mask, row, c, s, n, npart, r, partner = _tile(X, COS, SIN, M, T, NQ + NK + NV, D, BD, HALF, BM)
         if h < NQ:
@@ -770,7 +771,8 @@ def qk_bwd(GQ, GK, GV, X, DX, COS, SIN, GAIN, PART, M, T, NQ, NK, NV, D: tl.cons
             gp = tl.load(GQ + grow + partner[None, :], mask=mask, other=0.0).to(tl.float32)
             if HAS_GAIN:
                 gain = tl.load(GAIN + h).to(tl.float32)
-                tl.store(PART + tl.program_id(0) * NQ + h, tl.sum(tl.sum(g * (n * c + npart * s), axis=1), axis=0))
+                part = tl.sum(tl.sum(g * (n * c + npart * s), axis=1), axis=0)
+                tl.store(PART + tl.program_id(0) // (NQ + NK + NV) * NQ + h, part)
                 g, gp = g * gain, gp * gain
         else:
             grow = ((m * NK + h - NQ) * D)[:, None]
@@ -784,7 +786,7 @@ def qk_bwd(GQ, GK, GV, X, DX, COS, SIN, GAIN, PART, M, T, NQ, NK, NV, D: tl.cons
         gv = tl.load(GV + ((m * NV + h - NQ - NK) * D)[:, None] + j[None, :], mask=mask, other=0.0)
         tl.store(DX + row[:, None] + j[None, :], gv.to(DX.dtype.element_ty), mask=mask)
 """
-QK_BLOCK_ROWS, QK_WARPS = 16, 4  # tokens x one head per Triton program, and its warps: the fastest of 16 shapes (PERF.md)
+QK_BLOCK_ROWS, QK_WARPS = 16, 4  # tokens x one head per Triton program, and its warps: within 1% of the best of 16 (PERF.md)
 
 
 def _load_triton_source(src: str, name: str) -> dict:
@@ -811,7 +813,8 @@ def _qk_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: in
                          f"do not fit the {HX} heads of x")
     M, x = B * T, x.contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()  # any float dtype: the kernels read them as fp32
-    grid = (-(-M // QK_BLOCK_ROWS), HX)
+    blocks = -(-M // QK_BLOCK_ROWS)
+    grid = (blocks * HX,)  # program p: token block p // HX, head p % HX (neighbouring programs share token rows)
     meta = dict(D=D, BD=1 << (D - 1).bit_length(), HALF=cos.size(-1), BM=QK_BLOCK_ROWS, HAS_GAIN=gain is not None)
     gain_arg = gain if gain is not None else cos
     if grads is None:
@@ -820,10 +823,10 @@ def _qk_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: in
         return q, kk, v
     gq, gk, gv = (g.contiguous() for g in grads)
     dx = torch.empty_like(x)
-    part = torch.empty(grid[0] * n_q if gain is not None else 0, device=x.device, dtype=torch.float32)
+    part = torch.empty(blocks * n_q if gain is not None else 0, device=x.device, dtype=torch.float32)
     k["qk_bwd"][grid](gq, gk, gv, x, dx, cos, sin, gain_arg, part if gain is not None else cos, M, T, n_q, n_k, n_v,
                       **meta, num_warps=QK_WARPS)
-    return dx, (part.view(grid[0], n_q).sum(0).to(gain.dtype) if gain is not None else part)
+    return dx, (part.view(blocks, n_q).sum(0).to(gain.dtype) if gain is not None else part)
 
 
 _QK_KERNELS: dict = {}

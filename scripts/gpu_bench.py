@@ -101,15 +101,17 @@ ORIGINALS: dict = {}  # train_gpt's own functions, replaced per variant
 def apply_variant(tg, variant: str) -> None:
     """BENCH_VARIANTS entries: '+'-joined flags among base (train_gpt as is), expand (K/V expanded to H heads
     before cuDNN, the form before grouped heads), xsaref (XSA through autograd), qkref (q/k norm + RoPE through
-    torch ops instead of the Triton op), aggr (inductor aggressive_fusion), autotune (torch.compile mode
-    max-autotune-no-cudagraphs)."""
+    torch ops instead of the Triton op), vsplit (one GEMM for Q|K, V's GEMM apart), aggr (inductor
+    aggressive_fusion), autotune (torch.compile mode max-autotune-no-cudagraphs)."""
     flags = set(variant.split("+"))
-    unknown = flags - {"base", "expand", "xsaref", "qkref", "aggr", "autotune"}
+    unknown = flags - {"base", "expand", "xsaref", "qkref", "vsplit", "aggr", "autotune"}
     if unknown:
         raise ValueError(f"BENCH_VARIANTS: unknown flags {sorted(unknown)}")
     if not ORIGINALS:
         ORIGINALS.update(xsa=tg.exclusive_self_attention, sdpa=tg.sdpa_attention, compile=tg.maybe_compile,
-                         qk=getattr(tg, "qk_norm_rope_op", None))
+                         qk=getattr(tg, "qk_norm_rope_op", None), attn=tg.CausalSelfAttention.forward)
+    tg.CausalSelfAttention.forward = (lambda self, *a: attn_v_apart(tg, self, *a)) if "vsplit" in flags \
+        else ORIGINALS["attn"]
     if ORIGINALS["qk"] is not None:  # GPT.__init__ asks qk_norm_rope_op() whether the Triton op is there
         tg.qk_norm_rope_op = (lambda: None) if "qkref" in flags else ORIGINALS["qk"]
     tg.exclusive_self_attention = xsa_autograd if "xsaref" in flags else ORIGINALS["xsa"]
@@ -119,6 +121,22 @@ def apply_variant(tg, variant: str) -> None:
     tg.maybe_compile = (lambda fn, device: torch.compile(fn, dynamic=False, fullgraph=True,
                                                          mode="max-autotune-no-cudagraphs")) \
         if "autotune" in flags else ORIGINALS["compile"]
+
+
+def attn_v_apart(tg, self, h, wq, wk, wv, wo, rope, ve, store, prefix):
+    """CausalSelfAttention.forward with one GEMM for Q|K and V's own GEMM (the op gets no v heads)."""
+    B, T, _ = h.shape
+    H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+    norm_rope = tg._QK_KERNELS["op"] if self.fused_qk and h.device.type in tg.FUSED_QK_DEVICES \
+        else tg.qkv_norm_rope_ref
+    qk = torch.nn.functional.linear(h, torch.cat((wq, wk))).view(B, T, H + Hkv, D)
+    q, k, _ = norm_rope(qk, *rope, self.q_gain, H, Hkv)
+    v = torch.nn.functional.linear(h, wv)
+    v = (v if ve is None else v + ve).view(B, T, Hkv, D)
+    y = tg.causal_attention(q, k, v)
+    if self.xsa:
+        y = tg.exclusive_self_attention(y, v)
+    return torch.nn.functional.linear(y.reshape(B, T, H * D), wo)
 
 
 def expand_kv(q, k, v):
