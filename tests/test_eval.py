@@ -322,6 +322,7 @@ def _gloo_worker(rank, world, port, source, result_path):
                tg.eval_val_sliding(h, model, d, CPU, vd, slot_enabled=False)]
         if rank == 0:
             torch.save(out, result_path)
+        dist.barrier()  # both ranks done before gloo tears down (a teardown race once aborted a rank)
     finally:
         dist.destroy_process_group()
 

@@ -364,6 +364,7 @@ def _gloo_worker(rank, world, init_file, out_dir):
         model = FakeHessianModel()
         mine = calib_batches()[rank::world]
         torch.save(tg.collect_hessians(model, mine, torch.device("cpu")), os.path.join(out_dir, f"h{rank}.pt"))
+        dist.barrier()  # both ranks done before gloo tears down
     finally:
         dist.destroy_process_group()
 

@@ -62,6 +62,7 @@ def _agree_worker(rank: int, world: int, store: str, out: str) -> None:
         loss = torch.tensor(float("nan") if rank == 1 else 2.5)
         ms, bad = tg._agree_step(100.0 + 7.0 * rank, loss, torch.device("cpu"))
         torch.save((ms, bad), f"{out}/rank{rank}.pt")
+        dist.barrier()  # both ranks done before gloo tears down
     finally:
         dist.destroy_process_group()
 
