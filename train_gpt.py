@@ -718,9 +718,10 @@ EPS = tl.constexpr(RMS_EPS)
 
 @triton.jit
 def _rows(HX, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, M):
-    m = (tl.program_id(0) // HX * BM + tl.arange(0, BM)).to(tl.int64)
+    p = tl.program_id(0).to(tl.int64)
+    m = p // HX * BM + tl.arange(0, BM)
     j = tl.arange(0, BD)
-    return m, j, (m < M)[:, None] & (j < D)[None, :], (m * HX + tl.program_id(0) % HX) * D
+    return m, j, (m < M)[:, None] & (j < D)[None, :], (m * HX + p % HX) * D
 
 
 @triton.jit
@@ -786,7 +787,7 @@ def qk_bwd(GQ, GK, GV, X, DX, COS, SIN, GAIN, PART, M, T, NQ, NK, NV, D: tl.cons
         gv = tl.load(GV + ((m * NV + h - NQ - NK) * D)[:, None] + j[None, :], mask=mask, other=0.0)
         tl.store(DX + row[:, None] + j[None, :], gv.to(DX.dtype.element_ty), mask=mask)
 """
-QK_BLOCK_ROWS, QK_WARPS = 16, 4  # tokens x one head per Triton program, and its warps: within 1% of the best of 16 (PERF.md)
+QK_BLOCK_ROWS, QK_WARPS = 16, 4  # tokens x one head per Triton program, and its warps: within 1% of the best of 16 (PERF #14)
 
 
 def _load_triton_source(src: str, name: str) -> dict:
@@ -808,10 +809,14 @@ def _qk_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: in
         raise ValueError(f"qk_norm_rope: RoPE tables {tuple(cos.shape)}/{tuple(sin.shape)} on {cos.device} do not fit "
                          f"q/k of shape {tuple(x.shape)} on {x.device} (need [>= T, <= D/2], same device)")
     n_v = HX - n_q - n_k
-    if min(n_q, n_k, n_v) < 0 or (gain is not None and gain.shape != (n_q,)):
+    if min(n_q, n_k, n_v) < 0 or (gain is not None and (gain.shape != (n_q,) or gain.device != x.device)):
         raise ValueError(f"qk_norm_rope: {n_q} q + {n_k} k heads (gain {None if gain is None else tuple(gain.shape)}) "
-                         f"do not fit the {HX} heads of x")
+                         f"do not fit the {HX} heads of x on {x.device}")
+    if grads is not None and [tuple(g.shape) for g in grads] != [(B, T, n, D) for n in (n_q, n_k, n_v)]:
+        raise ValueError(f"qk_norm_rope: gradients {[tuple(g.shape) for g in grads]} do not match the q/k/v heads "
+                         f"({n_q}, {n_k}, {n_v}) of x {tuple(x.shape)}")
     M, x = B * T, x.contiguous()
+    gain = gain.contiguous() if gain is not None else None
     cos, sin = cos.contiguous(), sin.contiguous()  # any float dtype: the kernels read them as fp32
     blocks = -(-M // QK_BLOCK_ROWS)
     grid = (blocks * HX,)  # program p: token block p // HX, head p % HX (neighbouring programs share token rows)
@@ -868,6 +873,8 @@ def qk_norm_rope_op():
         return torch.empty_like(x, memory_format=torch.contiguous_format), dgain
 
     def setup_context(ctx, inputs, output):
+        # all of x, v heads included (~48 MiB per layer and micro-batch at the record shape, PERF #13): slicing out
+        # the q/k heads would cost a copy per call
         ctx.save_for_backward(*inputs[:4])
         ctx.heads = inputs[4:]
 
