@@ -25,20 +25,44 @@ SLOPE = 0.5  # NEGATIVE_SLOPE of the record config
 
 
 @triton.jit
+def _tile_origin(tile, n_m, n_n, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr):
+    """Row/column origin of output tile `tile`, GROUP row-tiles per band (L2 reuse); past-the-end tiles stay finite."""
+    first_m = tile // (GROUP * n_n) * GROUP
+    rows = tl.maximum(tl.minimum(n_m - first_m, GROUP), 1)
+    return (first_m + (tile % (GROUP * n_n)) % rows) * BM, (tile % (GROUP * n_n)) // rows * BN
+
+
+@triton.jit
+def _mma(a, b, acc, F32_DOT: tl.constexpr):
+    if F32_DOT:  # Triton's CPU interpreter multiplies bf16 bit patterns; only its math check takes this
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _act(c, slope):
+    """leaky(c)^2 of the bf16-rounded GEMM output c, rounded to bf16."""
+    h = c.to(tl.float32)
+    y = tl.where(h > 0, h, h * slope)
+    return (y * y).to(tl.bfloat16)
+
+
+@triton.jit
+def _act_grad(c, h, slope):
+    """The GEMM output c (the gradient of u) times d leaky(h)^2 / dh, rounded to bf16."""
+    h = h.to(tl.float32)
+    return (c.to(tl.float32) * tl.where(h > 0, 2.0 * h, 2.0 * slope * slope * h)).to(tl.bfloat16)
+
+
+@triton.jit
 def mlp_gemm(A, B, H, U, M, N, K: tl.constexpr, slope, EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
              GROUP: tl.constexpr, F32_DOT: tl.constexpr):
     """C = A [M, K] @ B [K, N] (B given as the row-major [N, K] weight, read transposed), bf16 in, fp32 accumulate.
     EPI 0: store C to H.  EPI 1: store C to H and leaky(C)^2 to U.  EPI 2: load h from H, store C * d leaky(h)^2/dh
     to U.  C is rounded to bf16 before the epilogue math, as the unfused path rounds the GEMM output."""
-    pid = tl.program_id(0)
-    n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    group = pid // (GROUP * n_n)
-    first_m = group * GROUP
-    rows = tl.minimum(n_m - first_m, GROUP)
-    pm = first_m + (pid % (GROUP * n_n)) % rows
-    pn = (pid % (GROUP * n_n)) // rows
-    rm = (pm * BM + tl.arange(0, BM)).to(tl.int64)
-    rn = (pn * BN + tl.arange(0, BN)).to(tl.int64)
+    om, on = _tile_origin(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), BM, BN, GROUP)
+    rm = (om + tl.arange(0, BM)).to(tl.int64)
+    rn = (on + tl.arange(0, BN)).to(tl.int64)
     rk = tl.arange(0, BK)
     a_ptr = A + rm[:, None] * K + rk[None, :]
     b_ptr = B + rn[None, :] * K + rk[:, None]
@@ -47,10 +71,7 @@ def mlp_gemm(A, B, H, U, M, N, K: tl.constexpr, slope, EPI: tl.constexpr, BM: tl
         kmask = rk < K - k * BK
         a = tl.load(a_ptr, mask=(rm < M)[:, None] & kmask[None, :], other=0.0)
         b = tl.load(b_ptr, mask=(rn < N)[None, :] & kmask[:, None], other=0.0)
-        if F32_DOT:  # Triton's CPU interpreter multiplies bf16 bit patterns; only its math check takes this
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = _mma(a, b, acc, F32_DOT)
         a_ptr += BK
         b_ptr += BK
     c = acc.to(tl.bfloat16)
@@ -60,13 +81,9 @@ def mlp_gemm(A, B, H, U, M, N, K: tl.constexpr, slope, EPI: tl.constexpr, BM: tl
         tl.store(H + off, c, mask=mask)
     elif EPI == 1:
         tl.store(H + off, c, mask=mask)
-        h = c.to(tl.float32)
-        y = tl.where(h > 0, h, h * slope)
-        tl.store(U + off, (y * y).to(tl.bfloat16), mask=mask)
+        tl.store(U + off, _act(c, slope), mask=mask)
     else:
-        h = tl.load(H + off, mask=mask, other=0.0).to(tl.float32)
-        d = tl.where(h > 0, 2.0 * h, 2.0 * slope * slope * h)
-        tl.store(U + off, (c.to(tl.float32) * d).to(tl.bfloat16), mask=mask)
+        tl.store(U + off, _act_grad(c, tl.load(H + off, mask=mask, other=0.0), slope), mask=mask)
 
 
 @triton.jit
@@ -77,32 +94,18 @@ def mlp_gemm_tma(A, B, H, U, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr, 
     n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
     # constant trip count (the interpreter wants it); a tile past the end loads zeros and its stores are clipped
     for t in tl.range(0, tl.cdiv(n_m * n_n, PROGRAMS), flatten=True):
-        tile = tl.program_id(0) + t * PROGRAMS
-        group = tile // (GROUP * n_n)
-        first_m = group * GROUP
-        rows = tl.maximum(tl.minimum(n_m - first_m, GROUP), 1)
-        om = (first_m + (tile % (GROUP * n_n)) % rows) * BM
-        on = (tile % (GROUP * n_n)) // rows * BN
+        om, on = _tile_origin(tl.program_id(0) + t * PROGRAMS, n_m, n_n, BM, BN, GROUP)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k in range(0, K, BK):
-            a = A.load([om, k])
-            b = B.load([on, k])
-            if F32_DOT:
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32).T, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b.T, acc)
+            acc = _mma(A.load([om, k]), B.load([on, k]).T, acc, F32_DOT)
         c = acc.to(tl.bfloat16)
         if EPI == 0:
             H.store([om, on], c)
         elif EPI == 1:
             H.store([om, on], c)
-            h = c.to(tl.float32)
-            y = tl.where(h > 0, h, h * slope)
-            U.store([om, on], (y * y).to(tl.bfloat16))
+            U.store([om, on], _act(c, slope))
         else:
-            h = H.load([om, on]).to(tl.float32)
-            d = tl.where(h > 0, 2.0 * h, 2.0 * slope * slope * h)
-            U.store([om, on], (c.to(tl.float32) * d).to(tl.bfloat16))
+            U.store([om, on], _act_grad(c, H.load([om, on]), slope))
 
 
 def launch(a, w, h, u, epi, cfg):
