@@ -704,8 +704,11 @@ RMS_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default eps: that of it
 # q/k RMSNorm + partial RoPE + q_gain as one Triton kernel per direction, as torch custom ops (opaque to inductor).
 # Inductor split this into several kernels at 1.7-2.3 TB/s (docs/PERF.md).  The source is a string, compiled on first
 # use with a linecache entry, because Triton reads a kernel's source and the self-extracting build exec()s the file.
-# Math (fp32 inside, per row of D): n = x * rsqrt(mean(x^2) + eps); rotate the first 2*HALF dims of n by (cos, sin)
-# of the row's position; times gain[head].  The backward recomputes n from x (nothing but x is saved).
+# The input is the fused Q|K|V projection, x (B, T, NQ+NK+NV, D); one program per BM tokens x one head, heads
+# fastest.  q heads [0, NQ) and k heads [NQ, NQ+NK): fp32 per row of D, n = x * rsqrt(mean(x^2) + eps); rotate the
+# first 2*HALF dims of n by (cos, sin) of the row's position; q heads times gain[head].  v heads are copied out (the
+# gradient copied back), so one GEMM feeds q, k and v and one backward writes the whole Q|K|V gradient.  The backward
+# recomputes n from x.
 _QK_TRITON_SRC = """
 import triton
 import triton.language as tl
@@ -714,49 +717,77 @@ EPS = tl.constexpr(RMS_EPS)
 
 
 @triton.jit
-def _tile(X, COS, SIN, M, T, H, D: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr, BM: tl.constexpr):
-    m = tl.program_id(0) * BM + tl.arange(0, BM)
+def _rows(HX, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, M):
+    p = tl.program_id(0).to(tl.int64)
+    m = p // HX * BM + tl.arange(0, BM)
     j = tl.arange(0, BD)
-    mask = (m < M)[:, None] & (j < D)[None, :]
-    row = (m.to(tl.int64) * H + tl.program_id(1)) * D
+    return m, j, (m < M)[:, None] & (j < D)[None, :], (m * HX + p % HX) * D
+
+
+@triton.jit
+def _tile(X, COS, SIN, M, T, HX, D: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr, BM: tl.constexpr):
+    m, j, mask, row = _rows(HX, D, BD, BM, M)
     rot = j < 2 * HALF
     partner = tl.where(j < HALF, j + HALF, tl.where(rot, j - HALF, j))
     sign = tl.where(j < HALF, 1.0, -1.0)[None, :]
-    trig = (m % T)[:, None] * HALF + (j % HALF)[None, :] if HALF > 0 else m[:, None] * 0
-    rmask = mask & rot[None, :]
-    c = tl.load(COS + trig, mask=rmask, other=1.0).to(tl.float32)
-    s = tl.load(SIN + trig, mask=rmask, other=0.0).to(tl.float32) * sign
+    c, s = 1.0, 0.0
+    if HALF > 0:
+        trig = (m % T)[:, None] * HALF + (j % HALF)[None, :]
+        c = tl.load(COS + trig, mask=mask & rot[None, :], other=1.0).to(tl.float32)
+        s = tl.load(SIN + trig, mask=mask & rot[None, :], other=0.0).to(tl.float32) * sign
     x = tl.load(X + row[:, None] + j[None, :], mask=mask, other=0.0).to(tl.float32)
     xp = tl.load(X + row[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
     r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + EPS)
-    return row, j, mask, c, s, x * r[:, None], xp * r[:, None], r, partner
+    return m, j, mask, row, c, s, x * r[:, None], xp * r[:, None], r, partner
 
 
 @triton.jit
-def qk_fwd(X, Y, COS, SIN, GAIN, M, T, H, D: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr,
+def qk_fwd(X, Q, K, V, COS, SIN, GAIN, M, T, NQ, NK, NV, D: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr,
            BM: tl.constexpr, HAS_GAIN: tl.constexpr):
-    row, j, mask, c, s, n, npart, r, partner = _tile(X, COS, SIN, M, T, H, D, BD, HALF, BM)
-    y = n * c + npart * s
-    if HAS_GAIN:
-        y = y * tl.load(GAIN + tl.program_id(1)).to(tl.float32)
-    tl.store(Y + row[:, None] + j[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    h = tl.program_id(0) % (NQ + NK + NV)
+    if h < NQ + NK:
+        m, j, mask, row, c, s, n, npart, r, partner = _tile(X, COS, SIN, M, T, NQ + NK + NV, D, BD, HALF, BM)
+        y = n * c + npart * s
+        if h < NQ:
+            if HAS_GAIN:
+                y = y * tl.load(GAIN + h).to(tl.float32)
+            tl.store(Q + ((m * NQ + h) * D)[:, None] + j[None, :], y.to(Q.dtype.element_ty), mask=mask)
+        else:
+            tl.store(K + ((m * NK + h - NQ) * D)[:, None] + j[None, :], y.to(K.dtype.element_ty), mask=mask)
+    else:
+        m, j, mask, row = _rows(NQ + NK + NV, D, BD, BM, M)
+        x = tl.load(X + row[:, None] + j[None, :], mask=mask, other=0.0)
+        tl.store(V + ((m * NV + h - NQ - NK) * D)[:, None] + j[None, :], x.to(V.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def qk_bwd(G, X, DX, COS, SIN, GAIN, PART, M, T, H, D: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr,
-           BM: tl.constexpr, HAS_GAIN: tl.constexpr):
-    row, j, mask, c, s, n, npart, r, partner = _tile(X, COS, SIN, M, T, H, D, BD, HALF, BM)
-    g = tl.load(G + row[:, None] + j[None, :], mask=mask, other=0.0).to(tl.float32)
-    gp = tl.load(G + row[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_GAIN:
-        gain = tl.load(GAIN + tl.program_id(1)).to(tl.float32)
-        tl.store(PART + tl.program_id(0) * H + tl.program_id(1), tl.sum(tl.sum(g * (n * c + npart * s), axis=1), axis=0))
-        g, gp = g * gain, gp * gain
-    dn = g * c - gp * s
-    dx = (dn - n * (tl.sum(dn * n, axis=1) / D)[:, None]) * r[:, None]
-    tl.store(DX + row[:, None] + j[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+def qk_bwd(GQ, GK, GV, X, DX, COS, SIN, GAIN, PART, M, T, NQ, NK, NV, D: tl.constexpr, BD: tl.constexpr,
+           HALF: tl.constexpr, BM: tl.constexpr, HAS_GAIN: tl.constexpr):
+    h = tl.program_id(0) % (NQ + NK + NV)
+    if h < NQ + NK:
+        m, j, mask, row, c, s, n, npart, r, partner = _tile(X, COS, SIN, M, T, NQ + NK + NV, D, BD, HALF, BM)
+        if h < NQ:
+            grow = ((m * NQ + h) * D)[:, None]
+            g = tl.load(GQ + grow + j[None, :], mask=mask, other=0.0).to(tl.float32)
+            gp = tl.load(GQ + grow + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_GAIN:
+                gain = tl.load(GAIN + h).to(tl.float32)
+                part = tl.sum(tl.sum(g * (n * c + npart * s), axis=1), axis=0)
+                tl.store(PART + tl.program_id(0) // (NQ + NK + NV) * NQ + h, part)
+                g, gp = g * gain, gp * gain
+        else:
+            grow = ((m * NK + h - NQ) * D)[:, None]
+            g = tl.load(GK + grow + j[None, :], mask=mask, other=0.0).to(tl.float32)
+            gp = tl.load(GK + grow + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+        dn = g * c - gp * s
+        dx = (dn - n * (tl.sum(dn * n, axis=1) / D)[:, None]) * r[:, None]
+        tl.store(DX + row[:, None] + j[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    else:
+        m, j, mask, row = _rows(NQ + NK + NV, D, BD, BM, M)
+        gv = tl.load(GV + ((m * NV + h - NQ - NK) * D)[:, None] + j[None, :], mask=mask, other=0.0)
+        tl.store(DX + row[:, None] + j[None, :], gv.to(DX.dtype.element_ty), mask=mask)
 """
-QK_BLOCK_ROWS, QK_WARPS = 16, 4  # tokens x one head per Triton program, and its warps: the fastest of 16 shapes (PERF.md)
+QK_BLOCK_ROWS, QK_WARPS = 16, 4  # tokens x one head per Triton program, and its warps: within 1% of the best of 16 (PERF #14)
 
 
 def _load_triton_source(src: str, name: str) -> dict:
@@ -768,31 +799,48 @@ def _load_triton_source(src: str, name: str) -> dict:
     return ns
 
 
-def _qk_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, g: Tensor | None = None):
-    """Run the forward (g None) or backward kernel on x (B, T, H, D); returns y, or (dx, d_gain or an empty tensor)."""
+def _qk_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int, n_k: int,
+               grads: tuple[Tensor, Tensor, Tensor] | None = None):
+    """Forward (grads None) or backward kernel on x (B, T, n_q+n_k+n_v, D).  Returns (q, k, v), contiguous, or
+    (dx, d_gain or an empty tensor) for the output gradients grads = (gq, gk, gv)."""
     k = _QK_KERNELS["ns"]
-    B, T, H, D = x.shape
+    B, T, HX, D = x.shape
+    if cos.shape != sin.shape or cos.dim() != 2 or cos.size(0) < T or 2 * cos.size(-1) > D or cos.device != x.device:
+        raise ValueError(f"qk_norm_rope: RoPE tables {tuple(cos.shape)}/{tuple(sin.shape)} on {cos.device} do not fit "
+                         f"q/k of shape {tuple(x.shape)} on {x.device} (need [>= T, <= D/2], same device)")
+    n_v = HX - n_q - n_k
+    if min(n_q, n_k, n_v) < 0 or (gain is not None and (gain.shape != (n_q,) or gain.device != x.device)):
+        raise ValueError(f"qk_norm_rope: {n_q} q + {n_k} k heads (gain {None if gain is None else tuple(gain.shape)}) "
+                         f"do not fit the {HX} heads of x on {x.device}")
+    if grads is not None and [tuple(g.shape) for g in grads] != [(B, T, n, D) for n in (n_q, n_k, n_v)]:
+        raise ValueError(f"qk_norm_rope: gradients {[tuple(g.shape) for g in grads]} do not match the q/k/v heads "
+                         f"({n_q}, {n_k}, {n_v}) of x {tuple(x.shape)}")
     M, x = B * T, x.contiguous()
+    gain = gain.contiguous() if gain is not None else None
     cos, sin = cos.contiguous(), sin.contiguous()  # any float dtype: the kernels read them as fp32
-    grid = (-(-M // QK_BLOCK_ROWS), H)
+    blocks = -(-M // QK_BLOCK_ROWS)
+    grid = (blocks * HX,)  # program p: token block p // HX, head p % HX (neighbouring programs share token rows)
     meta = dict(D=D, BD=1 << (D - 1).bit_length(), HALF=cos.size(-1), BM=QK_BLOCK_ROWS, HAS_GAIN=gain is not None)
     gain_arg = gain if gain is not None else cos
-    if g is None:
-        y = torch.empty_like(x)
-        k["qk_fwd"][grid](x, y, cos, sin, gain_arg, M, T, H, **meta, num_warps=QK_WARPS)
-        return y
+    if grads is None:
+        q, kk, v = (x.new_empty(B, T, n, D) for n in (n_q, n_k, n_v))
+        k["qk_fwd"][grid](x, q, kk, v, cos, sin, gain_arg, M, T, n_q, n_k, n_v, **meta, num_warps=QK_WARPS)
+        return q, kk, v
+    gq, gk, gv = (g.contiguous() for g in grads)
     dx = torch.empty_like(x)
-    part = torch.empty(grid[0] * H if gain is not None else 0, device=x.device, dtype=torch.float32)
-    k["qk_bwd"][grid](g.contiguous(), x, dx, cos, sin, gain_arg, part if gain is not None else cos, M, T, H, **meta,
-                      num_warps=QK_WARPS)
-    return dx, (part.view(grid[0], H).sum(0).to(gain.dtype) if gain is not None else part)
+    part = torch.empty(blocks * n_q if gain is not None else 0, device=x.device, dtype=torch.float32)
+    k["qk_bwd"][grid](gq, gk, gv, x, dx, cos, sin, gain_arg, part if gain is not None else cos, M, T, n_q, n_k, n_v,
+                      **meta, num_warps=QK_WARPS)
+    return dx, (part.view(blocks, n_q).sum(0).to(gain.dtype) if gain is not None else part)
 
 
 _QK_KERNELS: dict = {}
+FUSED_QK_DEVICES = ("cuda",)  # device types the Triton op runs on (the CPU tests add "cpu": Triton's interpreter)
 
 
 def qk_norm_rope_op():
-    """The custom op (built once per process; None without Triton).  op(x, cos, sin, gain|None) == qk_norm_rope_ref."""
+    """The custom op (built once per process; None without Triton).  op(x, cos, sin, gain|None, n_q, n_k) ==
+    qkv_norm_rope_ref(...): (q, k, v) from the fused Q|K|V projection x (B, T, n_q + n_k + n_v, D)."""
     if "op" in _QK_KERNELS:
         return _QK_KERNELS["op"]
     try:
@@ -800,33 +848,43 @@ def qk_norm_rope_op():
     except ImportError:
         _QK_KERNELS["op"] = None
         return None
-    lib = "pgolf_" + "".join(ch if ch.isalnum() else "_" for ch in __name__)  # one per loaded copy of this file
-    args = "Tensor x, Tensor cos, Tensor sin, Tensor? gain"  # explicit schemas: the build strips annotations
+    # One op library per loaded copy of this file (tests load it twice, sometimes under one module name).
+    lib = "pgolf_" + "".join(ch if ch.isalnum() else "_" for ch in __name__) + f"_{id(_QK_KERNELS):x}"
+    args = "Tensor x, Tensor cos, Tensor sin, Tensor? gain, int n_q, int n_k"  # explicit: the build strips annotations
 
-    @torch.library.custom_op(f"{lib}::qk_norm_rope", mutates_args=(), schema=f"({args}) -> Tensor")
-    def fwd(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -> Tensor:
-        return _qk_launch(x, cos, sin, gain)
+    @torch.library.custom_op(f"{lib}::qkv_norm_rope", mutates_args=(), schema=f"({args}) -> (Tensor, Tensor, Tensor)")
+    def fwd(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int, n_k: int):
+        return _qk_launch(x, cos, sin, gain, n_q, n_k)
 
     @fwd.register_fake
-    def _(x, cos, sin, gain):
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    def _(x, cos, sin, gain, n_q, n_k):
+        B, T, HX, D = x.shape
+        return tuple(x.new_empty(B, T, n, D) for n in (n_q, n_k, HX - n_q - n_k))
 
-    @torch.library.custom_op(f"{lib}::qk_norm_rope_backward", mutates_args=(), schema=f"(Tensor g, {args}) -> (Tensor, Tensor)")
-    def bwd(g: Tensor, x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -> tuple[Tensor, Tensor]:
-        return _qk_launch(x, cos, sin, gain, g)
+    @torch.library.custom_op(f"{lib}::qkv_norm_rope_backward", mutates_args=(),
+                             schema=f"(Tensor gq, Tensor gk, Tensor gv, {args}) -> (Tensor, Tensor)")
+    def bwd(gq: Tensor, gk: Tensor, gv: Tensor, x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int,
+            n_k: int) -> tuple[Tensor, Tensor]:
+        return _qk_launch(x, cos, sin, gain, n_q, n_k, (gq, gk, gv))
 
     @bwd.register_fake
-    def _(g, x, cos, sin, gain):
+    def _(gq, gk, gv, x, cos, sin, gain, n_q, n_k):
         dgain = torch.empty_like(gain) if gain is not None else x.new_empty(0, dtype=torch.float32)
         return torch.empty_like(x, memory_format=torch.contiguous_format), dgain
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:3], inputs[3])
+        # all of x, v heads included (~48 MiB per layer and micro-batch at the record shape, PERF #13): slicing out
+        # the q/k heads would cost a copy per call
+        ctx.save_for_backward(*inputs[:4])
+        ctx.heads = inputs[4:]
 
-    def backward(ctx, g):
+    def backward(ctx, gq, gk, gv):
         x, cos, sin, gain = ctx.saved_tensors
-        dx, dgain = bwd(g, x, cos, sin, gain)
-        return dx, None, None, dgain if gain is not None else None
+        B, T, HX, D = x.shape
+        n_q, n_k = ctx.heads
+        gq, gk, gv = (x.new_zeros(B, T, n, D) if g is None else g for g, n in zip((gq, gk, gv), (n_q, n_k, HX - n_q - n_k)))
+        dx, dgain = bwd(gq, gk, gv, x, cos, sin, gain, n_q, n_k)
+        return dx, None, None, dgain if gain is not None else None, None, None
 
     fwd.register_autograd(backward, setup_context=setup_context)
     _QK_KERNELS["op"] = fwd
@@ -834,9 +892,16 @@ def qk_norm_rope_op():
 
 
 def qk_norm_rope_ref(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -> Tensor:
-    """The same math in torch ops (CPU, and CUDA without Triton): x (B, T, H, D) -> RMSNorm, RoPE, times gain[head]."""
-    y = apply_rope(F.rms_norm(x, (x.size(-1),)), cos, sin)
+    """The q/k math in torch ops: x (B, T, H, D) -> RMSNorm, RoPE, times gain[head]."""
+    y = apply_rope(F.rms_norm(x, (x.size(-1),), eps=RMS_EPS), cos, sin)
     return y if gain is None else y * gain.to(y.dtype)[:, None]
+
+
+def qkv_norm_rope_ref(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int, n_k: int):
+    """The op's math in torch ops (CPU, and CUDA without Triton): (q, k, v) of the Q|K|V projection x (B, T, H, D),
+    heads [0, n_q) q (with gain), [n_q, n_q + n_k) k, the rest v (untouched)."""
+    return (qk_norm_rope_ref(x[:, :, :n_q], cos, sin, gain), qk_norm_rope_ref(x[:, :, n_q:n_q + n_k], cos, sin, None),
+            x[:, :, n_q + n_k:])
 
 
 def attention_backend_name(device: torch.device) -> str:
@@ -980,20 +1045,20 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.xsa = num_heads, num_kv_heads, head_dim, xsa
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
-        self.fused_qk = False  # GPT sets it on CUDA when Triton is there: qk_norm_rope_op() instead of torch ops
+        self.fused_qk = False  # GPT sets it when Triton is there: inputs on FUSED_QK_DEVICES take qk_norm_rope_op()
 
     def forward(self, h: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, wo: Tensor, rope: tuple[Tensor, Tensor],
                 ve: Tensor | None, store: dict | None, prefix: str) -> Tensor:
         B, T, _ = h.shape
         D = self.head_dim
         _record_hessian(store, prefix + "qkv", h)
-        norm_rope = _QK_KERNELS["op"] if self.fused_qk else qk_norm_rope_ref
-        q = norm_rope(F.linear(h, wq).view(B, T, self.num_heads, D), *rope, self.q_gain)
-        k = norm_rope(F.linear(h, wk).view(B, T, self.num_kv_heads, D), *rope, None)
-        v = F.linear(h, wv)
+        norm_rope = _QK_KERNELS["op"] if self.fused_qk and h.device.type in FUSED_QK_DEVICES else qkv_norm_rope_ref
+        H, Hkv = self.num_heads, self.num_kv_heads
+        # one GEMM for Q|K|V (docs/PERF.md #13): the K and V projections alone are narrow, slower GEMMs
+        qkv = F.linear(h, torch.cat((wq, wk, wv))).view(B, T, H + 2 * Hkv, D)
+        q, k, v = norm_rope(qkv, *rope, self.q_gain, H, Hkv)
         if ve is not None:
-            v = v + ve
-        v = v.view(B, T, self.num_kv_heads, D)
+            v = v + ve.view(B, T, Hkv, D)
         y = causal_attention(q, k, v)
         if self.xsa:
             y = exclusive_self_attention(y, v)
@@ -1076,7 +1141,7 @@ class GPT(nn.Module):
         # bigram.proj is stored as int6 only when too large for fp16 passthrough (SPEC §7.4); QAT follows suit.
         self.qat_bigram = self.bigram.proj.weight.numel() > SMALL_TENSOR_NUMEL
         self.hessian_store: dict | None = None
-        self.set_fused_qk(self.tok_emb.weight.is_cuda)
+        self.set_fused_qk(torch.cuda.is_available())  # per forward, only inputs on CUDA take it (moves are fine)
         self.rope_ntk_len = 0  # > 0: RoPE's NTK base of this length for shorter inputs (selfgen sampling windows)
         self._init_weights(h)
         self._apply_dtype_rule()
@@ -1114,7 +1179,7 @@ class GPT(nn.Module):
             p.data = p.data.to(torch.bfloat16) if keep_bf16 else p.data.to(torch.bfloat16).float()
 
     def set_fused_qk(self, on: bool) -> bool:
-        """Use the Triton q/k norm + RoPE op (when Triton imports); returns whether it is now on."""
+        """Use the Triton q/k norm + RoPE op for inputs on FUSED_QK_DEVICES (if Triton imports); returns whether on."""
         on = on and qk_norm_rope_op() is not None
         for block in self.blocks:
             block.attn.fused_qk = on
@@ -2467,6 +2532,8 @@ def log_header(h: Hyperparameters, d: DistInfo, device) -> None:
         log0(f"sdp_backends:cudnn={b.cudnn_sdp_enabled()} flash={b.flash_sdp_enabled()} "
              f"mem_efficient={b.mem_efficient_sdp_enabled()} math={b.math_sdp_enabled()}")
     log0(f"attention_backend:{attention_backend_name(device)}")
+    fused = device.type in FUSED_QK_DEVICES and qk_norm_rope_op() is not None
+    log0(f"qk_norm_rope:{'triton' if fused else 'torch'}")
     log0(f"attention_mode:gqa num_heads:{h.num_heads} num_kv_heads:{h.num_kv_heads}")
     log0(f"tie_embeddings:{h.tie_embeddings} embed_lr:{h.tied_embed_lr} head_lr:0.0 matrix_lr:{h.matrix_lr} "
          f"scalar_lr:{h.scalar_lr} matrix_lr_early:{h.matrix_lr_early} matrix_lr_late:{h.matrix_lr_late} "
