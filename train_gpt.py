@@ -770,17 +770,20 @@ def qk_bwd(GQ, GK, GV, X, DX, COS, SIN, GAIN, PART, M, T, NQ, NK, NV, D: tl.cons
             grow = ((m * NQ + h) * D)[:, None]
             g = tl.load(GQ + grow + j[None, :], mask=mask, other=0.0).to(tl.float32)
             gp = tl.load(GQ + grow + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-            if HAS_GAIN:
-                gain = tl.load(GAIN + h).to(tl.float32)
-                part = tl.sum(tl.sum(g * (n * c + npart * s), axis=1), axis=0)
-                tl.store(PART + tl.program_id(0) // (NQ + NK + NV) * NQ + h, part)
-                g, gp = g * gain, gp * gain
         else:
             grow = ((m * NK + h - NQ) * D)[:, None]
             g = tl.load(GK + grow + j[None, :], mask=mask, other=0.0).to(tl.float32)
             gp = tl.load(GK + grow + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-        dn = g * c - gp * s
-        dx = (dn - n * (tl.sum(dn * n, axis=1) / D)[:, None]) * r[:, None]
+        dn = g * c - gp * s  # the gradient of the normed row, RoPE undone (before the gain)
+        dot = tl.sum(dn * n, axis=1)
+        if HAS_GAIN:
+            if h < NQ:
+                # d gain = sum(g * rope(n)) = sum(dn * n): the row sums the norm's backward needs anyway, stored
+                # per token (summed over tokens outside: a sum across the program's warps here costs a barrier)
+                tl.store(PART + m * NQ + h, dot, mask=m < M)
+                gain = tl.load(GAIN + h).to(tl.float32)
+                dn, dot = dn * gain, dot * gain
+        dx = (dn - n * (dot / D)[:, None]) * r[:, None]
         tl.store(DX + row[:, None] + j[None, :], dx.to(DX.dtype.element_ty), mask=mask)
     else:
         m, j, mask, row = _rows(NQ + NK + NV, D, BD, BM, M)
@@ -828,10 +831,10 @@ def _qk_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: in
         return q, kk, v
     gq, gk, gv = (g.contiguous() for g in grads)
     dx = torch.empty_like(x)
-    part = torch.empty(blocks * n_q if gain is not None else 0, device=x.device, dtype=torch.float32)
+    part = torch.empty(M * n_q if gain is not None else 0, device=x.device, dtype=torch.float32)
     k["qk_bwd"][grid](gq, gk, gv, x, dx, cos, sin, gain_arg, part if gain is not None else cos, M, T, n_q, n_k, n_v,
                       **meta, num_warps=QK_WARPS)
-    return dx, (part.view(blocks, n_q).sum(0).to(gain.dtype) if gain is not None else part)
+    return dx, (part.view(M, n_q).sum(0).to(gain.dtype) if gain is not None else part)
 
 
 _QK_KERNELS: dict = {}

@@ -5,6 +5,7 @@ on 8 GPUs, and GPTQ calibration / quantisation / compression times.
     DATA_PATH=data/datasets/proxy_sp1024 python3 scripts/gpu_bench.py [kernels] [train] [eval] [gptq]
 
 Env: BENCH_STEPS (timed steps, default 8), BENCH_EVAL_BATCHES (32-window batches per mode, default 24),
+BENCH_QK_SWEEP (0 skips the q/k kernels' launch-shape sweep in kernels mode),
 BENCH_VARIANTS (comma-separated training variants, see apply_variant; default "base"; eval and GPTQ use the first),
 OUT (folder for the full profile tables), and every train_gpt.py env var.  Not counted code: loads train_gpt.py by path.
 """
@@ -191,7 +192,7 @@ def bench_kernels(tg, device) -> None:
     # Launch shape sweep (fwd bytes: read x, write q, k, v; bwd: read gq, gk, gv and the q/k part of x, write dx).
     nb, nqk = x.numel() * 2, x.numel() * 2 * 12 // 16
     best, shipped = None, (tg.QK_BLOCK_ROWS, tg.QK_WARPS)
-    for rows in (8, 16, 32, 64):
+    for rows in (8, 16, 32, 64) if os.environ.get("BENCH_QK_SWEEP", "1") == "1" else ():
         for warps in (1, 2, 4, 8):
             tg.QK_BLOCK_ROWS, tg.QK_WARPS = rows, warps
             t_f = bench(lambda: tg._qk_launch(x, cb, sb, gain, 8, 4))
@@ -201,9 +202,27 @@ def bench_kernels(tg, device) -> None:
                   f"bwd:{1000 * t_b:.1f}us({(2 * nb + nqk) / t_b / 1e9:.2f}TB/s)")
             if best is None or t_f + t_b < best[0]:
                 best = (t_f + t_b, rows, warps)
-    print(f"bench_kernels best rows:{best[1]} warps:{best[2]} fwd+bwd:{1000 * best[0]:.1f}us "
-          f"(train_gpt.py ships rows:{shipped[0]} warps:{shipped[1]}, used from here on)")
+    if best:
+        print(f"bench_kernels best rows:{best[1]} warps:{best[2]} fwd+bwd:{1000 * best[0]:.1f}us "
+              f"(train_gpt.py ships rows:{shipped[0]} warps:{shipped[1]}, used from here on)")
     tg.QK_BLOCK_ROWS, tg.QK_WARPS = shipped
+    # Where the kernels' time goes (timing only; some of these compute other math): without RoPE (no trig loads, no
+    # partner loads), without the gain (no q_gain reduction), both, and with the partner loads reading the row's own
+    # elements (same instructions minus the permuted index), against a copy of the same bytes.
+    ns, probes = tg._QK_KERNELS["ns"], []
+    probes += [("as shipped", ns, cb, sb, gain), ("no RoPE", ns, cb[:, :0], sb[:, :0], gain),
+               ("no gain", ns, cb, sb, None), ("no RoPE, no gain", ns, cb[:, :0], sb[:, :0], None)]
+    src = tg._QK_TRITON_SRC.replace("partner = tl.where(j < HALF, j + HALF, tl.where(rot, j - HALF, j))", "partner = j")
+    probes.append(("partner = own element", tg._load_triton_source(src, "qk_probe_triton"), cb, sb, gain))
+    for name, kns, c_, s_, g_ in probes:
+        tg._QK_KERNELS["ns"] = kns
+        t_f = bench(lambda: tg._qk_launch(x, c_, s_, g_, 8, 4))
+        t_b = bench(lambda: tg._qk_launch(x, c_, s_, g_, 8, 4, ups))
+        print(f"bench_kernels probe {name}: fwd:{1000 * t_f:.1f}us({2 * nb / t_f / 1e9:.2f}TB/s) "
+              f"bwd:{1000 * t_b:.1f}us({(2 * nb + nqk) / t_b / 1e9:.2f}TB/s)")
+    tg._QK_KERNELS["ns"] = ns
+    t_copy = bench(lambda: x.clone())
+    print(f"bench_kernels probe copy of x: {1000 * t_copy:.1f}us ({2 * nb / t_copy / 1e9:.2f}TB/s)")
     # The op through autograd against the torch-ops reference compiled as the training step compiles it.
     ref_c = torch.compile(tg.qkv_norm_rope_ref, fullgraph=True, dynamic=False)
     x = x.detach().requires_grad_()
