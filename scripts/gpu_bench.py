@@ -161,7 +161,8 @@ def rel_err(a, ref) -> float:
 def bench_kernels(tg, device) -> None:
     """The Triton q/k/v op against the torch-ops reference: bf16 error against an fp64 reference (both paths), then
     forward and backward times at the record shape (48 x 2048 tokens, Q|K|V of 8 + 4 + 4 heads) over a sweep of
-    launch shapes, and the op through autograd against the torch reference compiled as the training step compiles it."""
+    launch shapes (BENCH_QK_SWEEP=0 skips it), probes of where the kernels' time goes, and the op through autograd
+    against the torch reference compiled as the training step compiles it."""
     import triton.testing
     op = tg.qk_norm_rope_op()
     for B, T, heads, D, half in ((3, 100, (8, 4, 4), 64, 8), (2, 77, (4, 2, 2), 64, 0), (1, 130, (3, 1, 1), 32, 16)):
@@ -192,7 +193,7 @@ def bench_kernels(tg, device) -> None:
     # Launch shape sweep (fwd bytes: read x, write q, k, v; bwd: read gq, gk, gv and the q/k part of x, write dx).
     nb, nqk = x.numel() * 2, x.numel() * 2 * 12 // 16
     best, shipped = None, (tg.QK_BLOCK_ROWS, tg.QK_WARPS)
-    for rows in (8, 16, 32, 64) if os.environ.get("BENCH_QK_SWEEP", "1") == "1" else ():
+    for rows in (8, 16, 32, 64) if os.environ.get("BENCH_QK_SWEEP", "1") != "0" else ():
         for warps in (1, 2, 4, 8):
             tg.QK_BLOCK_ROWS, tg.QK_WARPS = rows, warps
             t_f = bench(lambda: tg._qk_launch(x, cb, sb, gain, 8, 4))
@@ -207,20 +208,25 @@ def bench_kernels(tg, device) -> None:
               f"(train_gpt.py ships rows:{shipped[0]} warps:{shipped[1]}, used from here on)")
     tg.QK_BLOCK_ROWS, tg.QK_WARPS = shipped
     # Where the kernels' time goes (timing only; some of these compute other math): without RoPE (no trig loads, no
-    # partner loads), without the gain (no q_gain reduction), both, and with the partner loads reading the row's own
-    # elements (same instructions minus the permuted index), against a copy of the same bytes.
+    # partner loads), without the gain (no q_gain gradient), both, and with the partner loads reading the row's own
+    # elements (same instructions minus the permuted index), against a plain copy of x (the forward's bytes).
     ns, probes = tg._QK_KERNELS["ns"], []
     probes += [("as shipped", ns, cb, sb, gain), ("no RoPE", ns, cb[:, :0], sb[:, :0], gain),
                ("no gain", ns, cb, sb, None), ("no RoPE, no gain", ns, cb[:, :0], sb[:, :0], None)]
-    src = tg._QK_TRITON_SRC.replace("partner = tl.where(j < HALF, j + HALF, tl.where(rot, j - HALF, j))", "partner = j")
+    permuted = "partner = tl.where(j < HALF, j + HALF, tl.where(rot, j - HALF, j))"
+    if permuted not in tg._QK_TRITON_SRC:
+        raise RuntimeError("bench_kernels: the partner-index line of the q/k kernels changed; update the probe")
+    src = tg._QK_TRITON_SRC.replace(permuted, "partner = j")
     probes.append(("partner = own element", tg._load_triton_source(src, "qk_probe_triton"), cb, sb, gain))
-    for name, kns, c_, s_, g_ in probes:
-        tg._QK_KERNELS["ns"] = kns
-        t_f = bench(lambda: tg._qk_launch(x, c_, s_, g_, 8, 4))
-        t_b = bench(lambda: tg._qk_launch(x, c_, s_, g_, 8, 4, ups))
-        print(f"bench_kernels probe {name}: fwd:{1000 * t_f:.1f}us({2 * nb / t_f / 1e9:.2f}TB/s) "
-              f"bwd:{1000 * t_b:.1f}us({(2 * nb + nqk) / t_b / 1e9:.2f}TB/s)")
-    tg._QK_KERNELS["ns"] = ns
+    try:
+        for name, kns, c_, s_, g_ in probes:
+            tg._QK_KERNELS["ns"] = kns
+            t_f = bench(lambda: tg._qk_launch(x, c_, s_, g_, 8, 4))
+            t_b = bench(lambda: tg._qk_launch(x, c_, s_, g_, 8, 4, ups))
+            print(f"bench_kernels probe {name}: fwd:{1000 * t_f:.1f}us({2 * nb / t_f / 1e9:.2f}TB/s) "
+                  f"bwd:{1000 * t_b:.1f}us({(2 * nb + nqk) / t_b / 1e9:.2f}TB/s)")
+    finally:
+        tg._QK_KERNELS["ns"] = ns
     t_copy = bench(lambda: x.clone())
     print(f"bench_kernels probe copy of x: {1000 * t_copy:.1f}us ({2 * nb / t_copy / 1e9:.2f}TB/s)")
     # The op through autograd against the torch-ops reference compiled as the training step compiles it.
