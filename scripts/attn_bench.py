@@ -1,6 +1,8 @@
 """Attention kernels at the record shapes (micro-batch 48 x 2048, 8 query / 4 KV heads, head dim 64, causal, bf16):
 forward+backward time of each PyTorch SDPA backend, with the KV heads expanded or via enable_gqa, and the
-achieved TFLOP/s (causal: 2*B*H*T^2*D forward, 2.5x that backward).   python3 scripts/attn_bench.py"""
+achieved TFLOP/s (causal: 2*B*H*T^2*D forward, 2.5x that backward); then cuDNN with grouped heads on q/k/v/dO laid
+out (B, H, T, D) contiguous against (B, T, H, D) seen through a transpose (how the model calls it), with the time of
+each kernel cuDNN launches.   python3 scripts/attn_bench.py"""
 
 import torch
 import torch.nn.functional as F
@@ -47,5 +49,32 @@ def main():
                 print(f"attn {backend.name:22s} gqa:{int(gqa)} unavailable: {str(e).splitlines()[0][:100]}")
 
 
+def layouts():
+    dev = torch.device("cuda")
+    flops = 2 * B * H * T * T * D * 3.5
+    for layout in ("bhsd", "bshd"):
+        def make(h, grad=True):
+            shape = (B, h, T, D) if layout == "bhsd" else (B, T, h, D)
+            t = torch.randn(shape, device=dev, dtype=torch.bfloat16)
+            t = t if layout == "bhsd" else t.transpose(1, 2)
+            return t.requires_grad_(grad)
+        q, k, v, g = make(H), make(HKV), make(HKV), make(H, False)
+
+        def step():
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            o.backward(g)
+        ms = bench(step)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(4):
+                step()
+            torch.cuda.synchronize()
+        print(f"attn_layout {layout} cudnn gqa fwd+bwd {ms:7.3f} ms  {flops / ms / 1e9:6.0f} TFLOP/s")
+        for e in sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total):
+            if e.self_device_time_total > 0:
+                print(f"attn_layout {layout}   {e.self_device_time_total / 4:9.1f} us/call x{e.count // 4}  {e.key[:110]}")
+
+
 if __name__ == "__main__":
     main()
+    layouts()

@@ -42,7 +42,8 @@ def timed(fn, device):
 
 
 # Triton first: inductor names its kernels after the ops they fuse ("triton_..._cudnn_attention_backward_...").
-KERNEL_KINDS = (("triton", ("triton_", "qk_fwd", "qk_bwd")), ("attention", ("sdpa", "fmha", "flash", "cudnn")),
+KERNEL_KINDS = (("triton", ("triton_", "qk_fwd", "qk_bwd", "xsa_fwd", "xsa_bwd")),
+                ("attention", ("sdpa", "fmha", "flash", "cudnn")),
                 ("gemm", ("nvjet", "gemm", "sm90_xmma", "cutlass")))
 
 
@@ -101,16 +102,24 @@ ORIGINALS: dict = {}  # train_gpt's own functions, replaced per variant
 
 def apply_variant(tg, variant: str) -> None:
     """BENCH_VARIANTS entries: '+'-joined flags among base (train_gpt as is), expand (K/V expanded to H heads
-    before cuDNN, the form before grouped heads), xsaref (XSA through autograd), qkref (q/k norm + RoPE through
-    torch ops instead of the Triton op), vsplit (one GEMM for Q|K, V's GEMM apart), aggr (inductor
-    aggressive_fusion), autotune (torch.compile mode max-autotune-no-cudagraphs)."""
+    before cuDNN, the form before grouped heads), xsatorch (XSA through the torch-ops autograd.Function instead of
+    the Triton op), xsaref (XSA through autograd of F.normalize), qkref (q/k norm + RoPE, and XSA, through torch ops
+    instead of the Triton ops), vsplit (one GEMM for Q|K, V's GEMM apart), aggr (inductor aggressive_fusion),
+    autotune (torch.compile mode max-autotune-no-cudagraphs), pdl (inductor's Programmatic Dependent Launch for its
+    Triton kernels, config.triton.enable_pdl), split128 (inductor's mix-order reductions, the per-channel parameter
+    gradients, in blocks of 128 rows instead of its 64 here: half the partial sums left to one aten.sum each)."""
     flags = set(variant.split("+"))
-    unknown = flags - {"base", "expand", "xsaref", "qkref", "vsplit", "aggr", "autotune"}
+    unknown = flags - {"base", "expand", "xsatorch", "xsaref", "qkref", "vsplit", "aggr", "autotune", "pdl", "split128"}
     if unknown:
         raise ValueError(f"BENCH_VARIANTS: unknown flags {sorted(unknown)}")
     if not ORIGINALS:
-        ORIGINALS.update(xsa=tg.exclusive_self_attention, sdpa=tg.sdpa_attention, compile=tg.maybe_compile,
-                         qk=getattr(tg, "qk_norm_rope_op", None), attn=tg.CausalSelfAttention.forward)
+        qk = getattr(tg, "qk_norm_rope_op", None)
+        if qk is not None:
+            qk()  # builds the ops, so the XSA op (train_gpt.py from PERF #18 on) can be switched per variant
+        ORIGINALS.update(xsa=tg.exclusive_self_attention, sdpa=tg.sdpa_attention, compile=tg.maybe_compile, qk=qk,
+                         attn=tg.CausalSelfAttention.forward, xsa_op=getattr(tg, "_QK_KERNELS", {}).get("xsa"))
+    if ORIGINALS["xsa_op"] is not None:
+        tg._QK_KERNELS["xsa"] = None if flags & {"xsatorch", "xsaref"} else ORIGINALS["xsa_op"]
     tg.CausalSelfAttention.forward = (lambda self, *a: attn_v_apart(tg, self, *a)) if "vsplit" in flags \
         else ORIGINALS["attn"]
     if ORIGINALS["qk"] is not None:  # GPT.__init__ asks qk_norm_rope_op() whether the Triton op is there
@@ -119,6 +128,13 @@ def apply_variant(tg, variant: str) -> None:
     tg.sdpa_attention = (lambda q, k, v, prefer_cudnn: ORIGINALS["sdpa"](q, *expand_kv(q, k, v), prefer_cudnn)) \
         if "expand" in flags else ORIGINALS["sdpa"]
     torch._inductor.config.aggressive_fusion = "aggr" in flags
+    for flag, name, on in (("pdl", "enable_pdl", True), ("split128", "mix_order_reduction_split_size", 128)):
+        if not hasattr(torch._inductor.config.triton, name):
+            if flag in flags:
+                raise ValueError(f"BENCH_VARIANTS: {flag} needs torch._inductor.config.triton.{name} (torch too old)")
+            continue
+        ORIGINALS.setdefault(name, getattr(torch._inductor.config.triton, name))
+        setattr(torch._inductor.config.triton, name, on if flag in flags else ORIGINALS[name])
     tg.maybe_compile = (lambda fn, device: torch.compile(fn, dynamic=False, fullgraph=True,
                                                          mode="max-autotune-no-cudagraphs")) \
         if "autotune" in flags else ORIGINALS["compile"]
@@ -207,28 +223,19 @@ def bench_kernels(tg, device) -> None:
         print(f"bench_kernels best rows:{best[1]} warps:{best[2]} fwd+bwd:{1000 * best[0]:.1f}us "
               f"(train_gpt.py ships rows:{shipped[0]} warps:{shipped[1]}, used from here on)")
     tg.QK_BLOCK_ROWS, tg.QK_WARPS = shipped
-    # Where the kernels' time goes (timing only; some of these compute other math): without RoPE (no trig loads, no
-    # partner loads), without the gain (no q_gain gradient), both, and with the partner loads reading the row's own
-    # elements (same instructions minus the permuted index), against a plain copy of x (the forward's bytes).
-    ns, probes = tg._QK_KERNELS["ns"], []
-    probes += [("as shipped", ns, cb, sb, gain), ("no RoPE", ns, cb[:, :0], sb[:, :0], gain),
-               ("no gain", ns, cb, sb, None), ("no RoPE, no gain", ns, cb[:, :0], sb[:, :0], None)]
-    permuted = "partner = tl.where(j < HALF, j + HALF, tl.where(rot, j - HALF, j))"
-    if permuted not in tg._QK_TRITON_SRC:
-        raise RuntimeError("bench_kernels: the partner-index line of the q/k kernels changed; update the probe")
-    src = tg._QK_TRITON_SRC.replace(permuted, "partner = j")
-    probes.append(("partner = own element", tg._load_triton_source(src, "qk_probe_triton"), cb, sb, gain))
-    try:
-        for name, kns, c_, s_, g_ in probes:
-            tg._QK_KERNELS["ns"] = kns
-            t_f = bench(lambda: tg._qk_launch(x, c_, s_, g_, 8, 4))
-            t_b = bench(lambda: tg._qk_launch(x, c_, s_, g_, 8, 4, ups))
-            print(f"bench_kernels probe {name}: fwd:{1000 * t_f:.1f}us({2 * nb / t_f / 1e9:.2f}TB/s) "
-                  f"bwd:{1000 * t_b:.1f}us({(2 * nb + nqk) / t_b / 1e9:.2f}TB/s)")
-    finally:
-        tg._QK_KERNELS["ns"] = ns
+    # Where the kernels' time goes (timing only; some of these compute other math): without RoPE (no trig loads),
+    # without the gain (no q_gain gradient), and both, against a plain copy of x (the forward's bytes).
+    probes = [("as shipped", cb, sb, gain), ("no RoPE", cb[:, :0], sb[:, :0], gain), ("no gain", cb, sb, None),
+              ("no RoPE, no gain", cb[:, :0], sb[:, :0], None)]
+    for name, c_, s_, g_ in probes:
+        t_f = bench(lambda: tg._qk_launch(x, c_, s_, g_, 8, 4))
+        t_b = bench(lambda: tg._qk_launch(x, c_, s_, g_, 8, 4, ups))
+        print(f"bench_kernels probe {name}: fwd:{1000 * t_f:.1f}us({2 * nb / t_f / 1e9:.2f}TB/s) "
+              f"bwd:{1000 * t_b:.1f}us({(2 * nb + nqk) / t_b / 1e9:.2f}TB/s)")
     t_copy = bench(lambda: x.clone())
     print(f"bench_kernels probe copy of x: {1000 * t_copy:.1f}us ({2 * nb / t_copy / 1e9:.2f}TB/s)")
+    if tg._QK_KERNELS.get("xsa") is not None:
+        bench_xsa(tg, device, bench)
     # The op through autograd against the torch-ops reference compiled as the training step compiles it.
     ref_c = torch.compile(tg.qkv_norm_rope_ref, fullgraph=True, dynamic=False)
     x = x.detach().requires_grad_()
@@ -238,6 +245,41 @@ def bench_kernels(tg, device) -> None:
             t_f = bench(lambda: fn(x, cb, sb, g, 8, 4))
         t_fb = bench(lambda: torch.autograd.grad(fn(x, cb, sb, g, 8, 4), [x, g], ups))
         print(f"bench_kernels autograd {name} fwd:{1000 * t_f:.1f}us fwd+bwd:{1000 * t_fb:.1f}us")
+
+
+def bench_xsa(tg, device, bench) -> None:
+    """The Triton XSA op (PERF #18): bf16 error against fp64 (and the torch path's), a launch-shape sweep, and forward /
+    backward times against the torch autograd.Function compiled as the training step compiles it."""
+    xsa = tg._QK_KERNELS["xsa"]
+    B, T, H, Hkv, D = 48, 2048, 8, 4, 64
+    y, v, g = (torch.randn(B, T, n, D, device=device, dtype=torch.bfloat16) for n in (H, Hkv, H))
+    y64, v64 = y.double().requires_grad_(), v.double().requires_grad_()
+    ref = tg.exclusive_self_attention(y64, v64)
+    ref.backward(g.double())
+    for name, fn in (("triton", xsa), ("torch", tg.exclusive_self_attention)):
+        yb, vb = y.clone().requires_grad_(), v.clone().requires_grad_()
+        out = fn(yb, vb)
+        out.backward(g)
+        errs = [rel_err(a, b) for a, b in ((out, ref), (yb.grad, y64.grad), (vb.grad, v64.grad))]
+        print(f"bench_xsa check {name} rel_err out/dy/dv: " + " ".join(f"{e:.2e}" for e in errs))
+    del y64, v64, ref
+    nb_f, nb_b = (y.numel() * 2 + v.numel()) * 2, (y.numel() * 3 + v.numel() * 2) * 2
+    shipped = (tg.XSA_BLOCK_ROWS, tg.XSA_WARPS)
+    for rows in (8, 16, 32, 64):
+        for warps in (1, 2, 4, 8):
+            tg.XSA_BLOCK_ROWS, tg.XSA_WARPS = rows, warps
+            t_f, t_b = bench(lambda: tg._xsa_launch(y, v)), bench(lambda: tg._xsa_launch(y, v, g))
+            print(f"bench_xsa sweep rows:{rows} warps:{warps} fwd:{1000 * t_f:.1f}us({nb_f / t_f / 1e9:.2f}TB/s) "
+                  f"bwd:{1000 * t_b:.1f}us({nb_b / t_b / 1e9:.2f}TB/s)")
+    tg.XSA_BLOCK_ROWS, tg.XSA_WARPS = shipped
+    ref_c = torch.compile(tg.exclusive_self_attention, fullgraph=True, dynamic=False)
+    yr, vr = y.detach().requires_grad_(), v.detach().requires_grad_()
+    for name, fn in (("triton", xsa), ("torch_compiled", ref_c)):
+        with torch.no_grad():
+            t_f = bench(lambda: fn(yr, vr))
+        t_fb = bench(lambda: torch.autograd.grad(fn(yr, vr), [yr, vr], g))
+        print(f"bench_xsa autograd {name} (rows:{shipped[0]} warps:{shipped[1]}) fwd:{1000 * t_f:.1f}us "
+              f"fwd+bwd:{1000 * t_fb:.1f}us")
 
 
 def naive_sliding(tg, h, model, device, val_data, mode: str) -> tuple[float, float]:
