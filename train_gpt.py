@@ -733,8 +733,7 @@ def _offsets(HX, M, D: tl.constexpr, W: tl.constexpr, BM: tl.constexpr, BG: tl.c
 
 @triton.jit
 def _load2(P, col, ma, mb, W: tl.constexpr):
-    return (tl.load(P + col, mask=ma, other=0.0).to(tl.float32),
-            tl.load(P + col + W, mask=mb, other=0.0).to(tl.float32))
+    return tl.load(P + col, mask=ma, other=0.0), tl.load(P + col + W, mask=mb, other=0.0)
 
 
 @triton.jit
@@ -746,6 +745,7 @@ def _store2(P, col, ma, mb, W: tl.constexpr, a, b):
 @triton.jit
 def _norm_rope(X, COS, SIN, m2, col, ma, mb, T, D: tl.constexpr, W: tl.constexpr, HALF: tl.constexpr):
     a, b = _load2(X, col, ma, mb, W)
+    a, b = a.to(tl.float32), b.to(tl.float32)
     r = (1.0 / tl.sqrt((tl.sum(a * a, 1) + tl.sum(b * b, 1)) / D + EPS))[:, None]
     c, s = 1.0, 0.0
     if HALF > 0:  # then W == HALF and group 0 (col < W) is the rotated part
@@ -772,9 +772,9 @@ def qk_fwd(X, Q, K, V, COS, SIN, GAIN, M, T, NQ, NK, NV, D: tl.constexpr, W: tl.
             _store2(Q + (m2 * NQ + h) * D, col, ma, mb, W, a, b)
         else:
             _store2(K + (m2 * NK + h - NQ) * D, col, ma, mb, W, a, b)
-    else:
-        a, b = _load2(src, col, ma, mb, W)
-        _store2(V + (m2 * NV + h - NQ - NK) * D, col, ma, mb, W, a, b)
+    else:  # v heads: copied in their own dtype
+        va, vb = _load2(src, col, ma, mb, W)
+        _store2(V + (m2 * NV + h - NQ - NK) * D, col, ma, mb, W, va, vb)
 
 
 @triton.jit
@@ -790,6 +790,7 @@ def qk_bwd(GQ, GK, GV, X, DX, COS, SIN, GAIN, PART, M, T, NQ, NK, NV, D: tl.cons
         else:
             ga, gb = _load2(GK + (m2 * NK + h - NQ) * D, col, ma, mb, W)
         a, b, r, c, s = _norm_rope(X + row, COS, SIN, m2, col, ma, mb, T, D, W, HALF)
+        ga, gb = ga.to(tl.float32), gb.to(tl.float32)
         ga, gb = ga * c - gb * s, gb * c + ga * s  # the gradient of the normed row, RoPE undone (before the gain)
         dot = tl.sum(ga * a, 1) + tl.sum(gb * b, 1)
         if HAS_GAIN:
@@ -802,8 +803,8 @@ def qk_bwd(GQ, GK, GV, X, DX, COS, SIN, GAIN, PART, M, T, NQ, NK, NV, D: tl.cons
         dot = (dot / D)[:, None]
         _store2(DX + row, col, ma, mb, W, (ga - a * dot) * r, (gb - b * dot) * r)
     else:
-        ga, gb = _load2(GV + (m2 * NV + h - NQ - NK) * D, col, ma, mb, W)
-        _store2(DX + row, col, ma, mb, W, ga, gb)
+        va, vb = _load2(GV + (m2 * NV + h - NQ - NK) * D, col, ma, mb, W)
+        _store2(DX + row, col, ma, mb, W, va, vb)
 
 
 @triton.jit
@@ -905,13 +906,16 @@ XSA_BLOCK_ROWS, XSA_WARPS = 16, 4  # tokens x one KV head (and its query heads) 
 def _xsa_launch(y: Tensor, v: Tensor, g: Tensor | None = None):
     """XSA forward (g None: returns the output) or backward (returns dy, dv for the output gradient g) on y (B, T, H,
     D) and v (B, T, Hkv, D): the same math as _ExclusiveSelfAttention, in fp32, one read of each input."""
+    if y.dim() != 4:
+        raise ValueError(f"exclusive_self_attention: y {tuple(y.shape)} is not (B, T, H, D)")
     B, T, H, D = y.shape
     if v.dim() != 4 or v.shape[:2] != (B, T) or v.size(3) != D or not v.size(2) or H % v.size(2) \
             or v.device != y.device:
         raise ValueError(f"exclusive_self_attention: v {tuple(v.shape)} on {v.device} does not fit y {tuple(y.shape)} "
                          f"on {y.device} (need (B, T, Hkv, D) with Hkv dividing H, same device)")
-    if g is not None and g.shape != y.shape:
-        raise ValueError(f"exclusive_self_attention: gradient {tuple(g.shape)} does not match y {tuple(y.shape)}")
+    if g is not None and (g.shape != y.shape or g.device != y.device):
+        raise ValueError(f"exclusive_self_attention: gradient {tuple(g.shape)} on {g.device} does not match y "
+                         f"{tuple(y.shape)} on {y.device}")
     y, v, hkv = y.contiguous(), v.contiguous(), v.size(2)
     grid = (-(-B * T // XSA_BLOCK_ROWS) * hkv,)
     meta = dict(G=H // hkv, D=D, BD=1 << (D - 1).bit_length(), BM=XSA_BLOCK_ROWS, num_warps=XSA_WARPS)

@@ -40,7 +40,9 @@ def main():
                     else:
                         o = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
                                                            is_causal=True)
-                    o.backward(g)
+                    # grad, not backward: no accumulation into q/k/v.grad (an add per tensor, ~140 us per call,
+                    # was in this bench's timings up to 2026-11-29)
+                    torch.autograd.grad(o, (q, k, v), g)
             try:
                 ms = bench(step)
                 print(f"attn {backend.name:22s} gqa:{int(gqa)} fwd+bwd {ms:7.2f} ms  {flops / ms / 1e9:6.0f} TFLOP/s"
@@ -63,7 +65,7 @@ def layouts():
         def step():
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            o.backward(g)
+            torch.autograd.grad(o, (q, k, v), g)
         ms = bench(step)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(4):
@@ -72,7 +74,8 @@ def layouts():
         print(f"attn_layout {layout} cudnn gqa fwd+bwd {ms:7.3f} ms  {flops / ms / 1e9:6.0f} TFLOP/s")
         for e in sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total):
             if e.self_device_time_total > 0:
-                print(f"attn_layout {layout}   {e.self_device_time_total / 4:9.1f} us/call x{e.count // 4}  {e.key[:110]}")
+                print(f"attn_layout {layout}   {e.self_device_time_total / 4:9.1f} us/call x{e.count // 4}  "
+                      f"{e.key[:110]}")
 
 
 if __name__ == "__main__":

@@ -33,14 +33,17 @@ def _loss(outs, ups):
 
 
 @pytest.mark.parametrize("shape", [(2, 9, (4, 2, 2), 16, 8), (1, 70, (3, 1, 0), 16, 0), (2, 5, (2, 2, 2), 16, 16),
-                                   (1, 66, (2, 1, 1), 64, 16), (1, 3, (2, 2, 1), 24, 8), (1, 17, (0, 2, 1), 16, 8)])
+                                   (1, 66, (2, 1, 1), 64, 16), (1, 3, (2, 2, 1), 24, 8), (1, 17, (0, 2, 1), 16, 8),
+                                   (1, 9, (2, 1, 1), 64, 24), (2, 5, (2, 1, 1), 20, 12), (1, 7, (1, 1, 1), 33, 0)])
 @pytest.mark.parametrize("with_gain", [True, False])
 @pytest.mark.parametrize("scale", [3.0, 3e-4])
 def test_qk_norm_rope_op_matches_reference(tg, shape, with_gain, scale):
     """Guards the Triton q/k/v kernel: q, k, v, dx and d_gain equal the torch-ops reference (RMSNorm at F.rms_norm's
     fp32 eps, rotate-half RoPE on the first rope_dims, per-head gain on q, v passed through) computed in fp64, for
-    row counts that are not a multiple of the block, rope_dims 0 / partial / full, a head dim that is not a power of
-    two (24), head groups with no v or no q heads, and inputs so small (3e-4) that the eps changes the result."""
+    row counts that are not a multiple of the block, rope_dims 0 / partial / full, head dims that are not powers of
+    two (24, 20, 33), RoPE halves that are not (12, 6) or do not divide the head dim (64 / 24: the last group of the
+    two tiles is cut by the row's end), head groups with no v or no q heads, and inputs so small (3e-4) that the eps
+    changes the result."""
     B, T, heads, D, R = shape
     op = tg.qk_norm_rope_op()
     assert op is not None
@@ -113,6 +116,20 @@ def test_qk_norm_rope_op_with_unused_outputs_and_strided_gain(tg, compiled):
     assert _rel_err(x32.grad, x64.grad) < 1e-5 and _rel_err(b32.grad, b64.grad) < 1e-5
 
 
+def test_qk_norm_rope_op_copies_v_in_its_own_dtype(tg):
+    """Guards the v heads' pass-through: copied (and their gradient copied back) in the input's own dtype, so fp64
+    inputs come back bit-exact too (the q/k math runs in fp32)."""
+    op = tg.qk_norm_rope_op()
+    _, cos, sin, gain, _ = _case(tg, 1, 5, (2, 1, 2), 16, 8, seed=7)
+    g = torch.Generator().manual_seed(8)
+    x, up_v = (torch.randn(1, 5, n, 16, generator=g, dtype=torch.float64) for n in (5, 2))  # not fp32-representable
+    x = x.requires_grad_()
+    q, k, v = op(x, cos, sin, gain.double(), 2, 1)
+    torch.testing.assert_close(v, x[:, :, 3:].detach(), rtol=0, atol=0)
+    ((q.sum() + k.sum()) + (v * up_v).sum()).backward()
+    torch.testing.assert_close(x.grad[:, :, 3:], up_v, rtol=0, atol=0)
+
+
 def test_qk_norm_rope_op_registration(tg):
     """Guards the custom-op plumbing torch.compile relies on: schema, fake (meta) kernel and autograd registration
     pass torch.library.opcheck, with and without the gain."""
@@ -163,7 +180,8 @@ def test_xsa_op_matches_reference(tg, shape):
 def test_xsa_op_below_the_norm_floor_and_in_bf16(tg):
     """Guards the two other regimes: v with |v| under F.normalize's 1e-12 floor (vn = v / eps, dv = dvn / eps with
     the radial part kept) against the fp64 reference, and the training dtypes: bf16 in, bf16 out and gradients within
-    bf16 rounding of fp64, the no-grad eval forward bit-equal to the training one."""
+    bf16 rounding of fp64; the eval path's call under inference mode (no autograd context) runs and gives the same
+    output."""
     op = _xsa_op(tg)
     y, v, gout = _xsa_case(1, 6, 4, 2, 16, seed=1, v_scale=1e-14)
     for a, b in zip(_xsa_run(op, y, v, gout), _xsa_run(tg.exclusive_self_attention, y, v, gout, torch.float64)):
