@@ -701,9 +701,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 RMS_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default eps: that of its fp32 computation dtype
 
-# q/k RMSNorm + partial RoPE + q_gain, and XSA, as one Triton kernel per op and direction, as torch custom ops (opaque
-# to inductor), which split them into several kernels at 1.7-2.3 TB/s, or wrote and re-read an fp32 copy of XSA's unit
-# vectors (docs/PERF.md).  The source is a string, compiled on first use with a linecache entry, because Triton reads
+# q/k RMSNorm + partial RoPE + q_gain, and XSA, as one Triton kernel per op and direction, as torch custom ops that
+# inductor treats as opaque: it split the q/k math into several kernels at 1.7-2.3 TB/s, and wrote and re-read an fp32
+# copy of XSA's unit vectors (docs/PERF.md).  The source is a string, compiled on first use with a linecache entry, because Triton reads
 # a kernel's source and the self-extracting build exec()s the file.
 # qk_*: the input is the fused Q|K|V projection, x (B, T, NQ+NK+NV, D); one program per BM tokens x one head, heads
 # fastest.  q heads [0, NQ) and k heads [NQ, NQ+NK): fp32 per row of D, n = x * rsqrt(mean(x^2) + eps); rotate the
