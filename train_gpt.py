@@ -857,12 +857,16 @@ def _load_triton_source(src: str, name: str) -> dict:
     return ns
 
 
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (Triton block sizes)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def _qk_meta(D: int, half: int, has_gain: bool) -> dict:
     """The kernels' compile-time shape: tiles of BM tokens x BG groups x BH columns, W of them used: RoPE's half
     (HALF = cos.size(-1)), or half a row without RoPE."""
     w = half or -(-D // 2)
-    pow2 = lambda n: 1 << max(n - 1, 0).bit_length()
-    return dict(D=D, W=w, HALF=half, BM=QK_BLOCK_ROWS, BG=pow2(-(-D // (2 * w))), BH=pow2(w), HAS_GAIN=has_gain)
+    return dict(D=D, W=w, HALF=half, BM=QK_BLOCK_ROWS, BG=_pow2(-(-D // (2 * w))), BH=_pow2(w), HAS_GAIN=has_gain)
 
 
 def _qk_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int, n_k: int,
@@ -918,7 +922,7 @@ def _xsa_launch(y: Tensor, v: Tensor, g: Tensor | None = None):
                          f"{tuple(y.shape)} on {y.device}")
     y, v, hkv = y.contiguous(), v.contiguous(), v.size(2)
     grid = (-(-B * T // XSA_BLOCK_ROWS) * hkv,)
-    meta = dict(G=H // hkv, D=D, BD=1 << (D - 1).bit_length(), BM=XSA_BLOCK_ROWS, num_warps=XSA_WARPS)
+    meta = dict(G=H // hkv, D=D, BD=_pow2(D), BM=XSA_BLOCK_ROWS, num_warps=XSA_WARPS)
     k = _QK_KERNELS["ns"]
     if g is None:
         out = torch.empty_like(y)
