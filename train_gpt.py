@@ -1217,11 +1217,17 @@ class Block(nn.Module):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         dim = (x.size(-1),)
+        # attn_scale * (y @ W_O^T) == y @ (attn_scale[:, None] * W_O)^T, and likewise mlp_scale into W_down: the
+        # per-channel scales ride on the 512-row weights (fp32 product, one rounding), so the backward neither keeps
+        # the N x 512 projection outputs for their gradients nor writes scaled copies of the residual gradient
+        # (docs/PERF.md #21)
+        wo = (self.attn_scale[:, None] * wo).to(wo.dtype)
         a = self.attn(F.rms_norm(x, dim) * self.ln_scale, wq, wk, wv, wo, rope, ve, store,
                       f"blocks.{self.layer_idx}.attn.")
-        x = x + self.attn_scale.to(x.dtype) * a
-        m = self.mlp(F.rms_norm(x, dim) * self.ln_scale, w_up, w_down, store)
-        return x + self.mlp_scale.to(x.dtype) * m
+        x = x + a
+        m = self.mlp(F.rms_norm(x, dim) * self.ln_scale, w_up, (self.mlp_scale[:, None] * w_down).to(w_down.dtype),
+                     store)
+        return x + m
 
 
 class GPT(nn.Module):

@@ -2,7 +2,9 @@
 forward+backward time of each PyTorch SDPA backend, with the KV heads expanded or via enable_gqa, and the
 achieved TFLOP/s (causal: 2*B*H*T^2*D forward, 2.5x that backward); then cuDNN with grouped heads on q/k/v/dO laid
 out (B, H, T, D) contiguous against (B, T, H, D) seen through a transpose (how the model calls it), with the time of
-each kernel cuDNN launches.   python3 scripts/attn_bench.py"""
+each kernel cuDNN launches; then cuDNN with the KV heads grouped (4, enable_gqa) against K/V already expanded to 8
+contiguous heads (no copy in the timing), to price cuDNN's own KV-head reduction kernels.
+    python3 scripts/attn_bench.py [main] [layouts] [kv]   (all three by default)"""
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +80,31 @@ def layouts():
                       f"{e.key[:110]}")
 
 
+def kv_heads():
+    dev = torch.device("cuda")
+    flops = 2 * B * H * T * T * D * 3.5
+    for hkv in (HKV, H):
+        def make(h, grad=True):  # (B, T, h, D) seen through a transpose, as the model calls it
+            return torch.randn(B, T, h, D, device=dev, dtype=torch.bfloat16).transpose(1, 2).requires_grad_(grad)
+        q, k, v, g = make(H), make(hkv), make(hkv), make(H, False)
+
+        def step():
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=hkv != H)
+            torch.autograd.grad(o, (q, k, v), g)
+        ms = bench(step)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(4):
+                step()
+            torch.cuda.synchronize()
+        print(f"attn_kv {hkv} kv heads cudnn fwd+bwd {ms:7.3f} ms  {flops / ms / 1e9:6.0f} TFLOP/s")
+        for e in sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total):
+            if e.self_device_time_total > 0:
+                print(f"attn_kv {hkv}   {e.self_device_time_total / 4:9.1f} us/call x{e.count // 4}  {e.key[:110]}")
+
+
 if __name__ == "__main__":
-    main()
-    layouts()
+    import sys
+    parts = sys.argv[1:] or ["main", "layouts", "kv"]
+    for part in parts:
+        {"main": main, "layouts": layouts, "kv": kv_heads}[part]()

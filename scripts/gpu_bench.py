@@ -284,27 +284,33 @@ def bench_xsa(tg, device, bench) -> None:
 
 def naive_sliding(tg, h, model, device, val_data, mode: str) -> tuple[float, float]:
     """The straightforward reference for the eval-throughput comparison (issue 7): the same windows, batches of 32
-    and SLOT math, but an eager (uncompiled) model, logits and CE at every position of every window, and the last
-    batch at its own size.  Its bpb must match train_gpt's within bf16 noise."""
+    and SLOT math, but an eager (uncompiled) model of torch ops (the hand-written Triton q/k and XSA kernels off;
+    attention still SDPA), logits and CE at every position of every window, and the last batch at its own size.
+    Its bpb must match train_gpt's within bf16 noise."""
     T, B = h.eval_seq_len, tg.SLIDING_BATCH_WINDOWS
     n_tok = val_data.tokens.numel() - 1
     starts, score_from = tg.plan_windows(n_tok, T, h.eval_stride, 0, 1)
     tok = val_data.tokens.to(device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    with tg.eval_mode(model), torch.no_grad():
-        for b in range(0, starts.numel(), B):
-            ws, sf = starts[b : b + B].to(device), score_from[b : b + B].to(device)
-            x, y, scored = tg._window_batch(tok, ws, sf, n_tok, T)
-            with tg.autocast_ctx(device):
-                hidden = model.forward_hidden(x)
-            if mode != "off":
-                ctx = None if mode == "standard" else torch.arange(T, device=device) < sf[:, None]
-                hidden = hidden.float()
-                hidden = hidden + tg._fit_slot_delta(model, hidden, y, ctx, ws.numel(), h.slot_lr, h.slot_steps)
-            nll = tg.token_nll(model, hidden, y)
-            sums[0] += torch.where(scored, nll, 0.0).sum(dtype=torch.float64)
-            sums[1] += scored.sum()
-            sums[2] += torch.where(scored, tg.count_target_bytes(val_data, x, y), 0).sum()
+    fused = model.blocks[0].attn.fused_qk
+    model.set_fused_qk(False)
+    try:
+        with tg.eval_mode(model), torch.no_grad():
+            for b in range(0, starts.numel(), B):
+                ws, sf = starts[b : b + B].to(device), score_from[b : b + B].to(device)
+                x, y, scored = tg._window_batch(tok, ws, sf, n_tok, T)
+                with tg.autocast_ctx(device):
+                    hidden = model.forward_hidden(x)
+                if mode != "off":
+                    ctx = None if mode == "standard" else torch.arange(T, device=device) < sf[:, None]
+                    hidden = hidden.float()
+                    hidden = hidden + tg._fit_slot_delta(model, hidden, y, ctx, ws.numel(), h.slot_lr, h.slot_steps)
+                nll = tg.token_nll(model, hidden, y)
+                sums[0] += torch.where(scored, nll, 0.0).sum(dtype=torch.float64)
+                sums[1] += scored.sum()
+                sums[2] += torch.where(scored, tg.count_target_bytes(val_data, x, y), 0).sum()
+    finally:
+        model.set_fused_qk(fused)
     return tg.loss_to_bpb(*sums.tolist())
 
 

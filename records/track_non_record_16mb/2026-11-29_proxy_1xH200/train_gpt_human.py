@@ -701,102 +701,172 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 RMS_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default eps: that of its fp32 computation dtype
 
-# q/k RMSNorm + partial RoPE + q_gain as one Triton kernel per direction, as torch custom ops (opaque to inductor).
-# Inductor split this into several kernels at 1.7-2.3 TB/s (docs/PERF.md).  The source is a string, compiled on first
-# use with a linecache entry, because Triton reads a kernel's source and the self-extracting build exec()s the file.
-# The input is the fused Q|K|V projection, x (B, T, NQ+NK+NV, D); one program per BM tokens x one head, heads
+# q/k RMSNorm + partial RoPE + q_gain, and XSA, as one Triton kernel per op and direction, as torch custom ops that
+# inductor treats as opaque: it split the q/k math into several kernels at 1.7-2.3 TB/s, and wrote and re-read an fp32
+# copy of XSA's unit vectors (docs/PERF.md).  The source is a string, compiled on first use with a linecache entry, because Triton reads
+# a kernel's source and the self-extracting build exec()s the file.
+# qk_*: the input is the fused Q|K|V projection, x (B, T, NQ+NK+NV, D); one program per BM tokens x one head, heads
 # fastest.  q heads [0, NQ) and k heads [NQ, NQ+NK): fp32 per row of D, n = x * rsqrt(mean(x^2) + eps); rotate the
 # first 2*HALF dims of n by (cos, sin) of the row's position; q heads times gain[head].  v heads are copied out (the
 # gradient copied back), so one GEMM feeds q, k and v and one backward writes the whole Q|K|V gradient.  The backward
-# recomputes n from x.
+# recomputes n from x.  xsa_*: one program per BM tokens x one KV head and the G query heads that read it.
 _QK_TRITON_SRC = """
 import triton
 import triton.language as tl
 
 EPS = tl.constexpr(RMS_EPS)
+XSA_EPS = tl.constexpr(XSA_EPS_)
 
 
 @triton.jit
-def _rows(HX, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, M):
+def _offsets(HX, M, D: tl.constexpr, W: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr, BH: tl.constexpr):
+    # program p: BM tokens x head p % HX.  A row of D splits into groups of 2W columns; tile a holds the first W of
+    # each group, tile b the second W (col + W), so the rotate-half partner of a column of a sits in the same place
+    # of b: no second, permuted load of the row
     p = tl.program_id(0).to(tl.int64)
     m = p // HX * BM + tl.arange(0, BM)
-    j = tl.arange(0, BD)
-    return m, j, (m < M)[:, None] & (j < D)[None, :], (m * HX + p % HX) * D
+    k = tl.arange(0, BG * BH)
+    col = (k // BH * (2 * W) + k % BH)[None, :]
+    ok = (m < M)[:, None] & (k % BH < W)[None, :]
+    return m, m[:, None], col, ok & (col < D), ok & (col + W < D)
 
 
 @triton.jit
-def _tile(X, COS, SIN, M, T, HX, D: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr, BM: tl.constexpr):
-    m, j, mask, row = _rows(HX, D, BD, BM, M)
-    rot = j < 2 * HALF
-    partner = tl.where(j < HALF, j + HALF, tl.where(rot, j - HALF, j))
-    sign = tl.where(j < HALF, 1.0, -1.0)[None, :]
+def _load2(P, col, ma, mb, W: tl.constexpr):
+    return tl.load(P + col, mask=ma, other=0.0), tl.load(P + col + W, mask=mb, other=0.0)
+
+
+@triton.jit
+def _store2(P, col, ma, mb, W: tl.constexpr, a, b):
+    tl.store(P + col, a.to(P.dtype.element_ty), mask=ma)
+    tl.store(P + col + W, b.to(P.dtype.element_ty), mask=mb)
+
+
+@triton.jit
+def _norm_rope(X, COS, SIN, m2, col, ma, mb, T, D: tl.constexpr, W: tl.constexpr, HALF: tl.constexpr):
+    a, b = _load2(X, col, ma, mb, W)
+    a, b = a.to(tl.float32), b.to(tl.float32)
+    r = (1.0 / tl.sqrt((tl.sum(a * a, 1) + tl.sum(b * b, 1)) / D + EPS))[:, None]
     c, s = 1.0, 0.0
-    if HALF > 0:
-        trig = (m % T)[:, None] * HALF + (j % HALF)[None, :]
-        c = tl.load(COS + trig, mask=mask & rot[None, :], other=1.0).to(tl.float32)
-        s = tl.load(SIN + trig, mask=mask & rot[None, :], other=0.0).to(tl.float32) * sign
-    x = tl.load(X + row[:, None] + j[None, :], mask=mask, other=0.0).to(tl.float32)
-    xp = tl.load(X + row[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + EPS)
-    return m, j, mask, row, c, s, x * r[:, None], xp * r[:, None], r, partner
+    if HALF > 0:  # then W == HALF and group 0 (col < W) is the rotated part
+        trig = (m2 % T) * HALF + col
+        c = tl.load(COS + trig, mask=ma & (col < W), other=1.0).to(tl.float32)
+        s = tl.load(SIN + trig, mask=ma & (col < W), other=0.0).to(tl.float32)
+    return a * r, b * r, r, c, s
 
 
 @triton.jit
-def qk_fwd(X, Q, K, V, COS, SIN, GAIN, M, T, NQ, NK, NV, D: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr,
-           BM: tl.constexpr, HAS_GAIN: tl.constexpr):
-    h = tl.program_id(0) % (NQ + NK + NV)
+def qk_fwd(X, Q, K, V, COS, SIN, GAIN, M, T, NQ, NK, NV, D: tl.constexpr, W: tl.constexpr, HALF: tl.constexpr,
+           BM: tl.constexpr, BG: tl.constexpr, BH: tl.constexpr, HAS_GAIN: tl.constexpr):
+    HX = NQ + NK + NV
+    h = tl.program_id(0) % HX
+    m, m2, col, ma, mb = _offsets(HX, M, D, W, BM, BG, BH)
+    src = X + (m2 * HX + h) * D
     if h < NQ + NK:
-        m, j, mask, row, c, s, n, npart, r, partner = _tile(X, COS, SIN, M, T, NQ + NK + NV, D, BD, HALF, BM)
-        y = n * c + npart * s
+        a, b, r, c, s = _norm_rope(src, COS, SIN, m2, col, ma, mb, T, D, W, HALF)
+        a, b = a * c + b * s, b * c - a * s
         if h < NQ:
-            if HAS_GAIN:
-                y = y * tl.load(GAIN + h).to(tl.float32)
-            tl.store(Q + ((m * NQ + h) * D)[:, None] + j[None, :], y.to(Q.dtype.element_ty), mask=mask)
-        else:
-            tl.store(K + ((m * NK + h - NQ) * D)[:, None] + j[None, :], y.to(K.dtype.element_ty), mask=mask)
-    else:
-        m, j, mask, row = _rows(NQ + NK + NV, D, BD, BM, M)
-        x = tl.load(X + row[:, None] + j[None, :], mask=mask, other=0.0)
-        tl.store(V + ((m * NV + h - NQ - NK) * D)[:, None] + j[None, :], x.to(V.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def qk_bwd(GQ, GK, GV, X, DX, COS, SIN, GAIN, PART, M, T, NQ, NK, NV, D: tl.constexpr, BD: tl.constexpr,
-           HALF: tl.constexpr, BM: tl.constexpr, HAS_GAIN: tl.constexpr):
-    h = tl.program_id(0) % (NQ + NK + NV)
-    if h < NQ + NK:
-        m, j, mask, row, c, s, n, npart, r, partner = _tile(X, COS, SIN, M, T, NQ + NK + NV, D, BD, HALF, BM)
-        if h < NQ:
-            grow = ((m * NQ + h) * D)[:, None]
-            g = tl.load(GQ + grow + j[None, :], mask=mask, other=0.0).to(tl.float32)
-            gp = tl.load(GQ + grow + partner[None, :], mask=mask, other=0.0).to(tl.float32)
             if HAS_GAIN:
                 gain = tl.load(GAIN + h).to(tl.float32)
-                part = tl.sum(tl.sum(g * (n * c + npart * s), axis=1), axis=0)
-                tl.store(PART + tl.program_id(0) // (NQ + NK + NV) * NQ + h, part)
-                g, gp = g * gain, gp * gain
+                a, b = a * gain, b * gain
+            _store2(Q + (m2 * NQ + h) * D, col, ma, mb, W, a, b)
         else:
-            grow = ((m * NK + h - NQ) * D)[:, None]
-            g = tl.load(GK + grow + j[None, :], mask=mask, other=0.0).to(tl.float32)
-            gp = tl.load(GK + grow + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-        dn = g * c - gp * s
-        dx = (dn - n * (tl.sum(dn * n, axis=1) / D)[:, None]) * r[:, None]
-        tl.store(DX + row[:, None] + j[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            _store2(K + (m2 * NK + h - NQ) * D, col, ma, mb, W, a, b)
+    else:  # v heads: copied in their own dtype
+        va, vb = _load2(src, col, ma, mb, W)
+        _store2(V + (m2 * NV + h - NQ - NK) * D, col, ma, mb, W, va, vb)
+
+
+@triton.jit
+def qk_bwd(GQ, GK, GV, X, DX, COS, SIN, GAIN, PART, M, T, NQ, NK, NV, D: tl.constexpr, W: tl.constexpr,
+           HALF: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr, BH: tl.constexpr, HAS_GAIN: tl.constexpr):
+    HX = NQ + NK + NV
+    h = tl.program_id(0) % HX
+    m, m2, col, ma, mb = _offsets(HX, M, D, W, BM, BG, BH)
+    row = (m2 * HX + h) * D
+    if h < NQ + NK:
+        if h < NQ:
+            ga, gb = _load2(GQ + (m2 * NQ + h) * D, col, ma, mb, W)
+        else:
+            ga, gb = _load2(GK + (m2 * NK + h - NQ) * D, col, ma, mb, W)
+        a, b, r, c, s = _norm_rope(X + row, COS, SIN, m2, col, ma, mb, T, D, W, HALF)
+        ga, gb = ga.to(tl.float32), gb.to(tl.float32)
+        ga, gb = ga * c - gb * s, gb * c + ga * s  # the gradient of the normed row, RoPE undone (before the gain)
+        dot = tl.sum(ga * a, 1) + tl.sum(gb * b, 1)
+        if HAS_GAIN:
+            if h < NQ:
+                # d gain = sum(g * rope(n)) = sum(dn * n): the row sums the norm's backward needs anyway, stored
+                # per token (summed over tokens outside: a sum across the program's warps here costs a barrier)
+                tl.store(PART + m * NQ + h, dot, mask=m < M)
+                gain = tl.load(GAIN + h).to(tl.float32)
+                ga, gb, dot = ga * gain, gb * gain, dot * gain
+        dot = (dot / D)[:, None]
+        _store2(DX + row, col, ma, mb, W, (ga - a * dot) * r, (gb - b * dot) * r)
     else:
-        m, j, mask, row = _rows(NQ + NK + NV, D, BD, BM, M)
-        gv = tl.load(GV + ((m * NV + h - NQ - NK) * D)[:, None] + j[None, :], mask=mask, other=0.0)
-        tl.store(DX + row[:, None] + j[None, :], gv.to(DX.dtype.element_ty), mask=mask)
+        va, vb = _load2(GV + (m2 * NV + h - NQ - NK) * D, col, ma, mb, W)
+        _store2(DX + row, col, ma, mb, W, va, vb)
+
+
+@triton.jit
+def _xsa_v(V, M, HKV, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
+    # program p: BM tokens x KV head p % HKV and its G query heads; the unit value vector vn of each token
+    p = tl.program_id(0).to(tl.int64)
+    kh = p % HKV
+    m = p // HKV * BM + tl.arange(0, BM)
+    j = tl.arange(0, BD)[None, :]
+    mask = (m < M)[:, None] & (j < D)
+    v = tl.load(V + ((m * HKV + kh) * D)[:, None] + j, mask=mask, other=0.0).to(tl.float32)
+    norm = tl.sqrt(tl.sum(v * v, 1))[:, None]
+    return (m * HKV + kh)[:, None], j, mask, v / tl.maximum(norm, XSA_EPS), norm
+
+
+@triton.jit
+def xsa_fwd(Y, V, OUT, M, HKV, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
+    kv, j, mask, vn, norm = _xsa_v(V, M, HKV, D, BD, BM)
+    for i in tl.static_range(G):
+        at = (kv * G + i) * D + j
+        y = tl.load(Y + at, mask=mask, other=0.0).to(tl.float32)
+        tl.store(OUT + at, (y - tl.sum(y * vn, 1)[:, None] * vn).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def xsa_bwd(GO, Y, V, DY, DV, M, HKV, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
+    kv, j, mask, vn, norm = _xsa_v(V, M, HKV, D, BD, BM)
+    dvn = tl.zeros(vn.shape, tl.float32)
+    for i in tl.static_range(G):
+        at = (kv * G + i) * D + j
+        g = tl.load(GO + at, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Y + at, mask=mask, other=0.0).to(tl.float32)
+        c, gv = tl.sum(y * vn, 1)[:, None], tl.sum(g * vn, 1)[:, None]
+        tl.store(DY + at, (g - gv * vn).to(DY.dtype.element_ty), mask=mask)
+        dvn -= c * g + gv * y
+    # normalize's backward: project out the radial part; below the floor vn = v / eps is linear in v
+    dv = tl.where(norm >= XSA_EPS, dvn - tl.sum(dvn * vn, 1)[:, None] * vn, dvn) / tl.maximum(norm, XSA_EPS)
+    tl.store(DV + kv * D + j, dv.to(DV.dtype.element_ty), mask=mask)
 """
-QK_BLOCK_ROWS, QK_WARPS = 16, 4  # tokens x one head per Triton program, and its warps: within 1% of the best of 16 (PERF #14)
+QK_BLOCK_ROWS, QK_WARPS = 32, 4  # tokens x one head per Triton program, and its warps: within 1% of the best (PERF #17)
 
 
 def _load_triton_source(src: str, name: str) -> dict:
     import linecache
     filename = f"<{name}>"
     linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
-    ns = {"RMS_EPS": RMS_EPS, "__name__": name}  # Triton names called kernels after their __module__
+    # Triton names called kernels after their __module__
+    ns = {"RMS_EPS": RMS_EPS, "XSA_EPS_": XSA_EPS, "__name__": name}
     exec(compile(src, filename, "exec"), ns)
     return ns
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (Triton block sizes)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _qk_meta(D: int, half: int, has_gain: bool) -> dict:
+    """The kernels' compile-time shape: tiles of BM tokens x BG groups x BH columns, W of them used: RoPE's half
+    (HALF = cos.size(-1)), or half a row without RoPE."""
+    w = half or -(-D // 2)
+    return dict(D=D, W=w, HALF=half, BM=QK_BLOCK_ROWS, BG=_pow2(-(-D // (2 * w))), BH=_pow2(w), HAS_GAIN=has_gain)
 
 
 def _qk_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int, n_k: int,
@@ -820,7 +890,7 @@ def _qk_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: in
     cos, sin = cos.contiguous(), sin.contiguous()  # any float dtype: the kernels read them as fp32
     blocks = -(-M // QK_BLOCK_ROWS)
     grid = (blocks * HX,)  # program p: token block p // HX, head p % HX (neighbouring programs share token rows)
-    meta = dict(D=D, BD=1 << (D - 1).bit_length(), HALF=cos.size(-1), BM=QK_BLOCK_ROWS, HAS_GAIN=gain is not None)
+    meta = _qk_meta(D, cos.size(-1), gain is not None)
     gain_arg = gain if gain is not None else cos
     if grads is None:
         q, kk, v = (x.new_empty(B, T, n, D) for n in (n_q, n_k, n_v))
@@ -828,10 +898,39 @@ def _qk_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: in
         return q, kk, v
     gq, gk, gv = (g.contiguous() for g in grads)
     dx = torch.empty_like(x)
-    part = torch.empty(blocks * n_q if gain is not None else 0, device=x.device, dtype=torch.float32)
+    part = torch.empty(M * n_q if gain is not None else 0, device=x.device, dtype=torch.float32)
     k["qk_bwd"][grid](gq, gk, gv, x, dx, cos, sin, gain_arg, part if gain is not None else cos, M, T, n_q, n_k, n_v,
                       **meta, num_warps=QK_WARPS)
-    return dx, (part.view(blocks, n_q).sum(0).to(gain.dtype) if gain is not None else part)
+    return dx, (part.view(M, n_q).sum(0).to(gain.dtype) if gain is not None else part)
+
+
+XSA_BLOCK_ROWS, XSA_WARPS = 16, 4  # tokens x one KV head (and its query heads) per program, and its warps (PERF #18)
+
+
+def _xsa_launch(y: Tensor, v: Tensor, g: Tensor | None = None):
+    """XSA forward (g None: returns the output) or backward (returns dy, dv for the output gradient g) on y (B, T, H,
+    D) and v (B, T, Hkv, D): the same math as _ExclusiveSelfAttention, in fp32, one read of each input."""
+    if y.dim() != 4:
+        raise ValueError(f"exclusive_self_attention: y {tuple(y.shape)} is not (B, T, H, D)")
+    B, T, H, D = y.shape
+    if v.dim() != 4 or v.shape[:2] != (B, T) or v.size(3) != D or not v.size(2) or H % v.size(2) \
+            or v.device != y.device:
+        raise ValueError(f"exclusive_self_attention: v {tuple(v.shape)} on {v.device} does not fit y {tuple(y.shape)} "
+                         f"on {y.device} (need (B, T, Hkv, D) with Hkv dividing H, same device)")
+    if g is not None and (g.shape != y.shape or g.device != y.device):
+        raise ValueError(f"exclusive_self_attention: gradient {tuple(g.shape)} on {g.device} does not match y "
+                         f"{tuple(y.shape)} on {y.device}")
+    y, v, hkv = y.contiguous(), v.contiguous(), v.size(2)
+    grid = (-(-B * T // XSA_BLOCK_ROWS) * hkv,)
+    meta = dict(G=H // hkv, D=D, BD=_pow2(D), BM=XSA_BLOCK_ROWS, num_warps=XSA_WARPS)
+    k = _QK_KERNELS["ns"]
+    if g is None:
+        out = torch.empty_like(y)
+        k["xsa_fwd"][grid](y, v, out, B * T, hkv, **meta)
+        return out
+    dy, dv = torch.empty_like(y), torch.empty_like(v)
+    k["xsa_bwd"][grid](g.contiguous(), y, v, dy, dv, B * T, hkv, **meta)
+    return dy, dv
 
 
 _QK_KERNELS: dict = {}
@@ -840,7 +939,9 @@ FUSED_QK_DEVICES = ("cuda",)  # device types the Triton op runs on (the CPU test
 
 def qk_norm_rope_op():
     """The custom op (built once per process; None without Triton).  op(x, cos, sin, gain|None, n_q, n_k) ==
-    qkv_norm_rope_ref(...): (q, k, v) from the fused Q|K|V projection x (B, T, n_q + n_k + n_v, D)."""
+    qkv_norm_rope_ref(...): (q, k, v) from the fused Q|K|V projection x (B, T, n_q + n_k + n_v, D).  Also builds
+    the XSA op, _QK_KERNELS["xsa"](y, v) == exclusive_self_attention(y, v), which the model uses wherever it uses
+    this one."""
     if "op" in _QK_KERNELS:
         return _QK_KERNELS["op"]
     try:
@@ -887,7 +988,29 @@ def qk_norm_rope_op():
         return dx, None, None, dgain if gain is not None else None, None, None
 
     fwd.register_autograd(backward, setup_context=setup_context)
-    _QK_KERNELS["op"] = fwd
+
+    @torch.library.custom_op(f"{lib}::xsa", mutates_args=(), schema="(Tensor y, Tensor v) -> Tensor")
+    def xsa(y: Tensor, v: Tensor) -> Tensor:
+        return _xsa_launch(y, v)
+
+    @xsa.register_fake
+    def _(y, v):
+        return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+    @torch.library.custom_op(f"{lib}::xsa_backward", mutates_args=(),
+                             schema="(Tensor g, Tensor y, Tensor v) -> (Tensor, Tensor)")
+    def xsa_bwd(g: Tensor, y: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return _xsa_launch(y, v, g)
+
+    @xsa_bwd.register_fake
+    def _(g, y, v):
+        return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (y, v))
+
+    def xsa_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    xsa.register_autograd(lambda ctx, g: xsa_bwd(g, *ctx.saved_tensors), setup_context=xsa_setup)
+    _QK_KERNELS["op"], _QK_KERNELS["xsa"] = fwd, xsa
     return fwd
 
 
@@ -944,9 +1067,10 @@ def _at_least_fp32(t: Tensor) -> Tensor:
 
 
 class _ExclusiveSelfAttention(torch.autograd.Function):
-    """XSA with a hand-written backward, computed in (at least) fp32: it reads g, y, v once and writes dy, dv,
-    where autograd through normalize + the grouped reshapes compiled to more kernels and ran 5.8 ms/step slower
-    (docs/PERF.md).  y (B,T,Hkv,G,D) in groups of the KV head it reads, v (B,T,Hkv,D)."""
+    """XSA with a hand-written backward, computed in (at least) fp32, where autograd through normalize + the grouped
+    reshapes compiled to more kernels and ran 5.8 ms/step slower (docs/PERF.md).  The path off CUDA or without
+    Triton, and the reference of the Triton op (xsa_*).  y (B,T,Hkv,G,D) in groups of the KV head it reads,
+    v (B,T,Hkv,D)."""
 
     @staticmethod
     def forward(ctx, y: Tensor, v: Tensor) -> Tensor:
@@ -1060,8 +1184,9 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:
             v = v + ve.view(B, T, Hkv, D)
         y = causal_attention(q, k, v)
-        if self.xsa:
-            y = exclusive_self_attention(y, v)
+        if self.xsa:  # the Triton op where the q/k op runs (PERF #18), else torch ops with a hand-written backward
+            xsa = _QK_KERNELS.get("xsa") if norm_rope is not qkv_norm_rope_ref else None
+            y = xsa(y, v) if xsa else exclusive_self_attention(y, v)
         y = y.reshape(B, T, self.num_heads * D)
         _record_hessian(store, prefix + "proj", y)
         return F.linear(y, wo)
@@ -1179,7 +1304,8 @@ class GPT(nn.Module):
             p.data = p.data.to(torch.bfloat16) if keep_bf16 else p.data.to(torch.bfloat16).float()
 
     def set_fused_qk(self, on: bool) -> bool:
-        """Use the Triton q/k norm + RoPE op for inputs on FUSED_QK_DEVICES (if Triton imports); returns whether on."""
+        """Use the Triton ops (q/k norm + RoPE, XSA) for inputs on FUSED_QK_DEVICES (if Triton imports); returns
+        whether they are on."""
         on = on and qk_norm_rope_op() is not None
         for block in self.blocks:
             block.attn.fused_qk = on
@@ -2533,7 +2659,8 @@ def log_header(h: Hyperparameters, d: DistInfo, device) -> None:
              f"mem_efficient={b.mem_efficient_sdp_enabled()} math={b.math_sdp_enabled()}")
     log0(f"attention_backend:{attention_backend_name(device)}")
     fused = device.type in FUSED_QK_DEVICES and qk_norm_rope_op() is not None
-    log0(f"qk_norm_rope:{'triton' if fused else 'torch'}")
+    kernels = "triton" if fused else "torch"
+    log0(f"qk_norm_rope:{kernels} xsa:{kernels if h.xsa_last_n else 'off'}")
     log0(f"attention_mode:gqa num_heads:{h.num_heads} num_kv_heads:{h.num_kv_heads}")
     log0(f"tie_embeddings:{h.tie_embeddings} embed_lr:{h.tied_embed_lr} head_lr:0.0 matrix_lr:{h.matrix_lr} "
          f"scalar_lr:{h.scalar_lr} matrix_lr_early:{h.matrix_lr_early} matrix_lr_late:{h.matrix_lr_late} "
