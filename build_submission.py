@@ -497,7 +497,9 @@ def _readme(name, args, runs, track, reasons, info, baseline, warnings) -> str:
     out += ["## Files", "",
             f"- `train_gpt.py`: the submitted, counted code: {info['bytes']:,} bytes, sha256 `{info['sha256']}` (minified "
             f"from {info['source_bytes']:,} bytes with python-minifier {MINIFIER_VERSION}, raw LZMA2 preset 9e, base85).",
-            "- `train_gpt_human.py`: the readable source it was built from (`python build_submission.py` rebuilds it).",
+            "- `train_gpt_human.py`: the readable source it was built from (from the repo root, `python "
+            "build_submission.py --source <this folder>/train_gpt_human.py --out <this folder>/train_gpt.py` rebuilds "
+            "it byte for byte).",
             *[f"- `{_log_name(r)}`: training log, seed {r.seed}." for r in runs],
             "- `loss_curve.png`: train_loss and val_bpb vs step.", "- `requirements.txt`.", "",
             "## Reproduce", "", "```", *torchrun_commands([r.seed for r in runs], name), "```", ""]

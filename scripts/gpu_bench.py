@@ -106,10 +106,16 @@ def apply_variant(tg, variant: str) -> None:
     the Triton op), xsaref (XSA through autograd of F.normalize), qkref (q/k norm + RoPE, and XSA, through torch ops
     instead of the Triton ops), vsplit (one GEMM for Q|K, V's GEMM apart), aggr (inductor aggressive_fusion),
     autotune (torch.compile mode max-autotune-no-cudagraphs), pdl (inductor's Programmatic Dependent Launch for its
-    Triton kernels, config.triton.enable_pdl), split128 (inductor's mix-order reductions, the per-channel parameter
-    gradients, in blocks of 128 rows instead of its 64 here: half the partial sums left to one aten.sum each)."""
+    Triton kernels, config.triton.enable_pdl), split128 / split32 (inductor's mix-order reductions, the per-channel
+    parameter gradients, in blocks of 128 / 32 rows instead of its 64 here: half / twice the partial sums left to one
+    aten.sum each), stages (mix-order reduction kernels may software-pipeline their loads,
+    config.triton.mix_order_reduction_allow_multi_stages: off in torch 2.11, on by default in later versions; the
+    widest of them, 14 row loads and 8 per-channel sums, ran at 1.7 TB/s, PERF "What is left"), maxreads6 (at most 6
+    external reads per mix-order reduction kernel, config.triton.mix_order_reduction_max_reads; the widest kernels
+    read 10-14 rows under its default of 10, so whether this splits them is to be seen)."""
     flags = set(variant.split("+"))
-    unknown = flags - {"base", "expand", "xsatorch", "xsaref", "qkref", "vsplit", "aggr", "autotune", "pdl", "split128"}
+    unknown = flags - {"base", "expand", "xsatorch", "xsaref", "qkref", "vsplit", "aggr", "autotune", "pdl", "split128",
+                       "split32", "stages", "maxreads6"}
     if unknown:
         raise ValueError(f"BENCH_VARIANTS: unknown flags {sorted(unknown)}")
     if not ORIGINALS:
@@ -128,13 +134,22 @@ def apply_variant(tg, variant: str) -> None:
     tg.sdpa_attention = (lambda q, k, v, prefer_cudnn: ORIGINALS["sdpa"](q, *expand_kv(q, k, v), prefer_cudnn)) \
         if "expand" in flags else ORIGINALS["sdpa"]
     torch._inductor.config.aggressive_fusion = "aggr" in flags
-    for flag, name, on in (("pdl", "enable_pdl", True), ("split128", "mix_order_reduction_split_size", 128)):
-        if not hasattr(torch._inductor.config.triton, name):
+    if {"split128", "split32"} <= flags:
+        raise ValueError("BENCH_VARIANTS: split128 and split32 set the same knob; pick one")
+    knobs = (("pdl", "enable_pdl", True), ("split128", "mix_order_reduction_split_size", 128),
+             ("split32", "mix_order_reduction_split_size", 32), ("stages", "mix_order_reduction_allow_multi_stages", True),
+             ("maxreads6", "mix_order_reduction_max_reads", 6))
+    cfg = torch._inductor.config.triton
+    for flag, name, _ in knobs:
+        if not hasattr(cfg, name):
             if flag in flags:
                 raise ValueError(f"BENCH_VARIANTS: {flag} needs torch._inductor.config.triton.{name} (torch too old)")
             continue
-        ORIGINALS.setdefault(name, getattr(torch._inductor.config.triton, name))
-        setattr(torch._inductor.config.triton, name, on if flag in flags else ORIGINALS[name])
+        ORIGINALS.setdefault(name, getattr(cfg, name))
+        setattr(cfg, name, ORIGINALS[name])  # every knob back to torch's own value first: two flags may share one
+    for flag, name, on in knobs:
+        if flag in flags:
+            setattr(cfg, name, on)
     tg.maybe_compile = (lambda fn, device: torch.compile(fn, dynamic=False, fullgraph=True,
                                                          mode="max-autotune-no-cudagraphs")) \
         if "autotune" in flags else ORIGINALS["compile"]
