@@ -53,54 +53,42 @@ def main():
                 print(f"attn {backend.name:22s} gqa:{int(gqa)} unavailable: {str(e).splitlines()[0][:100]}")
 
 
+def cudnn_kernels(label: str, q, k, v, g) -> None:
+    """cuDNN fwd+bwd of q/k/v (grouped KV heads when k has fewer heads than q): time, TFLOP/s, and each kernel."""
+    flops = 2 * B * H * T * T * D * 3.5
+
+    def step():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
+        torch.autograd.grad(o, (q, k, v), g)
+    ms = bench(step)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(4):
+            step()
+        torch.cuda.synchronize()
+    print(f"{label} cudnn fwd+bwd {ms:7.3f} ms  {flops / ms / 1e9:6.0f} TFLOP/s")
+    for e in sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total):
+        if e.self_device_time_total > 0:
+            print(f"{label}   {e.self_device_time_total / 4:9.1f} us/call x{e.count // 4}  {e.key[:110]}")
+
+
 def layouts():
     dev = torch.device("cuda")
-    flops = 2 * B * H * T * T * D * 3.5
     for layout in ("bhsd", "bshd"):
         def make(h, grad=True):
             shape = (B, h, T, D) if layout == "bhsd" else (B, T, h, D)
             t = torch.randn(shape, device=dev, dtype=torch.bfloat16)
             t = t if layout == "bhsd" else t.transpose(1, 2)
             return t.requires_grad_(grad)
-        q, k, v, g = make(H), make(HKV), make(HKV), make(H, False)
-
-        def step():
-            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            torch.autograd.grad(o, (q, k, v), g)
-        ms = bench(step)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(4):
-                step()
-            torch.cuda.synchronize()
-        print(f"attn_layout {layout} cudnn gqa fwd+bwd {ms:7.3f} ms  {flops / ms / 1e9:6.0f} TFLOP/s")
-        for e in sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total):
-            if e.self_device_time_total > 0:
-                print(f"attn_layout {layout}   {e.self_device_time_total / 4:9.1f} us/call x{e.count // 4}  "
-                      f"{e.key[:110]}")
+        cudnn_kernels(f"attn_layout {layout} gqa", make(H), make(HKV), make(HKV), make(H, False))
 
 
 def kv_heads():
     dev = torch.device("cuda")
-    flops = 2 * B * H * T * T * D * 3.5
     for hkv in (HKV, H):
         def make(h, grad=True):  # (B, T, h, D) seen through a transpose, as the model calls it
             return torch.randn(B, T, h, D, device=dev, dtype=torch.bfloat16).transpose(1, 2).requires_grad_(grad)
-        q, k, v, g = make(H), make(hkv), make(hkv), make(H, False)
-
-        def step():
-            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=hkv != H)
-            torch.autograd.grad(o, (q, k, v), g)
-        ms = bench(step)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(4):
-                step()
-            torch.cuda.synchronize()
-        print(f"attn_kv {hkv} kv heads cudnn fwd+bwd {ms:7.3f} ms  {flops / ms / 1e9:6.0f} TFLOP/s")
-        for e in sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total):
-            if e.self_device_time_total > 0:
-                print(f"attn_kv {hkv}   {e.self_device_time_total / 4:9.1f} us/call x{e.count // 4}  {e.key[:110]}")
+        cudnn_kernels(f"attn_kv {hkv} kv heads", make(H), make(hkv), make(hkv), make(H, False))
 
 
 if __name__ == "__main__":
