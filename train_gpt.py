@@ -1218,9 +1218,9 @@ class Block(nn.Module):
         x = mix[0] * x + mix[1] * x0
         dim = (x.size(-1),)
         # attn_scale * (y @ W_O^T) == y @ (attn_scale[:, None] * W_O)^T, and likewise mlp_scale into W_down: the
-        # per-channel scales ride on the 512-row weights (product in fp32, rounded back to bf16), so the backward neither keeps
-        # the N x 512 projection outputs for their gradients nor writes scaled copies of the residual gradient
-        # (docs/PERF.md #21)
+        # per-channel scales ride on the 512-row weights (product in fp32, rounded back to bf16), so the backward
+        # neither keeps the N x 512 projection outputs for their gradients nor writes scaled copies of the residual
+        # gradient (docs/PERF.md #21)
         wo = (self.attn_scale[:, None] * wo).to(wo.dtype)
         a = self.attn(F.rms_norm(x, dim) * self.ln_scale, wq, wk, wv, wo, rope, ve, store,
                       f"blocks.{self.layer_idx}.attn.")
