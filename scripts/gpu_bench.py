@@ -110,12 +110,19 @@ def apply_variant(tg, variant: str) -> None:
     parameter gradients, in blocks of 128 / 32 rows instead of its 64 here: half / twice the partial sums left to one
     aten.sum each), stages (mix-order reduction kernels may software-pipeline their loads,
     config.triton.mix_order_reduction_allow_multi_stages: off in torch 2.11, on by default in later versions; the
-    widest of them, 14 row loads and 8 per-channel sums, ran at 1.7 TB/s, PERF "What is left"), maxreads6 (at most 6
-    external reads per mix-order reduction kernel, config.triton.mix_order_reduction_max_reads; the widest kernels
-    read 10-14 rows under its default of 10, so whether this splits them is to be seen)."""
+    widest of them, 14 row loads and 8 per-channel sums, ran at 1.7 TB/s, PERF "What is left"; measured +3.7 to +6.0
+    ms/step, PERF #23), maxreads6 (at most 6 external reads per mix-order reduction kernel,
+    config.triton.mix_order_reduction_max_reads: absent in torch 2.11, the device image's, present in 2.13), autosplit
+    (inductor autotunes the block of rows per mix-order reduction kernel, config.triton.
+    mix_order_reduction_autotune_split_size), nomix (no mix-order reductions: the per-channel gradients summed by
+    reductions of their own, config.triton.mix_order_reduction off: what train_gpt.py's training options do from
+    PERF #23 on, so this flag matters only for a TRAIN_GPT from before), mix (the training model compiled with
+    mix-order reductions again: the form before PERF #23, against the shipped one; split128, split32, stages and
+    autosplit act on the training model only together with mix from then on), combo (inductor's combo kernels:
+    independent kernels of a graph launched as one, config.combo_kernels)."""
     flags = set(variant.split("+"))
     unknown = flags - {"base", "expand", "xsatorch", "xsaref", "qkref", "vsplit", "aggr", "autotune", "pdl", "split128",
-                       "split32", "stages", "maxreads6"}
+                       "split32", "stages", "maxreads6", "autosplit", "nomix", "mix", "combo"}
     if unknown:
         raise ValueError(f"BENCH_VARIANTS: unknown flags {sorted(unknown)}")
     if not ORIGINALS:
@@ -134,11 +141,20 @@ def apply_variant(tg, variant: str) -> None:
     tg.sdpa_attention = (lambda q, k, v, prefer_cudnn: ORIGINALS["sdpa"](q, *expand_kv(q, k, v), prefer_cudnn)) \
         if "expand" in flags else ORIGINALS["sdpa"]
     torch._inductor.config.aggressive_fusion = "aggr" in flags
+    torch._inductor.config.combo_kernels = "combo" in flags
+    if {"mix", "nomix"} <= flags:
+        raise ValueError("BENCH_VARIANTS: mix and nomix contradict each other; pick one")
+    mix_knobs = flags & {"split128", "split32", "stages", "autosplit", "maxreads6"}
+    if mix_knobs and "mix" not in flags and getattr(tg, "train_compile_options", None) is not None:
+        raise ValueError(f"BENCH_VARIANTS: {'+'.join(sorted(mix_knobs))} tune mix-order reductions, which this "
+                         "train_gpt.py compiles the training model without (PERF #23); add +mix")
     if {"split128", "split32"} <= flags:
         raise ValueError("BENCH_VARIANTS: split128 and split32 set the same knob; pick one")
     knobs = (("pdl", "enable_pdl", True), ("split128", "mix_order_reduction_split_size", 128),
-             ("split32", "mix_order_reduction_split_size", 32), ("stages", "mix_order_reduction_allow_multi_stages", True),
-             ("maxreads6", "mix_order_reduction_max_reads", 6))
+             ("split32", "mix_order_reduction_split_size", 32),
+             ("stages", "mix_order_reduction_allow_multi_stages", True),
+             ("maxreads6", "mix_order_reduction_max_reads", 6),
+             ("autosplit", "mix_order_reduction_autotune_split_size", True), ("nomix", "mix_order_reduction", False))
     cfg = torch._inductor.config.triton
     for flag, name, _ in knobs:
         if not hasattr(cfg, name):
@@ -150,9 +166,26 @@ def apply_variant(tg, variant: str) -> None:
     for flag, name, on in knobs:
         if flag in flags:
             setattr(cfg, name, on)
-    tg.maybe_compile = (lambda fn, device: torch.compile(fn, dynamic=False, fullgraph=True,
-                                                         mode="max-autotune-no-cudagraphs")) \
+    autotune = torch._inductor.list_mode_options("max-autotune-no-cudagraphs")
+    tg.maybe_compile = (lambda fn, device, options=None: torch.compile(fn, dynamic=False, fullgraph=True,
+                                                                       options={**(options or {}), **autotune})) \
         if "autotune" in flags else ORIGINALS["compile"]
+    if "train_options" not in ORIGINALS:
+        ORIGINALS["train_options"] = getattr(tg, "train_compile_options", None)
+    if ORIGINALS["train_options"] is not None:
+        tg.train_compile_options = (lambda: {"triton.mix_order_reduction": True}) if "mix" in flags \
+            else ORIGINALS["train_options"]
+    elif "mix" in flags:
+        raise ValueError("BENCH_VARIANTS: mix needs a train_gpt.py with train_compile_options (PERF #23 on); "
+                         "before it the training model compiles with mix-order reductions anyway")
+
+
+def train_compile(tg, base, device):
+    """The training model compiled as train_gpt compiles it: with its training options (PERF #23 on), or as
+    maybe_compile(base, device) for a train_gpt.py from before them (TRAIN_GPT)."""
+    if hasattr(tg, "train_compile_options"):
+        return tg.maybe_compile(base, device, tg.train_compile_options())
+    return tg.maybe_compile(base, device)
 
 
 def attn_v_apart(tg, self, h, wq, wk, wv, wo, rope, ve, store, prefix):
@@ -363,15 +396,18 @@ def bench_gptq(tg, h, d, device, base):
 def main():
     tg = load_train_gpt()
     what = set(sys.argv[1:]) or {"kernels", "train", "eval", "gptq"}
+    variants = [v for v in os.environ.get("BENCH_VARIANTS", "base").split(",") if v]
+    if not variants:
+        raise ValueError("BENCH_VARIANTS names no variant (default: base)")
+    for variant in variants:  # every variant checked before the GPU is touched (a knob may be missing in this torch)
+        apply_variant(tg, variant)
+    apply_variant(tg, "base")  # the kernel benches run train_gpt as it is
     h = tg.Hyperparameters.from_env()
     h.validate()
     d = tg.DistInfo()
     device = tg.setup_runtime(h, d)
     print(f"device:{torch.cuda.get_device_name(device)} torch:{torch.__version__} "
           f"attention_backend:{tg.attention_backend_name(device)}")
-    variants = [v for v in os.environ.get("BENCH_VARIANTS", "base").split(",") if v]
-    if not variants:
-        raise ValueError("BENCH_VARIANTS names no variant (default: base)")
     if "kernels" in what:
         bench_kernels(tg, device)
     if "train" in what:
@@ -380,7 +416,7 @@ def main():
             torch._dynamo.reset()
             torch.manual_seed(h.seed)
             base = tg.build_model(h, device)
-            bench_train(tg, h, d, device, base, tg.maybe_compile(base, device), f" [{variant}]")
+            bench_train(tg, h, d, device, base, train_compile(tg, base, device), f" [{variant}]")
             del base
             torch.cuda.empty_cache()
     apply_variant(tg, variants[0])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from conftest import ROOT, load_module
@@ -75,3 +77,67 @@ def test_kernel_bytes_names_the_missing_kernels(kb, tmp_path, monkeypatch):
     monkeypatch.setattr(kb.sys, "argv", ["kernel_bytes.py", str(tmp_path), str(tmp_path / "profile.txt"), "rms_norm"])
     with pytest.raises(SystemExit, match="no generated kernel matching 'rms_norm'"):
         kb.main()
+
+
+@pytest.fixture
+def gpu_bench(monkeypatch):
+    """scripts/gpu_bench.py loaded fresh. Its variants set inductor's global config (restored afterwards), and it
+    registers the train_gpt.py it loads as sys.modules["train_gpt"] (put back as it was)."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.delitem(sys.modules, "train_gpt", raising=False)
+    monkeypatch.delenv("TRAIN_GPT", raising=False)
+    saved = inductor_config.get_config_copy()
+    yield load_module(ROOT / "scripts" / "gpu_bench.py", "gpu_bench_for_tests")
+    inductor_config.load_config(saved)
+
+
+def test_gpu_bench_variants_switch_the_training_options(gpu_bench):
+    import torch
+
+    tg = gpu_bench.load_train_gpt()
+    cfg = torch._inductor.config.triton
+    before = (cfg.mix_order_reduction, cfg.mix_order_reduction_split_size)
+    gpu_bench.apply_variant(tg, "base")
+    assert tg.train_compile_options() == {"triton.mix_order_reduction": False}
+    gpu_bench.apply_variant(tg, "mix+split32")
+    assert tg.train_compile_options() == {"triton.mix_order_reduction": True}
+    assert cfg.mix_order_reduction_split_size == 32
+    gpu_bench.apply_variant(tg, "nomix")
+    assert tg.train_compile_options() == {"triton.mix_order_reduction": False} and cfg.mix_order_reduction is False
+    assert cfg.mix_order_reduction_split_size == before[1]  # every knob back to torch's value before a variant's own
+    gpu_bench.apply_variant(tg, "base")
+    assert (cfg.mix_order_reduction, cfg.mix_order_reduction_split_size) == before
+    for bad, why in (("mix+nomix", "contradict"), ("mix+split128+split32", "same knob"), ("base+fast", "unknown"),
+                     ("split32", "split32 tune mix-order reductions, which this train_gpt.py compiles the training "
+                                 "model without")):
+        with pytest.raises(ValueError, match=why):
+            gpu_bench.apply_variant(tg, bad)
+
+
+def test_gpu_bench_checks_every_variant_before_touching_the_gpu(gpu_bench, monkeypatch):
+    """A bad last variant fails on a CPU machine with the variant's error, not with CUDA's (setup_runtime and the
+    device name come after the check), so no GPU time is spent on the variants before it."""
+    monkeypatch.setattr(sys, "argv", ["gpu_bench.py", "train"])
+    monkeypatch.setenv("BENCH_VARIANTS", "base,mix,stages")
+    with pytest.raises(ValueError, match="stages tune mix-order reductions"):
+        gpu_bench.main()
+    monkeypatch.setenv("BENCH_VARIANTS", ",")
+    with pytest.raises(ValueError, match="BENCH_VARIANTS names no variant"):
+        gpu_bench.main()
+
+
+def test_gpu_bench_mix_needs_the_training_options(gpu_bench, tmp_path, monkeypatch):
+    """A train_gpt.py from before PERF #23 (no train_compile_options) compiles with mix-order reductions anyway."""
+    source = (ROOT / "train_gpt.py").read_text()
+    start = source.index("def train_compile_options")
+    end = source.index("def maybe_compile")
+    old = tmp_path / "train_gpt_old.py"
+    old.write_text(source[:start] + source[end:].replace(", train_compile_options())", ")"))
+    monkeypatch.setenv("TRAIN_GPT", str(old))
+    tg = gpu_bench.load_train_gpt()
+    assert not hasattr(tg, "train_compile_options")
+    gpu_bench.apply_variant(tg, "split32")  # the knobs act on the training compile there, without mix
+    assert not hasattr(tg, "train_compile_options")
+    with pytest.raises(ValueError, match="mix needs a train_gpt.py with train_compile_options"):
+        gpu_bench.apply_variant(tg, "mix")

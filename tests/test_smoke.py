@@ -49,7 +49,12 @@ def test_pipeline_end_to_end(tg, tmp_path, monkeypatch):
     """Guards the whole chain and the log grammar: training lowers the loss, the artifact is written and reloaded,
     every final_* line has its _exact twin, and the harness alias is the last line and equals the sliding score."""
     h = smoke_config(tg)
+    compiled, real_compile = [], tg.maybe_compile
+    monkeypatch.setattr(tg, "maybe_compile", lambda fn, device, options=None: compiled.append(options) or
+                        real_compile(fn, device, options))
     lines = run_pipeline(tg, h, tmp_path, monkeypatch)
+    # the training model with the training options (PERF #23); the reloaded artifact's eval graphs without them
+    assert compiled == [tg.train_compile_options(), None, None]
     train = [float(m.group(1)) for m in map(re.compile(r"^step:\d+/\d+ train_loss:(\S+) train_time:\d+ms step_avg:[\d.]+ms").match, lines) if m]
     assert len(train) == h.iterations
     assert train[-1] < train[0] - 0.3, train

@@ -95,3 +95,27 @@ def test_short_window_uses_the_training_length_rope_base(tg):
     model.rope_ntk_len = 0
     torch.testing.assert_close(short_ntk, full[:, :300], rtol=1e-4, atol=1e-4)
     assert (short - full[:, :300]).abs().max() > 1e-2
+
+
+def test_training_compiles_without_mix_order_reductions(tg):
+    """PERF #23: the training model's inductor options turn mix-order reductions off. torch.compile checks option
+    names and types when it is called (no compile happens here), so a knob renamed or retyped by torch fails."""
+    opts = tg.train_compile_options()
+    assert opts == {"triton.mix_order_reduction": False}
+    torch.compile(lambda x: x, dynamic=False, fullgraph=True, options=opts)
+    with torch._inductor.config.patch(opts):
+        assert torch._inductor.config.triton.mix_order_reduction is False
+    with pytest.raises(RuntimeError, match="triton.mix_order_reductions"):
+        torch.compile(lambda x: x, options={"triton.mix_order_reductions": False})
+    fn = lambda x: x  # noqa: E731
+    assert tg.maybe_compile(fn, torch.device("cpu"), opts) is fn  # eager on CPU, with or without options
+
+
+def test_maybe_compile_hands_its_options_to_torch_compile(tg, monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    fn = lambda x: x  # noqa: E731
+    tg.maybe_compile(fn, torch.device("cuda"), tg.train_compile_options())
+    tg.maybe_compile(fn, torch.device("cuda"))
+    assert seen == [dict(dynamic=False, fullgraph=True, options={"triton.mix_order_reduction": False}),
+                    dict(dynamic=False, fullgraph=True, options=None)]
