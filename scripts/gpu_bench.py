@@ -130,7 +130,8 @@ def apply_variant(tg, variant: str) -> None:
         if qk is not None:
             qk()  # builds the ops, so the XSA op (train_gpt.py from PERF #18 on) can be switched per variant
         ORIGINALS.update(xsa=tg.exclusive_self_attention, sdpa=tg.sdpa_attention, compile=tg.maybe_compile, qk=qk,
-                         attn=tg.CausalSelfAttention.forward, xsa_op=getattr(tg, "_QK_KERNELS", {}).get("xsa"))
+                         attn=tg.CausalSelfAttention.forward, xsa_op=getattr(tg, "_QK_KERNELS", {}).get("xsa"),
+                         train_options=getattr(tg, "train_compile_options", None))  # None before PERF #23
     if ORIGINALS["xsa_op"] is not None:
         tg._QK_KERNELS["xsa"] = None if flags & {"xsatorch", "xsaref"} else ORIGINALS["xsa_op"]
     tg.CausalSelfAttention.forward = (lambda self, *a: attn_v_apart(tg, self, *a)) if "vsplit" in flags \
@@ -145,7 +146,7 @@ def apply_variant(tg, variant: str) -> None:
     if {"mix", "nomix"} <= flags:
         raise ValueError("BENCH_VARIANTS: mix and nomix contradict each other; pick one")
     mix_knobs = flags & {"split128", "split32", "stages", "autosplit", "maxreads6"}
-    if mix_knobs and "mix" not in flags and getattr(tg, "train_compile_options", None) is not None:
+    if mix_knobs and "mix" not in flags and ORIGINALS["train_options"] is not None:
         raise ValueError(f"BENCH_VARIANTS: {'+'.join(sorted(mix_knobs))} tune mix-order reductions, which this "
                          "train_gpt.py compiles the training model without (PERF #23); add +mix")
     if {"split128", "split32"} <= flags:
@@ -170,8 +171,6 @@ def apply_variant(tg, variant: str) -> None:
     tg.maybe_compile = (lambda fn, device, options=None: torch.compile(fn, dynamic=False, fullgraph=True,
                                                                        options={**(options or {}), **autotune})) \
         if "autotune" in flags else ORIGINALS["compile"]
-    if "train_options" not in ORIGINALS:
-        ORIGINALS["train_options"] = getattr(tg, "train_compile_options", None)
     if ORIGINALS["train_options"] is not None:
         tg.train_compile_options = (lambda: {"triton.mix_order_reduction": True}) if "mix" in flags \
             else ORIGINALS["train_options"]
