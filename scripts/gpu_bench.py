@@ -2,7 +2,7 @@
 the top CUDA kernels), peak memory, sliding-eval throughput per SLOT mode with the projection to the full FineWeb val
 on 8 GPUs, and GPTQ calibration / quantisation / compression times.
 
-    DATA_PATH=data/datasets/proxy_sp1024 python3 scripts/gpu_bench.py [kernels] [train] [eval] [gptq]
+    DATA_PATH=data/datasets/proxy_sp1024 python3 scripts/gpu_bench.py [kernels] [ce] [train] [eval] [gptq]
 
 Env: BENCH_STEPS (timed steps, default 8), BENCH_EVAL_BATCHES (32-window batches per mode, default 24),
 BENCH_QK_SWEEP (0 skips the q/k kernels' launch-shape sweep in kernels mode),
@@ -119,10 +119,11 @@ def apply_variant(tg, variant: str) -> None:
     PERF #23 on, so this flag matters only for a TRAIN_GPT from before), mix (the training model compiled with
     mix-order reductions again: the form before PERF #23, against the shipped one; split128, split32, stages and
     autosplit act on the training model only together with mix from then on), combo (inductor's combo kernels:
-    independent kernels of a graph launched as one, config.combo_kernels)."""
+    independent kernels of a graph launched as one, config.combo_kernels), ceref (the training loss through torch ops:
+    softcap, log-softmax and their backward compiled by inductor, the form before PERF #24)."""
     flags = set(variant.split("+"))
     unknown = flags - {"base", "expand", "xsatorch", "xsaref", "qkref", "vsplit", "aggr", "autotune", "pdl", "split128",
-                       "split32", "stages", "maxreads6", "autosplit", "nomix", "mix", "combo"}
+                       "split32", "stages", "maxreads6", "autosplit", "nomix", "mix", "combo", "ceref"}
     if unknown:
         raise ValueError(f"BENCH_VARIANTS: unknown flags {sorted(unknown)}")
     if not ORIGINALS:
@@ -131,9 +132,15 @@ def apply_variant(tg, variant: str) -> None:
             qk()  # builds the ops, so the XSA op (train_gpt.py from PERF #18 on) can be switched per variant
         ORIGINALS.update(xsa=tg.exclusive_self_attention, sdpa=tg.sdpa_attention, compile=tg.maybe_compile, qk=qk,
                          attn=tg.CausalSelfAttention.forward, xsa_op=getattr(tg, "_QK_KERNELS", {}).get("xsa"),
-                         train_options=getattr(tg, "train_compile_options", None))  # None before PERF #23
+                         train_options=getattr(tg, "train_compile_options", None),  # None before PERF #23
+                         ce_op=getattr(tg, "_QK_KERNELS", {}).get("ce"))  # None before PERF #24
     if ORIGINALS["xsa_op"] is not None:
         tg._QK_KERNELS["xsa"] = None if flags & {"xsatorch", "xsaref"} else ORIGINALS["xsa_op"]
+    if ORIGINALS["ce_op"] is not None:
+        tg._QK_KERNELS["ce"] = None if "ceref" in flags else ORIGINALS["ce_op"]
+    elif "ceref" in flags:
+        raise ValueError("BENCH_VARIANTS: ceref needs a train_gpt.py with the Triton loss (PERF #24 on); before it "
+                         "the loss runs through torch ops anyway")
     tg.CausalSelfAttention.forward = (lambda self, *a: attn_v_apart(tg, self, *a)) if "vsplit" in flags \
         else ORIGINALS["attn"]
     if ORIGINALS["qk"] is not None:  # GPT.__init__ asks qk_norm_rope_op() whether the Triton op is there
@@ -329,6 +336,55 @@ def bench_xsa(tg, device, bench) -> None:
               f"fwd+bwd:{1000 * t_fb:.1f}us")
 
 
+def bench_ce(tg, device) -> None:
+    """The Triton softcapped cross-entropy (PERF #24): loss and gradients against fp64 at a small shape (and the
+    torch path's bf16 error), a launch-shape sweep of the kernel alone at the record shape (98,304 rows of a
+    1,024-token vocabulary: reads the bf16 logits, writes their gradient), and the tied head + loss through autograd
+    against the torch-ops form compiled as the training step compiles it."""
+    import triton.testing
+    tg.qk_norm_rope_op()
+    fn = tg._SoftcapCrossEntropy.apply
+    cap = 30.0
+
+    def ref(h, w, t):
+        z = torch.nn.functional.linear(h, w)
+        return torch.nn.functional.cross_entropy((cap * torch.tanh(z / cap)).float(), t)
+
+    h, w = torch.randn(4096, 512, device=device), torch.randn(1024, 512, device=device) * 0.2
+    t = torch.randint(0, 1024, (4096,), device=device)
+    h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+    ref(h64, w64, t).backward()
+    for name, f in (("triton", fn), ("torch", ref)):
+        hb, wb = h.bfloat16().requires_grad_(), w.bfloat16().requires_grad_()
+        loss = f(hb, wb, t, cap) if f is fn else f(hb, wb, t)
+        (loss * 0.125).backward()
+        errs = [rel_err(loss, ref(h64, w64, t)), rel_err(hb.grad * 8, h64.grad), rel_err(wb.grad * 8, w64.grad)]
+        print(f"bench_ce check {name} rel_err loss/dh/dw: " + " ".join(f"{e:.2e}" for e in errs))
+    bench = lambda f: triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median")
+    N, V, d = 98304, 1024, 512
+    z = torch.randn(N, V, device=device, dtype=torch.bfloat16) * 20
+    t = torch.randint(0, V, (N,), device=device)
+    nb = z.numel() * 2 * 2
+    shipped = (tg.CE_BLOCK_ELEMENTS, tg.CE_WARPS)
+    for elements in (1024, 2048, 4096, 8192):
+        for warps in (1, 2, 4, 8):
+            tg.CE_BLOCK_ELEMENTS, tg.CE_WARPS = elements, warps
+            if elements // (32 * warps) < 8:  # under one 16-byte load of bf16 per thread
+                continue
+            ms = bench(lambda: tg._softcap_ce_launch(z, t, cap))
+            print(f"bench_ce sweep rows:{elements // V} warps:{warps} {1000 * ms:.1f}us ({nb / ms / 1e9:.2f}TB/s)")
+    tg.CE_BLOCK_ELEMENTS, tg.CE_WARPS = shipped
+    hr = torch.randn(N, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    wr = (torch.randn(V, d, device=device) * 0.05).bfloat16().requires_grad_()
+    ref_c = torch.compile(ref, fullgraph=True, dynamic=False)
+    for name, f in (("triton", lambda: fn(hr, wr, t, cap)), ("torch_compiled", lambda: ref_c(hr, wr, t))):
+        with torch.no_grad():
+            t_f = bench(f)  # the Triton forward writes dz too
+        t_fb = bench(lambda: torch.autograd.grad(f(), [hr, wr]))
+        print(f"bench_ce autograd {name} (rows:{tg.CE_BLOCK_ELEMENTS // V} warps:{tg.CE_WARPS}) fwd:{1000 * t_f:.1f}us"
+              f" fwd+bwd:{1000 * t_fb:.1f}us")
+
+
 def naive_sliding(tg, h, model, device, val_data, mode: str) -> tuple[float, float]:
     """The straightforward reference for the eval-throughput comparison (issue 7): the same windows, batches of 32
     and SLOT math, but an eager (uncompiled) model of torch ops (the hand-written Triton q/k and XSA kernels off;
@@ -394,7 +450,7 @@ def bench_gptq(tg, h, d, device, base):
 
 def main():
     tg = load_train_gpt()
-    what = set(sys.argv[1:]) or {"kernels", "train", "eval", "gptq"}
+    what = set(sys.argv[1:]) or {"kernels", "ce", "train", "eval", "gptq"}
     variants = [v for v in os.environ.get("BENCH_VARIANTS", "base").split(",") if v]
     if not variants:
         raise ValueError("BENCH_VARIANTS names no variant (default: base)")
@@ -409,6 +465,8 @@ def main():
           f"attention_backend:{tg.attention_backend_name(device)}")
     if "kernels" in what:
         bench_kernels(tg, device)
+    if "ce" in what:
+        bench_ce(tg, device)
     if "train" in what:
         for variant in variants:
             apply_variant(tg, variant)

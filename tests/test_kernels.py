@@ -206,10 +206,67 @@ def test_xsa_op_registration_and_errors(tg):
         tg._xsa_launch(y.detach(), v.detach(), torch.zeros(1, 6, 4, 8))
 
 
+def _ce_ref(h, w, targets, cap):
+    """The torch-ops loss the op replaces (GPT.compute_logits + F.cross_entropy), in h's dtype."""
+    z = torch.nn.functional.linear(h, w)
+    return torch.nn.functional.cross_entropy(cap * torch.tanh(z / cap), targets)
+
+
+def _ce_run(fn, h, w, targets, dtype=None, scale=1.0):
+    """(loss, dh, dw) of fn on leaf copies of h, w (in dtype if given), the loss scaled by `scale` before backward."""
+    h, w = (t.to(dtype or t.dtype).clone().requires_grad_() for t in (h, w))
+    loss = fn(h, w, targets)
+    (loss * scale).backward()
+    return loss.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("N,V,zscale", [(37, 50, 1.0), (5, 64, 80.0), (9, 1024, 3.0), (3, 3000, 0.01)])
+def test_softcap_ce_matches_reference(tg, N, V, zscale):
+    """Guards the Triton softcapped cross-entropy (PERF #24): the mean loss and the gradients of h and the tied
+    weight equal autograd through cap * tanh(z / cap) + F.cross_entropy in fp64, for row counts that are not a
+    multiple of the block, vocabularies that are not powers of two (50, 3000: one row per program, 16 warps), logits
+    far past the cap (tanh saturates) and near zero, targets at both ends of the vocabulary, and an incoming gradient
+    other than 1 (the 1/grad_accum of training)."""
+    tg.qk_norm_rope_op()
+    g = torch.Generator().manual_seed(N * V)
+    h = torch.randn(N, 16, generator=g)
+    w = torch.randn(V, 16, generator=g) * zscale / 4
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[0], targets[-1] = 0, V - 1
+    cap = 30.0
+    ref = _ce_run(lambda a, b, t: _ce_ref(a, b, t, cap), h, w, targets, torch.float64, scale=0.125)
+    got = _ce_run(lambda a, b, t: tg._SoftcapCrossEntropy.apply(a, b, t, cap), h, w, targets, scale=0.125)
+    assert all(t.dtype == torch.float32 for t in got)
+    for a, b in zip(got, ref):
+        assert _rel_err(a, b) < 1e-5, _rel_err(a, b)
+
+
+def test_softcap_ce_in_bf16_registration_and_errors(tg):
+    """Guards the training dtypes (bf16 h, w and logits: dz in bf16, the loss in fp32, within bf16 rounding of the
+    fp64 reference), the custom op's plumbing (opcheck: schema and fake kernel) and the launcher's shape errors."""
+    tg.qk_norm_rope_op()
+    op = tg._QK_KERNELS["ce"]
+    g = torch.Generator().manual_seed(5)
+    h, w = torch.randn(40, 32, generator=g), torch.randn(96, 32, generator=g)
+    targets = torch.randint(0, 96, (40,), generator=g)
+    got = _ce_run(lambda a, b, t: tg._SoftcapCrossEntropy.apply(a, b, t, 30.0), h, w, targets, torch.bfloat16)
+    ref = _ce_run(lambda a, b, t: _ce_ref(a, b, t, 30.0), h.bfloat16(), w.bfloat16(), targets, torch.float64)
+    assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.bfloat16
+    for a, b in zip(got, ref):
+        assert _rel_err(a, b) < 1e-2, _rel_err(a, b)
+    z = torch.randn(7, 96, generator=g)
+    torch.library.opcheck(op, (z, targets[:7], 30.0))
+    rows, dz = op(z, targets[:7], 30.0)
+    assert rows.shape == (7,) and rows.dtype == torch.float32 and dz.shape == z.shape
+    for bad in (targets[:6], targets[:7].float(), targets[:7, None]):
+        with pytest.raises(ValueError, match="softcap_cross_entropy: targets"):
+            tg._softcap_ce_launch(z, bad, 30.0)
+
+
 def test_model_with_fused_qk_matches_torch_ops_and_compiles(tg, monkeypatch):
-    """Guards the model wiring: with the ops switched on (q/k and XSA), the loss and every parameter gradient equal
-    those of the torch-ops path, and the training forward + backward still traces as one graph (fullgraph,
-    aot_eager)."""
+    """Guards the model wiring: with the ops switched on (q/k, XSA and the loss), the loss and every parameter
+    gradient equal those of the torch-ops path, and the training forward + backward still traces as one graph
+    (fullgraph, aot_eager)."""
     monkeypatch.setattr(tg, "FUSED_QK_DEVICES", ("cuda", "cpu"))
     h = tiny_config(tg)
     torch.manual_seed(0)
@@ -222,8 +279,11 @@ def test_model_with_fused_qk_matches_torch_ops_and_compiles(tg, monkeypatch):
     ref_loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    assert model.set_fused_qk(True) and all(b.attn.fused_qk for b in model.blocks)
+    assert model.set_fused_qk(True) and all(b.attn.fused_qk for b in model.blocks) and model.fused_ce
+    calls = []
+    monkeypatch.setattr(tg, "_softcap_ce_launch", lambda *a, launch=tg._softcap_ce_launch: calls.append(1) or launch(*a))
     loss = model(ids, tgt)
+    assert calls == [1]
     loss.backward()
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     for n, p in model.named_parameters():
@@ -277,6 +337,17 @@ for name in ("xsa_fwd", "xsa_bwd"):
     ok = ".target sm_90" in ptx and len(k.asm["cubin"]) > 0 and "ld.global.v4" in ptx and "st.global.v4" in ptx
     scalar = "ld.global.b16" in ptx or "st.global.b16" in ptx
     print(f"{name} built={ok} scalar_2byte_access={scalar} barrier={'bar.sync' in ptx}")
+fn = ns["softcap_ce"]
+sig = {a: "constexpr" if a in ("BM", "BV") else "i32" if a in ("M", "V") else "fp32" if a in ("CAP", "INV_N") else
+       "*i64" if a == "Y" else "*fp32" if a == "LOSS" else "*bf16" for a in fn.arg_names}
+# and V: launches specialise integer arguments divisible by 16, as the record's vocabulary of 1024 is
+attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a].startswith("*") or a == "V"}
+k = triton_compile(ASTSource(fn, sig, dict(BM=tg.CE_BLOCK_ELEMENTS // 1024, BV=1024), attrs),
+                   target=GPUTarget("cuda", 90, 32), options={"num_warps": tg.CE_WARPS})
+ptx = k.asm["ptx"]
+ok = ".target sm_90" in ptx and len(k.asm["cubin"]) > 0 and "ld.global.v4" in ptx and "st.global.v4" in ptx
+# one 2-byte load per row is the target's logit; the rows themselves move in 16-byte vectors
+print(f"softcap_ce built={ok} scalar_2byte_access={ptx.count('ld.global.b16') > 4 or 'st.global.b16' in ptx}")
 """
 
 
@@ -284,7 +355,8 @@ def test_qk_kernels_compile_for_hopper_with_vector_loads(tg):
     """Guards the real (non-interpreted) build, which the CPU tests above do not exercise: the q/k kernels compile to
     sm_90 machine code with Triton's own ptxas, for the record shape (bf16 q/k and RoPE tables, D 64, 16 RoPE dims)
     and with RoPE off, and their row loads and stores are 16-byte vector accesses, none 2-byte; so do the XSA kernels
-    (2 query heads per KV head, D 64), with no barrier (PERF #18).  In a fresh process:
+    (2 query heads per KV head, D 64), with no barrier (PERF #18), and the softcapped cross-entropy (vocabulary 1024,
+    PERF #24).  In a fresh process:
     the interpreter the other tests ran patches triton.language in this one."""
     import subprocess
     import sys
@@ -294,15 +366,16 @@ def test_qk_kernels_compile_for_hopper_with_vector_loads(tg):
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
-    assert len(lines) == 6, res.stdout
+    assert len(lines) == 7, res.stdout
     for line in lines:
         assert "built=True" in line and "scalar_2byte_access=False" in line, line
-    assert all("barrier=False" in line for line in lines[4:]), lines[4:]
+    assert all("barrier=False" in line for line in lines[4:6]), lines[4:6]
 
 
 def test_fused_qk_only_for_inputs_on_its_devices(tg, monkeypatch):
     """Guards device moves: a model switched to the op still runs inputs on other devices (CPU here, when only CUDA
-    is listed) through torch ops, so a model built on a GPU and moved to the CPU does not hand CPU tensors to Triton."""
+    is listed) through torch ops, so a model built on a GPU and moved to the CPU does not hand CPU tensors to Triton;
+    and the loss kernel runs only where autograd is recording (it writes the logits' gradient)."""
     h = tiny_config(tg)
     torch.manual_seed(0)
     model = randomize_params(tg.GPT(h), std=0.2)
@@ -313,10 +386,18 @@ def test_fused_qk_only_for_inputs_on_its_devices(tg, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the Triton op ran on an input outside FUSED_QK_DEVICES")
 
+    qk_launch = tg._qk_launch
     monkeypatch.setattr(tg, "_qk_launch", boom)
+    monkeypatch.setattr(tg, "_softcap_ce_launch", boom)
     assert tg.FUSED_QK_DEVICES == ("cuda",)
     torch.testing.assert_close(model(ids, ids), ref, rtol=0, atol=0)
     monkeypatch.setattr(tg, "FUSED_QK_DEVICES", ("cuda", "cpu"))
+    with pytest.raises(AssertionError, match="outside FUSED_QK_DEVICES"):
+        model(ids, ids)
+    # the loss kernel also writes the logits' gradient: forwards without autograd (eval) keep the torch loss
+    monkeypatch.setattr(tg, "_qk_launch", qk_launch)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, ids), ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(AssertionError, match="outside FUSED_QK_DEVICES"):
         model(ids, ids)
 

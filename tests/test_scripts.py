@@ -108,6 +108,12 @@ def test_gpu_bench_variants_switch_the_training_options(gpu_bench):
     assert cfg.mix_order_reduction_split_size == before[1]  # every knob back to torch's value before a variant's own
     gpu_bench.apply_variant(tg, "base")
     assert (cfg.mix_order_reduction, cfg.mix_order_reduction_split_size) == before
+    ce = tg._QK_KERNELS["ce"]
+    assert ce is not None
+    gpu_bench.apply_variant(tg, "ceref")  # the training loss through torch ops (GPT.forward reads _QK_KERNELS)
+    assert tg._QK_KERNELS["ce"] is None and tg._QK_KERNELS["xsa"] is not None
+    gpu_bench.apply_variant(tg, "base")
+    assert tg._QK_KERNELS["ce"] is ce
     for bad, why in (("mix+nomix", "contradict"), ("mix+split128+split32", "same knob"), ("base+fast", "unknown"),
                      ("split32", "split32 tune mix-order reductions, which this train_gpt.py compiles the training "
                                  "model without")):

@@ -352,11 +352,19 @@ def eval_mode(model: nn.Module):
         model.train(was_training)
 
 
-def maybe_compile(fn, device):
+def train_compile_options() -> dict:
+    """Inductor options for the training model (PERF #23): no mix-order reductions, i.e. the per-channel parameter
+    gradients (resid_mix, skip weights and gates, norm scales) are not summed inside the RMSNorm-backward kernels.
+    The widest of those kernels ran at 1.7 TB/s and each left partial sums to an aten.sum: -5 ms/step without."""
+    return {"triton.mix_order_reduction": False} if hasattr(torch._inductor.config.triton, "mix_order_reduction") \
+        else {}
+
+
+def maybe_compile(fn, device, options: dict | None = None):
     """torch.compile on CUDA (fullgraph, static shapes); eager on CPU, where inductor would dominate tiny runs."""
     if device.type != "cuda":
         return fn
-    return torch.compile(fn, dynamic=False, fullgraph=True)
+    return torch.compile(fn, dynamic=False, fullgraph=True, options=options)
 
 
 def all_reduce_(t: Tensor, op=None) -> Tensor:
@@ -710,12 +718,20 @@ RMS_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default eps: that of it
 # first 2*HALF dims of n by (cos, sin) of the row's position; q heads times gain[head].  v heads are copied out (the
 # gradient copied back), so one GEMM feeds q, k and v and one backward writes the whole Q|K|V gradient.  The backward
 # recomputes n from x.  xsa_*: one program per BM tokens x one KV head and the G query heads that read it.
+# softcap_ce (PERF #24): one program per BM rows of the logits z (M, V); s = CAP * tanh(z / CAP), the row's loss
+# logsumexp(s) - s[y], and dz = (softmax(s) - onehot(y)) * (1 - tanh^2) * INV_N, the gradient of the mean loss, written
+# while z is in registers (padded columns out; rows past M computed, not stored; a target out of range reads nothing,
+# as the token embedding rejects such ids).  _softcap: tanh(x) = 1 - 2r with r = 1 / (1 + exp(2x)), which goes to 0 as
+# the exp overflows (tanh -> 1), ~1e-7 absolute error; with the derivative 4r(1 - r), per logit two exp2 and one
+# reciprocal in all: the special-function units bound the kernel (2.9 TB/s), not the bytes.  Comments inside the
+# string survive the build's minifier, so they live here.
 _QK_TRITON_SRC = """
 import triton
 import triton.language as tl
 
 EPS = tl.constexpr(RMS_EPS)
 XSA_EPS = tl.constexpr(XSA_EPS_)
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -843,6 +859,31 @@ def xsa_bwd(GO, Y, V, DY, DV, M, HKV, G: tl.constexpr, D: tl.constexpr, BD: tl.c
     # normalize's backward: project out the radial part; below the floor vn = v / eps is linear in v
     dv = tl.where(norm >= XSA_EPS, dvn - tl.sum(dvn * vn, 1)[:, None] * vn, dvn) / tl.maximum(norm, XSA_EPS)
     tl.store(DV + kv * D + j, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _softcap(z, CAP):
+    r = 1.0 / (1.0 + tl.exp2(z * (2.0 * LOG2E / CAP)))
+    return CAP * (1.0 - 2.0 * r), 4.0 * r * (1.0 - r)
+
+
+@triton.jit
+def softcap_ce(Z, Y, LOSS, DZ, M, V, CAP, INV_N, BM: tl.constexpr, BV: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    j = tl.arange(0, BV)[None, :]
+    rows = m < M
+    at = m[:, None] * V + j
+    s, ds = _softcap(tl.load(Z + at, mask=rows[:, None] & (j < V), other=0.0).to(tl.float32), CAP)
+    s = tl.where(j < V, s, float("-inf"))
+    mx = tl.max(s, 1)
+    p = tl.exp2((s - mx[:, None]) * LOG2E)
+    rden = 1.0 / tl.sum(p, 1)
+    y = tl.load(Y + m, mask=rows, other=0)
+    ok = rows & (y >= 0) & (y < V)
+    st, _ = _softcap(tl.load(Z + m * V + tl.where(ok, y, 0), mask=ok, other=0.0).to(tl.float32), CAP)
+    tl.store(LOSS + m, mx - tl.log(rden) - st, mask=rows)
+    dz = (p * rden[:, None] - tl.where(j == y[:, None], 1.0, 0.0)) * ds * INV_N
+    tl.store(DZ + at, dz.to(DZ.dtype.element_ty), mask=rows[:, None] & (j < V))
 """
 QK_BLOCK_ROWS, QK_WARPS = 32, 4  # tokens x one head per Triton program, and its warps: within 1% of the best (PERF #17)
 
@@ -933,6 +974,27 @@ def _xsa_launch(y: Tensor, v: Tensor, g: Tensor | None = None):
     return dy, dv
 
 
+# logits per softcap_ce program (rows x padded vocab; one row if the vocabulary is wider, with proportionally more
+# warps, at most 16), and its warps (PERF #24)
+CE_BLOCK_ELEMENTS, CE_WARPS = 1024, 1
+
+
+def _softcap_ce_launch(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
+    """(per-row losses in fp32, dz) of softcapped logits z (N, V) in z's dtype: dz is the gradient of the mean loss
+    over the N rows (1/N included)."""
+    if z.dim() != 2 or targets.shape != z.shape[:1] or targets.device != z.device or targets.is_floating_point():
+        raise ValueError(f"softcap_cross_entropy: targets {tuple(targets.shape)} ({targets.dtype}) on {targets.device}"
+                         f" do not fit logits {tuple(z.shape)} on {z.device} (need integer (N,) for z (N, V))")
+    N, V = z.shape
+    z, targets = z.contiguous(), targets.contiguous()
+    bv = _pow2(V)
+    bm = max(1, CE_BLOCK_ELEMENTS // bv)
+    rows, dz = torch.empty(N, device=z.device, dtype=torch.float32), torch.empty_like(z)
+    _QK_KERNELS["ns"]["softcap_ce"][(-(-N // bm),)](z, targets, rows, dz, N, V, float(cap), 1.0 / max(N, 1), BM=bm,
+                                                     BV=bv, num_warps=min(16, CE_WARPS * max(1, bv * bm // CE_BLOCK_ELEMENTS)))
+    return rows, dz
+
+
 _QK_KERNELS: dict = {}
 FUSED_QK_DEVICES = ("cuda",)  # device types the Triton op runs on (the CPU tests add "cpu": Triton's interpreter)
 
@@ -1010,7 +1072,18 @@ def qk_norm_rope_op():
         ctx.save_for_backward(*inputs)
 
     xsa.register_autograd(lambda ctx, g: xsa_bwd(g, *ctx.saved_tensors), setup_context=xsa_setup)
-    _QK_KERNELS["op"], _QK_KERNELS["xsa"] = fwd, xsa
+
+    # no autograd formula: _SoftcapCrossEntropy calls it under its forward and uses dz in its backward
+    @torch.library.custom_op(f"{lib}::softcap_ce", mutates_args=(),
+                             schema="(Tensor z, Tensor targets, float cap) -> (Tensor, Tensor)")
+    def ce(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
+        return _softcap_ce_launch(z, targets, cap)
+
+    @ce.register_fake
+    def _(z, targets, cap):
+        return z.new_empty(z.size(0), dtype=torch.float32), torch.empty_like(z, memory_format=torch.contiguous_format)
+
+    _QK_KERNELS["op"], _QK_KERNELS["xsa"], _QK_KERNELS["ce"] = fwd, xsa, ce
     return fwd
 
 
@@ -1099,6 +1172,25 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
     vector of that head's KV group.  y (B,T,H,D), v (B,T,Hkv,D)."""
     B, T, H, D = y.shape
     return _ExclusiveSelfAttention.apply(y.reshape(B, T, v.size(2), H // v.size(2), D), v).reshape(B, T, H, D)
+
+
+class _SoftcapCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the tied head's softcapped logits, cap * tanh(h @ w.T / cap), where one Triton kernel
+    reads the logits once and writes both the loss and their gradient (docs/PERF.md #24): compiled, the softcap,
+    log-softmax and their backward took three passes over the (N, V) logits, one of them in fp32.  The backward
+    only multiplies dz by the incoming scalar after its two GEMMs, where inductor fuses the scaling into the next
+    kernel.  h (N, d), w (V, d) and the logits in the activation dtype, targets (N,)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, w: Tensor, targets: Tensor, cap: float) -> Tensor:
+        rows, dz = _QK_KERNELS["ce"](F.linear(h, w), targets, cap)
+        ctx.save_for_backward(h, w, dz)
+        return rows.mean()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        h, w, dz = ctx.saved_tensors
+        return (dz @ w) * g, (dz.t() @ h) * g, None, None
 
 
 def _record_hessian(store: dict | None, key: str, x: Tensor) -> None:
@@ -1217,11 +1309,17 @@ class Block(nn.Module):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         dim = (x.size(-1),)
+        # attn_scale * (y @ W_O^T) == y @ (attn_scale[:, None] * W_O)^T, and likewise mlp_scale into W_down: the
+        # per-channel scales ride on the 512-row weights (product in fp32, rounded back to bf16), so the backward
+        # neither keeps the N x 512 projection outputs for their gradients nor writes scaled copies of the residual
+        # gradient (docs/PERF.md #21)
+        wo = (self.attn_scale[:, None] * wo).to(wo.dtype)
         a = self.attn(F.rms_norm(x, dim) * self.ln_scale, wq, wk, wv, wo, rope, ve, store,
                       f"blocks.{self.layer_idx}.attn.")
-        x = x + self.attn_scale.to(x.dtype) * a
-        m = self.mlp(F.rms_norm(x, dim) * self.ln_scale, w_up, w_down, store)
-        return x + self.mlp_scale.to(x.dtype) * m
+        x = x + a
+        m = self.mlp(F.rms_norm(x, dim) * self.ln_scale, w_up, (self.mlp_scale[:, None] * w_down).to(w_down.dtype),
+                     store)
+        return x + m
 
 
 class GPT(nn.Module):
@@ -1304,11 +1402,12 @@ class GPT(nn.Module):
             p.data = p.data.to(torch.bfloat16) if keep_bf16 else p.data.to(torch.bfloat16).float()
 
     def set_fused_qk(self, on: bool) -> bool:
-        """Use the Triton ops (q/k norm + RoPE, XSA) for inputs on FUSED_QK_DEVICES (if Triton imports); returns
-        whether they are on."""
+        """Use the Triton ops (q/k norm + RoPE, XSA, and the training loss's softcapped cross-entropy) for inputs on
+        FUSED_QK_DEVICES (if Triton imports); returns whether they are on."""
         on = on and qk_norm_rope_op() is not None
         for block in self.blocks:
             block.attn.fused_qk = on
+        self.fused_ce = on
         return on
 
     def set_qat(self, alpha: float) -> None:
@@ -1366,7 +1465,15 @@ class GPT(nn.Module):
         return self.compute_logits(self.forward_hidden(input_ids))
 
     def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
-        logits = self.forward_logits(input_ids)
+        hidden = self.forward_hidden(input_ids)
+        if self.fused_ce and hidden.device.type in FUSED_QK_DEVICES and torch.is_grad_enabled() \
+                and _QK_KERNELS.get("ce") is not None:  # the Triton loss + gradient kernel (PERF #24)
+            w = self.tok_emb.weight
+            dt = activation_dtype(hidden.device)
+            h = hidden.to(w.dtype).to(dt)
+            return _SoftcapCrossEntropy.apply(h.reshape(-1, h.size(-1)), w.to(dt), target_ids.reshape(-1),
+                                              self.logit_softcap)
+        logits = self.compute_logits(hidden)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1))
 
 
@@ -2590,7 +2697,7 @@ def train_and_eval(h: Hyperparameters, d: DistInfo, device) -> None:
     torch.manual_seed(h.seed)
     base = build_model(h, device)
     log0(f"model_params:{sum(p.numel() for p in base.parameters())}")
-    model = maybe_compile(base, device)
+    model = maybe_compile(base, device, train_compile_options())
     train_model(h, d, device, base, model, val_data)
     timed_eval("DIAGNOSTIC post_ema", eval_val, h, model, d, device, val_data, exact=False)
     path = export_artifact(h, d, device, base)
@@ -2660,7 +2767,7 @@ def log_header(h: Hyperparameters, d: DistInfo, device) -> None:
     log0(f"attention_backend:{attention_backend_name(device)}")
     fused = device.type in FUSED_QK_DEVICES and qk_norm_rope_op() is not None
     kernels = "triton" if fused else "torch"
-    log0(f"qk_norm_rope:{kernels} xsa:{kernels if h.xsa_last_n else 'off'}")
+    log0(f"qk_norm_rope:{kernels} xsa:{kernels if h.xsa_last_n else 'off'} softcap_ce:{kernels}")
     log0(f"attention_mode:gqa num_heads:{h.num_heads} num_kv_heads:{h.num_kv_heads}")
     log0(f"tie_embeddings:{h.tie_embeddings} embed_lr:{h.tied_embed_lr} head_lr:0.0 matrix_lr:{h.matrix_lr} "
          f"scalar_lr:{h.scalar_lr} matrix_lr_early:{h.matrix_lr_early} matrix_lr_late:{h.matrix_lr_late} "
