@@ -650,7 +650,7 @@ def fake_quant_soft(w: Tensor, alpha, clip_range: int) -> Tensor:
 
 
 def _qat_weight(w: Tensor, alpha: Tensor, clip_range: int) -> Tensor:
-    # torch.where keeps one graph for on and off (no recompile when QAT flips) and is exactly w when off.
+    # exactly w at alpha = 0 (the model only calls it with QAT on, set_qat's qat_on: PERF #25)
     return torch.where(alpha > 0, fake_quant_soft(w, alpha, clip_range), w)
 
 
@@ -1359,8 +1359,10 @@ class GPT(nn.Module):
             cos, sin = rope_tables(T, h.rope_dims, h.rope_base, self.tok_emb.weight.device)
             self.register_buffer(f"rope_cos_{T}", cos, persistent=False)
             self.register_buffer(f"rope_sin_{T}", sin, persistent=False)
-        # QAT sharpness (0 = off).  A buffer, not a Python attribute, so compiled graphs read its value (D2).
+        # QAT sharpness (0 = off).  A buffer, not a Python attribute, so compiled graphs read its value (D2); qat_on
+        # (set with it by set_qat) picks the graph: with QAT off the fake-quantiser is not computed at all (PERF #25).
         self.register_buffer("qat_alpha", torch.zeros(()), persistent=False)
+        self.qat_on = False
         # bigram.proj is stored as int6 only when too large for fp16 passthrough (SPEC §7.4); QAT follows suit.
         self.qat_bigram = self.bigram.proj.weight.numel() > SMALL_TENSOR_NUMEL
         self.hessian_store: dict | None = None
@@ -1411,15 +1413,18 @@ class GPT(nn.Module):
         return on
 
     def set_qat(self, alpha: float) -> None:
-        """Soft-round QAT sharpness for training forwards; 0 turns it off.  In place: no recompile."""
+        """Soft-round QAT sharpness for training forwards; 0 turns it off.  alpha is a buffer the graph reads
+        (filled in place); qat_on, a Python flag that torch.compile guards on, keeps the QAT ops out of the graph
+        while QAT is off (PERF #25): two graphs, both compiled in the warm-up (warmup_compile)."""
         if alpha > 0 and not self.qat_enabled:
             raise RuntimeError("set_qat(alpha > 0) called on a model built with QAT_ENABLED=0")
         self.qat_alpha.fill_(float(alpha))
+        self.qat_on = alpha > 0
 
     def _bank_weights(self, dtype: torch.dtype) -> list[Tensor]:
         # QAT once per bank (not per layer slice), then one cast of the whole bank to the activation dtype.
         banks = (self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank)
-        if self.training and self.qat_enabled:
+        if self.training and self.qat_on:
             banks = tuple(_qat_weight(b, self.qat_alpha, self.qat_clip) for b in banks)
         return [b.to(dtype) for b in banks]
 
@@ -1435,7 +1440,7 @@ class GPT(nn.Module):
         dt = activation_dtype(input_ids.device)
         L, store = self.num_layers, self.hessian_store
         qo, kv, up, down = self._bank_weights(dt)
-        bigram_qat = self.qat_alpha if self.training and self.qat_enabled and self.qat_bigram else None
+        bigram_qat = self.qat_alpha if self.training and self.qat_on and self.qat_bigram else None
         x = self.tok_emb(input_ids).to(dt) + self.bigram(input_ids, dt, bigram_qat, self.qat_clip)
         x = self.smear(F.rms_norm(x, (x.size(-1),)))
         x0 = x
@@ -2578,8 +2583,9 @@ def _timed_val(h, model, d, device, val_data, step: int, train_ms: float) -> Non
 
 
 def warmup_compile(h: Hyperparameters, d: DistInfo, device, base: nn.Module, model) -> None:
-    """WARMUP_STEPS real steps to trigger compilation, then restore the initial weights (SPEC §3.4).  The caller
-    rebuilds the optimizers and the loader, so the real run starts exactly where an un-warmed run would."""
+    """WARMUP_STEPS real steps to trigger compilation (and one with QAT on for the QAT graph, PERF #25), then restore
+    the initial weights (SPEC §3.4).  The caller rebuilds the optimizers and the loader, so the real run starts exactly
+    where an un-warmed run would."""
     if h.warmup_steps <= 0:
         return
     initial = {k: v.detach().clone() for k, v in base.state_dict().items()}
@@ -2588,6 +2594,10 @@ def warmup_compile(h: Hyperparameters, d: DistInfo, device, base: nn.Module, mod
     for i in range(h.warmup_steps):
         run_train_step(model, opt, loader, h, d, device, i, 1.0)
         log0(f"warmup_step:{i + 1}/{h.warmup_steps}")
+    if h.qat_enabled:  # one more step, with QAT on: its graph (PERF #25) compiles here, not when late QAT starts
+        base.set_qat(1.0)
+        run_train_step(model, opt, loader, h, d, device, h.warmup_steps, 1.0)
+        base.set_qat(0.0)
     base.load_state_dict(initial)
 
 

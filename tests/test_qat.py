@@ -134,9 +134,11 @@ def test_qat_alpha_is_a_buffer_outside_the_state_dict(tg):
     assert "qat_alpha" in dict(m.named_buffers()) and "qat_alpha" not in m.state_dict()
 
 
-def test_compiled_model_sees_qat_switch_without_recompile(tg):
+def test_compiled_model_sees_qat_switch_with_two_graphs(tg):
     """Guards the seed's dead-QAT bug (SPEC §6, D2): a model compiled with fullgraph=True must change its output
-    when set_qat turns QAT on, return to the QAT-off output when it turns off, and never recompile."""
+    when set_qat turns QAT on, and follow alpha while on (the buffer), and return to the QAT-off output when it
+    turns off.  QAT off and on are two graphs (PERF #25: off, the fake-quantiser is not in the graph at all), so
+    the switch compiles exactly once more, and switching back and forth never compiles a third."""
     from torch._dynamo.testing import CompileCounter
 
     h = tiny_config(tg)
@@ -148,16 +150,49 @@ def test_compiled_model_sees_qat_switch_without_recompile(tg):
     cm = torch.compile(m, backend=cnt, fullgraph=True, dynamic=False)
     m.set_qat(0.0)
     off = cm(x, y).detach()
+    assert cnt.frame_count == 1
     m.set_qat(1.0)
     on1 = cm(x, y).detach()
+    assert cnt.frame_count == 2
     m.set_qat(16.0)
     on16 = cm(x, y).detach()
     m.set_qat(0.0)
     off_again = cm(x, y).detach()
-    assert cnt.frame_count == 1
+    m.set_qat(4.0)
+    cm(x, y)
+    assert cnt.frame_count == 2
     assert (on1 - off).abs() > 1e-5 and (on16 - on1).abs() > 1e-6
     assert torch.equal(off, off_again)
+    m.set_qat(0.0)
     torch.testing.assert_close(off, m(x, y).detach(), rtol=1e-6, atol=1e-6)
+    m.set_qat(16.0)
+    torch.testing.assert_close(on16, m(x, y).detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_warmup_compiles_the_qat_graph_and_leaves_qat_off(tg, monkeypatch):
+    """Guards PERF #25's other half: the warm-up runs one extra step with QAT on (so the QAT graph does not compile
+    inside the timed loop when late QAT starts), after the WARMUP_STEPS logged ones, and leaves QAT off and the
+    initial weights restored; with QAT_ENABLED=0 there is no such step."""
+    for enabled in (True, False):
+        h = tiny_config(tg, qat_enabled=enabled, warmup_steps=2)
+        torch.manual_seed(0)
+        m = tg.GPT(h).train()
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        seen = []
+
+        def step(model, opt, loader, h_, d, device, i, scale):
+            seen.append((i, bool(model.qat_on), model.qat_alpha.item()))
+            for p in model.parameters():
+                p.data.add_(1.0)
+
+        monkeypatch.setattr(tg, "run_train_step", step)
+        monkeypatch.setattr(tg, "build_optimizers", lambda *a: None)
+        monkeypatch.setattr(tg, "TrainLoader", lambda *a: None)
+        monkeypatch.setattr(tg, "list_shards", lambda *a: [])
+        tg.warmup_compile(h, tg.DistInfo(), torch.device("cpu"), m, m)
+        assert seen == [(0, False, 0.0), (1, False, 0.0)] + ([(2, True, 1.0)] if enabled else [])
+        assert not m.qat_on and m.qat_alpha.item() == 0.0
+        assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
 
 
 def test_qat_disabled_keeps_ops_out_and_refuses_alpha(tg):

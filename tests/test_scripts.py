@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, load_module
+from conftest import ROOT, load_module, tiny_config
 
 # Two kernels in the form inductor's cache holds them (trimmed): a [rows, 512] persistent reduction with a bf16 and
 # an fp32 row input, an in/out row buffer and a per-channel partial sum; and a pointwise kernel it cannot count.
@@ -114,6 +114,13 @@ def test_gpu_bench_variants_switch_the_training_options(gpu_bench):
     assert tg._QK_KERNELS["ce"] is None and tg._QK_KERNELS["xsa"] is not None
     gpu_bench.apply_variant(tg, "base")
     assert tg._QK_KERNELS["ce"] is ce
+    gpu_bench.apply_variant(tg, "qatgraph")  # QAT's ops stay in the graph while QAT is off (before PERF #25)
+    m = tg.GPT(tiny_config(tg))
+    m.set_qat(0.0)
+    assert m.qat_on and m.qat_alpha.item() == 0.0
+    gpu_bench.apply_variant(tg, "base")
+    m.set_qat(0.0)
+    assert not m.qat_on
     for bad, why in (("mix+nomix", "contradict"), ("mix+split128+split32", "same knob"), ("base+fast", "unknown"),
                      ("split32", "split32 tune mix-order reductions, which this train_gpt.py compiles the training "
                                  "model without")):
