@@ -720,11 +720,13 @@ RMS_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default eps: that of it
 # recomputes n from x.  xsa_*: one program per BM tokens x one KV head and the G query heads that read it.
 # softcap_ce (PERF #24): one program per BM rows of the logits z (M, V); s = CAP * tanh(z / CAP), the row's loss
 # logsumexp(s) - s[y], and dz = (softmax(s) - onehot(y)) * (1 - tanh^2) * INV_N, the gradient of the mean loss, written
-# while z is in registers (padded columns out; rows past M computed, not stored; a target out of range reads nothing,
-# as the token embedding rejects such ids).  _softcap: tanh(x) = 1 - 2r with r = 1 / (1 + exp(2x)), which goes to 0 as
-# the exp overflows (tanh -> 1), ~1e-7 absolute error; with the derivative 4r(1 - r), per logit two exp2 and one
-# reciprocal in all: the special-function units bound the kernel (2.9 TB/s), not the bytes.  Comments inside the
-# string survive the build's minifier, so they live here.
+# while z is in registers (padded columns out; rows past M computed, not stored; a target outside [0, V) reads
+# nothing and counts as a row with no correct token, where F.cross_entropy would fail: the training shards are not
+# checked against VOCAB_SIZE, but such a token also reaches the token embedding as an input, which fails on it).
+# _softcap: tanh(x) = 1 - 2r with r = 1 / (1 + exp(2x)), which goes to 0 as the exp overflows (tanh -> 1), ~1e-7
+# absolute error; with the derivative 4r(1 - r), per logit two exp2 and one reciprocal in all: the special-function
+# units bound the kernel (2.9 TB/s), not the bytes.  Comments inside the string survive the build's minifier, so they
+# live here.
 _QK_TRITON_SRC = """
 import triton
 import triton.language as tl
@@ -990,8 +992,9 @@ def _softcap_ce_launch(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, 
     bv = _pow2(V)
     bm = max(1, CE_BLOCK_ELEMENTS // bv)
     rows, dz = torch.empty(N, device=z.device, dtype=torch.float32), torch.empty_like(z)
+    warps = min(16, CE_WARPS * max(1, bv * bm // CE_BLOCK_ELEMENTS))
     _QK_KERNELS["ns"]["softcap_ce"][(-(-N // bm),)](z, targets, rows, dz, N, V, float(cap), 1.0 / max(N, 1), BM=bm,
-                                                     BV=bv, num_warps=min(16, CE_WARPS * max(1, bv * bm // CE_BLOCK_ELEMENTS)))
+                                                     BV=bv, num_warps=warps)
     return rows, dz
 
 
@@ -2583,9 +2586,9 @@ def _timed_val(h, model, d, device, val_data, step: int, train_ms: float) -> Non
 
 
 def warmup_compile(h: Hyperparameters, d: DistInfo, device, base: nn.Module, model) -> None:
-    """WARMUP_STEPS real steps to trigger compilation (and one with QAT on for the QAT graph, PERF #25), then restore
-    the initial weights (SPEC §3.4).  The caller rebuilds the optimizers and the loader, so the real run starts exactly
-    where an un-warmed run would."""
+    """WARMUP_STEPS real steps to trigger compilation (and one with QAT on for the QAT graph, PERF #25; none of either
+    with WARMUP_STEPS=0, where both graphs compile in the timed loop), then restore the initial weights (SPEC §3.4).
+    The caller rebuilds the optimizers and the loader, so the real run starts exactly where an un-warmed run would."""
     if h.warmup_steps <= 0:
         return
     initial = {k: v.detach().clone() for k, v in base.state_dict().items()}
