@@ -1461,12 +1461,16 @@ class GPT(nn.Module):
                 skips.append(x)
         return F.rms_norm(x, (x.size(-1),))
 
-    def compute_logits(self, hidden: Tensor) -> Tensor:
-        """Tied head with logit softcap -> fp32 logits.  hidden is first rounded to the embedding dtype (bf16),
-        as the seed's SLOT does with fp32 hidden + delta (SPEC §9.3)."""
+    def _head_operands(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """The tied head's (input, weight) in the activation dtype.  hidden is first rounded to the embedding dtype
+        (bf16), as the seed's SLOT does with fp32 hidden + delta (SPEC §9.3)."""
         w = self.tok_emb.weight
         dt = activation_dtype(hidden.device)
-        z = F.linear(hidden.to(w.dtype).to(dt), w.to(dt))
+        return hidden.to(w.dtype).to(dt), w.to(dt)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """Tied head with logit softcap -> fp32 logits."""
+        z = F.linear(*self._head_operands(hidden))
         return (self.logit_softcap * torch.tanh(z / self.logit_softcap)).float()
 
     def forward_logits(self, input_ids: Tensor) -> Tensor:
@@ -1476,11 +1480,8 @@ class GPT(nn.Module):
         hidden = self.forward_hidden(input_ids)
         if self.fused_ce and hidden.device.type in FUSED_QK_DEVICES and torch.is_grad_enabled() \
                 and _QK_KERNELS.get("ce") is not None:  # the Triton loss + gradient kernel (PERF #24)
-            w = self.tok_emb.weight
-            dt = activation_dtype(hidden.device)
-            h = hidden.to(w.dtype).to(dt)
-            return _SoftcapCrossEntropy.apply(h.reshape(-1, h.size(-1)), w.to(dt), target_ids.reshape(-1),
-                                              self.logit_softcap)
+            h, w = self._head_operands(hidden)
+            return _SoftcapCrossEntropy.apply(h.reshape(-1, h.size(-1)), w, target_ids.reshape(-1), self.logit_softcap)
         logits = self.compute_logits(hidden)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1))
 
