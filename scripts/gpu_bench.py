@@ -107,7 +107,8 @@ def apply_variant(tg, variant: str) -> None:
     before cuDNN, the form before grouped heads), xsatorch (XSA through the torch-ops autograd.Function instead of
     the Triton op), xsaref (XSA through autograd of F.normalize), qkref (q/k norm + RoPE, and XSA, through torch ops
     instead of the Triton ops), vsplit (one GEMM for Q|K, V's GEMM apart), aggr (inductor aggressive_fusion),
-    autotune (torch.compile mode max-autotune-no-cudagraphs), pdl (inductor's Programmatic Dependent Launch for its
+    autotune (torch.compile mode max-autotune-no-cudagraphs's options, under the training model's own: with CUDA
+    graphs there from PERF #27 on), pdl (inductor's Programmatic Dependent Launch for its
     Triton kernels, config.triton.enable_pdl), split128 / split32 (inductor's mix-order reductions, the per-channel
     parameter gradients, in blocks of 128 / 32 rows instead of its 64 here: half / twice the partial sums left to one
     aten.sum each), stages (mix-order reduction kernels may software-pipeline their loads,
@@ -124,11 +125,13 @@ def apply_variant(tg, variant: str) -> None:
     independent kernels of a graph launched as one, config.combo_kernels), ceref (the training loss through torch ops:
     softcap, log-softmax and their backward compiled by inductor, the form before PERF #24), qatgraph (the QAT ops
     in the training graph while QAT is off, computed and discarded by torch.where: the one-graph form before
-    PERF #25)."""
+    PERF #25), nocg (the training model compiled without CUDA graphs, the gradients set to None after each step:
+    the form before PERF #27), pwtune (inductor benchmarks several launch configs of each
+    pointwise and reduction kernel and keeps the fastest, config.max_autotune_pointwise)."""
     flags = set(variant.split("+"))
     unknown = flags - {"base", "expand", "xsatorch", "xsaref", "qkref", "vsplit", "aggr", "autotune", "pdl", "split128",
                        "split32", "stages", "maxreads6", "autosplit", "nomix", "mix", "combo", "ceref",
-                       "qatgraph"}
+                       "qatgraph", "nocg", "pwtune"}
     if unknown:
         raise ValueError(f"BENCH_VARIANTS: unknown flags {sorted(unknown)}")
     if not ORIGINALS:
@@ -139,7 +142,8 @@ def apply_variant(tg, variant: str) -> None:
                          attn=tg.CausalSelfAttention.forward, xsa_op=getattr(tg, "_QK_KERNELS", {}).get("xsa"),
                          train_options=getattr(tg, "train_compile_options", None),  # None before PERF #23
                          ce_op=getattr(tg, "_QK_KERNELS", {}).get("ce"),  # None before PERF #24
-                         set_qat=tg.GPT.set_qat)
+                         set_qat=tg.GPT.set_qat, zero_grad=tg.Optimizers.zero_grad)
+    tg.Optimizers.zero_grad = zero_grad_to_none if "nocg" in flags else ORIGINALS["zero_grad"]
     if "qatgraph" in flags:  # qat_on follows QAT_ENABLED, not alpha: the graph keeps the QAT ops, as before #25
         def set_qat_one_graph(self, alpha):
             ORIGINALS["set_qat"](self, alpha)
@@ -187,16 +191,25 @@ def apply_variant(tg, variant: str) -> None:
     for flag, name, on in knobs:
         if flag in flags:
             setattr(cfg, name, on)
-    autotune = torch._inductor.list_mode_options("max-autotune-no-cudagraphs")
+    extra = dict(torch._inductor.list_mode_options("max-autotune-no-cudagraphs")) if "autotune" in flags else {}
+    extra.update({"max_autotune_pointwise": True} if "pwtune" in flags else {})
     tg.maybe_compile = (lambda fn, device, options=None: torch.compile(fn, dynamic=False, fullgraph=True,
-                                                                       options={**(options or {}), **autotune})) \
-        if "autotune" in flags else ORIGINALS["compile"]
+                                                                       options={**extra, **(options or {})})) \
+        if extra else ORIGINALS["compile"]
     if ORIGINALS["train_options"] is not None:
-        tg.train_compile_options = (lambda: {"triton.mix_order_reduction": True}) if "mix" in flags \
-            else ORIGINALS["train_options"]
+        drop = {"triton.cudagraphs"} if "nocg" in flags else set()
+        opts = {k: v for k, v in ORIGINALS["train_options"]().items() if k not in drop}
+        opts.update({"triton.mix_order_reduction": True} if "mix" in flags else {})
+        tg.train_compile_options = lambda: dict(opts)
     elif "mix" in flags:
         raise ValueError("BENCH_VARIANTS: mix needs a train_gpt.py with train_compile_options (PERF #23 on); "
                          "before it the training model compiles with mix-order reductions anyway")
+
+
+def zero_grad_to_none(self) -> None:
+    """Optimizers.zero_grad before PERF #27 (the nocg variant): each step's first micro-batch allocates .grad anew."""
+    for opt in self.optimizers:
+        opt.zero_grad(set_to_none=True)
 
 
 def train_compile(tg, base, device):

@@ -282,7 +282,32 @@ def test_state_dict_round_trip_restores_exact_state(tgc):
     run(range(2, 5))
     for k, v in model.state_dict().items():
         assert torch.equal(v, w_first[k]), k
-    assert all(p.grad is None for p in model.parameters())  # zero_grad sets to None
+    assert all(not p.grad.any() for p in model.parameters())  # zero_grad zeroes in place (PERF #27)
+
+
+def test_gradients_accumulate_into_buffers_allocated_up_front(tgc):
+    """Guards PERF #27: with CUDA graphs a backward's outputs live in memory that the next replay overwrites, so no
+    .grad may ever be such an output.  The optimizers allocate every .grad when built; backward then adds into those
+    same tensors (never swaps in its own) over micro-batches and steps, and zero_grad zeroes them in place.  The
+    accumulated gradient equals the sum of the micro-batches' gradients computed apart."""
+    h = tiny_config(tgc)
+    model = ToyBanked()
+    opts = tgc.build_optimizers(h, model, tgc.DistInfo())
+    bufs = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None and not g.any() for g in bufs.values())
+    ptrs = {n: g.data_ptr() for n, g in bufs.items()}
+    for step in range(2):
+        apart = []
+        for mb in range(3):
+            loss = model(*toy_batch(20 + 3 * step + mb))
+            apart.append(torch.autograd.grad(loss, list(model.parameters()), retain_graph=True))
+            loss.backward()
+        for (n, p), *gs in zip(model.named_parameters(), *apart):
+            assert p.grad is bufs[n] and p.grad.data_ptr() == ptrs[n], n
+            torch.testing.assert_close(p.grad, sum(gs), rtol=1e-6, atol=1e-7)
+        opts.step(step, 1.0)
+        opts.zero_grad()
+        assert all(p.grad is bufs[n] and not p.grad.any() for n, p in model.named_parameters())
 
 
 # ---------------------------------------------------------------- 2 ranks (gloo) == 1 rank

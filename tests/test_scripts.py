@@ -92,19 +92,20 @@ def gpu_bench(monkeypatch):
     inductor_config.load_config(saved)
 
 
-def test_gpu_bench_variants_switch_the_training_options(gpu_bench):
+def test_gpu_bench_variants_switch_the_training_options(gpu_bench, monkeypatch):
     import torch
 
     tg = gpu_bench.load_train_gpt()
     cfg = torch._inductor.config.triton
     before = (cfg.mix_order_reduction, cfg.mix_order_reduction_split_size)
+    shipped = {"triton.mix_order_reduction": False, "triton.cudagraphs": True}
     gpu_bench.apply_variant(tg, "base")
-    assert tg.train_compile_options() == {"triton.mix_order_reduction": False}
+    assert tg.train_compile_options() == shipped
     gpu_bench.apply_variant(tg, "mix+split32")
-    assert tg.train_compile_options() == {"triton.mix_order_reduction": True}
+    assert tg.train_compile_options() == {**shipped, "triton.mix_order_reduction": True}
     assert cfg.mix_order_reduction_split_size == 32
     gpu_bench.apply_variant(tg, "nomix")
-    assert tg.train_compile_options() == {"triton.mix_order_reduction": False} and cfg.mix_order_reduction is False
+    assert tg.train_compile_options() == shipped and cfg.mix_order_reduction is False
     assert cfg.mix_order_reduction_split_size == before[1]  # every knob back to torch's value before a variant's own
     gpu_bench.apply_variant(tg, "base")
     assert (cfg.mix_order_reduction, cfg.mix_order_reduction_split_size) == before
@@ -121,6 +122,19 @@ def test_gpu_bench_variants_switch_the_training_options(gpu_bench):
     gpu_bench.apply_variant(tg, "base")
     m.set_qat(0.0)
     assert not m.qat_on
+    assert tg.maybe_compile is gpu_bench.ORIGINALS["compile"]
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw["options"]) or fn)
+    gpu_bench.apply_variant(tg, "nocg+pwtune")  # no CUDA graphs (before PERF #27); pointwise autotuning added
+    gpu_bench.train_compile(tg, m, torch.device("cpu"))
+    assert seen == [{"triton.mix_order_reduction": False, "max_autotune_pointwise": True}]
+    assert tg.Optimizers.zero_grad is gpu_bench.zero_grad_to_none
+    gpu_bench.apply_variant(tg, "autotune")  # the training model's own options win over the mode's
+    gpu_bench.train_compile(tg, m, torch.device("cpu"))
+    assert seen[-1]["triton.cudagraphs"] is True and seen[-1]["max_autotune"] is True
+    gpu_bench.apply_variant(tg, "base")
+    assert tg.maybe_compile is gpu_bench.ORIGINALS["compile"]
+    assert tg.Optimizers.zero_grad is gpu_bench.ORIGINALS["zero_grad"]
     for bad, why in (("mix+nomix", "contradict"), ("mix+split128+split32", "same knob"), ("base+fast", "unknown"),
                      ("split32", "split32 tune mix-order reductions, which this train_gpt.py compiles the training "
                                  "model without")):

@@ -97,14 +97,16 @@ def test_short_window_uses_the_training_length_rope_base(tg):
     assert (short - full[:, :300]).abs().max() > 1e-2
 
 
-def test_training_compiles_without_mix_order_reductions(tg):
-    """PERF #23: the training model's inductor options turn mix-order reductions off. torch.compile checks option
-    names and types when it is called (no compile happens here), so a knob renamed or retyped by torch fails."""
+def test_training_compiles_without_mix_order_reductions_and_with_cuda_graphs(tg):
+    """PERF #23 and #27: the training model's inductor options turn mix-order reductions off and CUDA graphs on.
+    torch.compile checks option names and types when it is called (no compile happens here), so a knob renamed or
+    retyped by torch fails."""
     opts = tg.train_compile_options()
-    assert opts == {"triton.mix_order_reduction": False}
+    assert opts == {"triton.mix_order_reduction": False, "triton.cudagraphs": True}
     torch.compile(lambda x: x, dynamic=False, fullgraph=True, options=opts)
     with torch._inductor.config.patch(opts):
         assert torch._inductor.config.triton.mix_order_reduction is False
+        assert torch._inductor.config.triton.cudagraphs is True
     with pytest.raises(RuntimeError, match="triton.mix_order_reductions"):
         torch.compile(lambda x: x, options={"triton.mix_order_reductions": False})
     fn = lambda x: x  # noqa: E731
@@ -117,5 +119,6 @@ def test_maybe_compile_hands_its_options_to_torch_compile(tg, monkeypatch):
     fn = lambda x: x  # noqa: E731
     tg.maybe_compile(fn, torch.device("cuda"), tg.train_compile_options())
     tg.maybe_compile(fn, torch.device("cuda"))
-    assert seen == [dict(dynamic=False, fullgraph=True, options={"triton.mix_order_reduction": False}),
+    assert seen == [dict(dynamic=False, fullgraph=True, options={"triton.mix_order_reduction": False,
+                                                                 "triton.cudagraphs": True}),
                     dict(dynamic=False, fullgraph=True, options=None)]
