@@ -1694,7 +1694,7 @@ class Optimizers:
         self.optimizers = [muon, *adams]
         self.params = [p for opt in self.optimizers for g in opt.param_groups for p in g["params"]]
         for p in self.params:  # eager gradient buffers, zeroed in place (zero_grad): see train_compile_options
-            if p.grad is None:
+            if p.grad is None:  # an existing .grad is kept, as torch optimizers do: backward may come first
                 p.grad = torch.zeros_like(p)
 
     def _all_reduce_replicated(self) -> None:
@@ -2595,9 +2595,12 @@ def _timed_val(h, model, d, device, val_data, step: int, train_ms: float) -> Non
 
 
 def warmup_compile(h: Hyperparameters, d: DistInfo, device, base: nn.Module, model) -> None:
-    """WARMUP_STEPS real steps to trigger compilation (and one with QAT on for the QAT graph, PERF #25; none of either
+    """WARMUP_STEPS real steps to trigger compilation (and two with QAT on for the QAT graph, PERF #25; none of either
     with WARMUP_STEPS=0, where both graphs compile in the timed loop), then restore the initial weights (SPEC §3.4).
-    The caller rebuilds the optimizers and the loader, so the real run starts exactly where an un-warmed run would."""
+    CUDA graphs (PERF #27) run a graph's first call without recording and record it at the second, so at one
+    micro-batch a step (8 GPUs) the second QAT step is the one that records; likewise WARMUP_STEPS >= 2 for the
+    main graph.  The caller rebuilds the optimizers and the loader, so the real run starts exactly where an
+    un-warmed run would."""
     if h.warmup_steps <= 0:
         return
     initial = {k: v.detach().clone() for k, v in base.state_dict().items()}
@@ -2606,9 +2609,10 @@ def warmup_compile(h: Hyperparameters, d: DistInfo, device, base: nn.Module, mod
     for i in range(h.warmup_steps):
         run_train_step(model, opt, loader, h, d, device, i, 1.0)
         log0(f"warmup_step:{i + 1}/{h.warmup_steps}")
-    if h.qat_enabled:  # one more step, with QAT on: its graph (PERF #25) compiles here, not when late QAT starts
+    if h.qat_enabled:  # two more steps, QAT on: its graph (PERF #25) compiles and records here, not at late QAT
         base.set_qat(1.0)
-        run_train_step(model, opt, loader, h, d, device, h.warmup_steps, 1.0)
+        for i in range(h.warmup_steps, h.warmup_steps + 2):
+            run_train_step(model, opt, loader, h, d, device, i, 1.0)
         base.set_qat(0.0)
     base.load_state_dict(initial)
 

@@ -289,7 +289,8 @@ def test_gradients_accumulate_into_buffers_allocated_up_front(tgc):
     """Guards PERF #27: with CUDA graphs a backward's outputs live in memory that the next replay overwrites, so no
     .grad may ever be such an output.  The optimizers allocate every .grad when built; backward then adds into those
     same tensors (never swaps in its own) over micro-batches and steps, and zero_grad zeroes them in place.  The
-    accumulated gradient equals the sum of the micro-batches' gradients computed apart."""
+    accumulated gradient equals the sum of the micro-batches' gradients computed apart, and a newly built optimizer
+    keeps a gradient computed before it (the warm-up's last zero_grad clears the buffers before the timed run)."""
     h = tiny_config(tgc)
     model = ToyBanked()
     opts = tgc.build_optimizers(h, model, tgc.DistInfo())
@@ -308,6 +309,11 @@ def test_gradients_accumulate_into_buffers_allocated_up_front(tgc):
         opts.step(step, 1.0)
         opts.zero_grad()
         assert all(p.grad is bufs[n] and not p.grad.any() for n, p in model.named_parameters())
+    loss = model(*toy_batch(40))
+    kept = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+    loss.backward()  # a gradient computed before the optimizers are built is kept (and its buffer too)
+    tgc.build_optimizers(h, model, tgc.DistInfo())
+    assert all(p.grad is bufs[n] and torch.equal(p.grad, g) for (n, p), g in zip(model.named_parameters(), kept))
 
 
 # ---------------------------------------------------------------- 2 ranks (gloo) == 1 rank

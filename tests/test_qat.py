@@ -170,9 +170,10 @@ def test_compiled_model_sees_qat_switch_with_two_graphs(tg):
 
 
 def test_warmup_compiles_the_qat_graph_and_leaves_qat_off(tg, monkeypatch):
-    """Guards PERF #25's other half: the warm-up runs one extra step with QAT on (so the QAT graph does not compile
-    inside the timed loop when late QAT starts), after the WARMUP_STEPS logged ones, and leaves QAT off and the
-    initial weights restored; with QAT_ENABLED=0 there is no such step."""
+    """Guards PERF #25's other half: the warm-up runs two extra steps with QAT on (so the QAT graph neither compiles
+    nor, with CUDA graphs at one micro-batch a step, records inside the timed loop when late QAT starts), after the
+    WARMUP_STEPS logged ones, and leaves QAT off and the initial weights restored; with QAT_ENABLED=0 there are no
+    such steps."""
     for enabled in (True, False):
         h = tiny_config(tg, qat_enabled=enabled, warmup_steps=2)
         torch.manual_seed(0)
@@ -190,7 +191,7 @@ def test_warmup_compiles_the_qat_graph_and_leaves_qat_off(tg, monkeypatch):
         monkeypatch.setattr(tg, "TrainLoader", lambda *a: None)
         monkeypatch.setattr(tg, "list_shards", lambda *a: [])
         tg.warmup_compile(h, tg.DistInfo(), torch.device("cpu"), m, m)
-        assert seen == [(0, False, 0.0), (1, False, 0.0)] + ([(2, True, 1.0)] if enabled else [])
+        assert seen == [(0, False, 0.0), (1, False, 0.0)] + ([(2, True, 1.0), (3, True, 1.0)] if enabled else [])
         assert not m.qat_on and m.qat_alpha.item() == 0.0
         assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
 
