@@ -231,6 +231,7 @@ class Hyperparameters:
         except ValueError:
             raise ValueError(f"VE_LAYERS={self.ve_layers!r} must be a comma-separated list of layer indices") from None
         need(all(0 <= i < self.num_layers for i in ve), f"VE_LAYERS={self.ve_layers} must name layers in [0, {self.num_layers})")
+        need(len(set(ve)) == len(ve), f"VE_LAYERS={self.ve_layers} names a layer twice (each gets one scale)")
         for name in ("mlp_mult", "logit_softcap", "rope_base", "qk_gain_init", "adam_eps", "target_mb"):
             need(getattr(self, name) > 0, f"{name.upper()}={getattr(self, name)} must be positive")
         for name in ("iterations", "warmup_steps", "warmdown_iters", "max_wallclock_seconds", "gptq_reserve_ms",

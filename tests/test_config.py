@@ -108,6 +108,7 @@ def test_derived_properties(tg):
     (dict(tie_embeddings=False), "TIE_EMBEDDINGS"),
     (dict(ve_layers="9,x"), "VE_LAYERS"),
     (dict(ve_layers="11"), "VE_LAYERS"),
+    (dict(ve_layers="9,9"), "VE_LAYERS"),
     (dict(train_seq_len=1), "TRAIN_SEQ_LEN"),
     (dict(eval_stride=4096), "EVAL_STRIDE"),
     (dict(train_batch_tokens=1024), "TRAIN_BATCH_TOKENS"),
