@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -122,3 +123,85 @@ def test_maybe_compile_hands_its_options_to_torch_compile(tg, monkeypatch):
     assert seen == [dict(dynamic=False, fullgraph=True, options={"triton.mix_order_reduction": False,
                                                                  "triton.cudagraphs": True}),
                     dict(dynamic=False, fullgraph=True, options=None)]
+
+
+class _SameBatches:
+    """Stand-in loader (the loader is not under test): hands out the same micro-batches, in order, to every model."""
+
+    def __init__(self, batches):
+        self.batches, self.calls = batches, 0
+
+    def next_batch(self, global_tokens, seq_len, grad_accum):
+        self.calls += 1
+        return self.batches[self.calls - 1]
+
+
+class _GradTap:
+    """The Optimizers as run_train_step uses them (opt None: no optimizer step), keeping each step's weights and
+    accumulated gradients as they are when the optimizer step begins."""
+
+    def __init__(self, opt, model):
+        self.opt, self.model, self.weights, self.grads = opt, model, [], []
+
+    def step(self, step, scale):
+        self.weights.append({n: p.detach().clone() for n, p in self.model.named_parameters()})
+        self.grads.append({n: p.grad.float().clone() for n, p in self.model.named_parameters()})
+        if self.opt is not None:
+            self.opt.step(step, scale)
+
+    def zero_grad(self):
+        (self.opt or self.model).zero_grad()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="GPU check of PERF #27 (CUDA graphs): needs a GPU and real Triton, TRITON_INTERPRET=0")
+def test_cuda_graphs_accumulate_micro_batch_gradients_in_place(tg):
+    """Guards PERF #27 on a GPU: the training model compiled with train_compile_options() (inductor CUDA graphs),
+    driven by the real run_train_step over 8 micro-batches a step (one GPU) for 4 steps with QAT off and 2 with QAT
+    on (the second graph records at its second call), keeps every .grad the buffer its optimizers allocated, and each
+    step's loss and accumulated gradient equal those of the same inductor kernels without CUDA graphs on that step's
+    weights and micro-batches (the sum over micro-batches).  A graph's outputs live in memory that its next replay
+    overwrites: with zero_grad(set_to_none=True) and no .grad allocated up front (before the fix), a step's first
+    backward hands its gradients to .grad as graph outputs, the next micro-batch's replay overwrites them, and
+    accumulating into them raises "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent
+    run" (checked on an H200, torch 2.11); were the overwrite silent, the gradient comparison would fail.  Compared
+    step by step, not as two whole runs: atomics make two correct runs differ slightly, and Adam's first steps (about
+    lr * sign(g)) blow that up (ve_layer_scales 20% apart after 6 steps)."""
+    from torch._dynamo.utils import counters
+
+    from conftest import randomize_params, tiny_config
+
+    torch._dynamo.reset()
+    counters.clear()
+    dev, steps, d = torch.device("cuda"), 6, tg.DistInfo()
+    h = tiny_config(tg, vocab_size=1024, model_dim=128, num_heads=2, num_kv_heads=1, rope_dims=16,
+                    train_seq_len=64, eval_seq_len=64, train_batch_tokens=8 * 2 * 64)
+    ga = d.grad_accum_steps
+    assert ga >= 2
+    g = torch.Generator(device=dev).manual_seed(0)
+    shape = (h.train_batch_tokens // (ga * h.train_seq_len), h.train_seq_len)
+    batches = [tuple(torch.randint(0, h.vocab_size, shape, device=dev, generator=g) for _ in "xy")
+               for _ in range(steps * ga)]
+
+    def train_step(model, base, tap, loader, step):
+        base.set_qat(1.0 if step >= 4 else 0.0)  # QAT on for the last 2 steps: its own graph
+        return tg.run_train_step(model, tap, loader, h, d, dev, step, 1.0)
+
+    torch.manual_seed(0)
+    graphed = randomize_params(tg.build_model(h, dev), std=0.1)  # W_O / W_down start at zero: make every grad live
+    tap, loader = _GradTap(tg.build_optimizers(h, graphed, d), graphed), _SameBatches(batches)
+    bufs = [p.grad for p in graphed.parameters()]
+    model = tg.maybe_compile(graphed, dev, tg.train_compile_options())
+    losses = [train_step(model, graphed, tap, loader, step) for step in range(steps)]
+    assert counters["inductor"]["cudagraph_skips"] == 0  # both graphs (QAT off, on) really ran as CUDA graphs
+    assert all(p.grad is b for p, b in zip(graphed.parameters(), bufs))  # no .grad ever became a graph output
+    torch._dynamo.reset()  # the reference compiles afresh: the same kernels, no CUDA graphs, never an optimizer step
+    plain = tg.build_model(h, dev)
+    ref, loader = _GradTap(None, plain), _SameBatches(batches)
+    plain_model = tg.maybe_compile(plain, dev, dict(tg.train_compile_options(), **{"triton.cudagraphs": False}))
+    for step, weights in enumerate(tap.weights):
+        plain.load_state_dict(weights, strict=False)
+        torch.testing.assert_close(losses[step], train_step(plain_model, plain, ref, loader, step), rtol=1e-3, atol=0)
+        for name, want in ref.grads[step].items():
+            err = (tap.grads[step][name] - want).norm() / want.norm()  # at most 0.6% on an H200
+            assert err < 0.05, f"step {step} {name}: relative gradient error {err:.3g}"

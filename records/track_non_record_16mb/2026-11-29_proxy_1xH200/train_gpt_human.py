@@ -231,6 +231,7 @@ class Hyperparameters:
         except ValueError:
             raise ValueError(f"VE_LAYERS={self.ve_layers!r} must be a comma-separated list of layer indices") from None
         need(all(0 <= i < self.num_layers for i in ve), f"VE_LAYERS={self.ve_layers} must name layers in [0, {self.num_layers})")
+        need(len(set(ve)) == len(ve), f"VE_LAYERS={self.ve_layers} names a layer twice (each gets one scale)")
         for name in ("mlp_mult", "logit_softcap", "rope_base", "qk_gain_init", "adam_eps", "target_mb"):
             need(getattr(self, name) > 0, f"{name.upper()}={getattr(self, name)} must be positive")
         for name in ("iterations", "warmup_steps", "warmdown_iters", "max_wallclock_seconds", "gptq_reserve_ms",
@@ -353,11 +354,16 @@ def eval_mode(model: nn.Module):
 
 
 def train_compile_options() -> dict:
-    """Inductor options for the training model (PERF #23): no mix-order reductions, i.e. the per-channel parameter
-    gradients (resid_mix, skip weights and gates, norm scales) are not summed inside the RMSNorm-backward kernels.
-    The widest of those kernels ran at 1.7 TB/s and each left partial sums to an aten.sum: -5 ms/step without."""
-    return {"triton.mix_order_reduction": False} if hasattr(torch._inductor.config.triton, "mix_order_reduction") \
-        else {}
+    """Inductor options for the training model.  No mix-order reductions (PERF #23): the per-channel parameter
+    gradients (resid_mix, skip weights and gates, norm scales) are not summed inside the RMSNorm-backward kernels,
+    the widest of which ran at 1.7 TB/s and each left partial sums to an aten.sum (-5 ms/step without).  CUDA graphs
+    (PERF #27): each compiled forward and backward replays as one graph, ~3,300 kernel launches a step fewer
+    (-2 to -3 ms/step).  Their outputs live in memory the next replay overwrites, so Optimizers keeps every .grad
+    allocated and zeroes it in place: gradient accumulation never holds on to a graph's output."""
+    opts = {"triton.cudagraphs": True}
+    if hasattr(torch._inductor.config.triton, "mix_order_reduction"):
+        opts["triton.mix_order_reduction"] = False
+    return opts
 
 
 def maybe_compile(fn, device, options: dict | None = None):
@@ -650,7 +656,7 @@ def fake_quant_soft(w: Tensor, alpha, clip_range: int) -> Tensor:
 
 
 def _qat_weight(w: Tensor, alpha: Tensor, clip_range: int) -> Tensor:
-    # torch.where keeps one graph for on and off (no recompile when QAT flips) and is exactly w when off.
+    # exactly w at alpha = 0 (the model only calls it with QAT on, set_qat's qat_on: PERF #25)
     return torch.where(alpha > 0, fake_quant_soft(w, alpha, clip_range), w)
 
 
@@ -720,11 +726,13 @@ RMS_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default eps: that of it
 # recomputes n from x.  xsa_*: one program per BM tokens x one KV head and the G query heads that read it.
 # softcap_ce (PERF #24): one program per BM rows of the logits z (M, V); s = CAP * tanh(z / CAP), the row's loss
 # logsumexp(s) - s[y], and dz = (softmax(s) - onehot(y)) * (1 - tanh^2) * INV_N, the gradient of the mean loss, written
-# while z is in registers (padded columns out; rows past M computed, not stored; a target out of range reads nothing,
-# as the token embedding rejects such ids).  _softcap: tanh(x) = 1 - 2r with r = 1 / (1 + exp(2x)), which goes to 0 as
-# the exp overflows (tanh -> 1), ~1e-7 absolute error; with the derivative 4r(1 - r), per logit two exp2 and one
-# reciprocal in all: the special-function units bound the kernel (2.9 TB/s), not the bytes.  Comments inside the
-# string survive the build's minifier, so they live here.
+# while z is in registers (padded columns out; rows past M computed, not stored; a target outside [0, V) reads
+# nothing and counts as a row with no correct token, where F.cross_entropy would fail: the training shards are not
+# checked against VOCAB_SIZE, but such a token also reaches the token embedding as an input, which fails on it).
+# _softcap: tanh(x) = 1 - 2r with r = 1 / (1 + exp(2x)), which goes to 0 as the exp overflows (tanh -> 1), ~1e-7
+# absolute error; with the derivative 4r(1 - r), per logit two exp2 and one reciprocal in all: the special-function
+# units bound the kernel (2.9 TB/s), not the bytes.  Comments inside the string survive the build's minifier, so they
+# live here.
 _QK_TRITON_SRC = """
 import triton
 import triton.language as tl
@@ -990,8 +998,9 @@ def _softcap_ce_launch(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, 
     bv = _pow2(V)
     bm = max(1, CE_BLOCK_ELEMENTS // bv)
     rows, dz = torch.empty(N, device=z.device, dtype=torch.float32), torch.empty_like(z)
+    warps = min(16, CE_WARPS * max(1, bv * bm // CE_BLOCK_ELEMENTS))
     _QK_KERNELS["ns"]["softcap_ce"][(-(-N // bm),)](z, targets, rows, dz, N, V, float(cap), 1.0 / max(N, 1), BM=bm,
-                                                     BV=bv, num_warps=min(16, CE_WARPS * max(1, bv * bm // CE_BLOCK_ELEMENTS)))
+                                                     BV=bv, num_warps=warps)
     return rows, dz
 
 
@@ -1359,8 +1368,10 @@ class GPT(nn.Module):
             cos, sin = rope_tables(T, h.rope_dims, h.rope_base, self.tok_emb.weight.device)
             self.register_buffer(f"rope_cos_{T}", cos, persistent=False)
             self.register_buffer(f"rope_sin_{T}", sin, persistent=False)
-        # QAT sharpness (0 = off).  A buffer, not a Python attribute, so compiled graphs read its value (D2).
+        # QAT sharpness (0 = off).  A buffer, not a Python attribute, so compiled graphs read its value (D2); qat_on
+        # (set with it by set_qat) picks the graph: with QAT off the fake-quantiser is not computed at all (PERF #25).
         self.register_buffer("qat_alpha", torch.zeros(()), persistent=False)
+        self.qat_on = False
         # bigram.proj is stored as int6 only when too large for fp16 passthrough (SPEC §7.4); QAT follows suit.
         self.qat_bigram = self.bigram.proj.weight.numel() > SMALL_TENSOR_NUMEL
         self.hessian_store: dict | None = None
@@ -1411,15 +1422,18 @@ class GPT(nn.Module):
         return on
 
     def set_qat(self, alpha: float) -> None:
-        """Soft-round QAT sharpness for training forwards; 0 turns it off.  In place: no recompile."""
+        """Soft-round QAT sharpness for training forwards; 0 turns it off.  alpha is a buffer the graph reads
+        (filled in place); qat_on, a Python flag that torch.compile guards on, keeps the QAT ops out of the graph
+        while QAT is off (PERF #25): two graphs, both compiled in the warm-up (warmup_compile)."""
         if alpha > 0 and not self.qat_enabled:
             raise RuntimeError("set_qat(alpha > 0) called on a model built with QAT_ENABLED=0")
         self.qat_alpha.fill_(float(alpha))
+        self.qat_on = alpha > 0
 
     def _bank_weights(self, dtype: torch.dtype) -> list[Tensor]:
         # QAT once per bank (not per layer slice), then one cast of the whole bank to the activation dtype.
         banks = (self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank)
-        if self.training and self.qat_enabled:
+        if self.training and self.qat_on:
             banks = tuple(_qat_weight(b, self.qat_alpha, self.qat_clip) for b in banks)
         return [b.to(dtype) for b in banks]
 
@@ -1435,7 +1449,7 @@ class GPT(nn.Module):
         dt = activation_dtype(input_ids.device)
         L, store = self.num_layers, self.hessian_store
         qo, kv, up, down = self._bank_weights(dt)
-        bigram_qat = self.qat_alpha if self.training and self.qat_enabled and self.qat_bigram else None
+        bigram_qat = self.qat_alpha if self.training and self.qat_on and self.qat_bigram else None
         x = self.tok_emb(input_ids).to(dt) + self.bigram(input_ids, dt, bigram_qat, self.qat_clip)
         x = self.smear(F.rms_norm(x, (x.size(-1),)))
         x0 = x
@@ -1453,12 +1467,16 @@ class GPT(nn.Module):
                 skips.append(x)
         return F.rms_norm(x, (x.size(-1),))
 
-    def compute_logits(self, hidden: Tensor) -> Tensor:
-        """Tied head with logit softcap -> fp32 logits.  hidden is first rounded to the embedding dtype (bf16),
-        as the seed's SLOT does with fp32 hidden + delta (SPEC §9.3)."""
+    def _head_operands(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """The tied head's (input, weight) in the activation dtype.  hidden is first rounded to the embedding dtype
+        (bf16), as the seed's SLOT does with fp32 hidden + delta (SPEC §9.3)."""
         w = self.tok_emb.weight
         dt = activation_dtype(hidden.device)
-        z = F.linear(hidden.to(w.dtype).to(dt), w.to(dt))
+        return hidden.to(w.dtype).to(dt), w.to(dt)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """Tied head with logit softcap -> fp32 logits."""
+        z = F.linear(*self._head_operands(hidden))
         return (self.logit_softcap * torch.tanh(z / self.logit_softcap)).float()
 
     def forward_logits(self, input_ids: Tensor) -> Tensor:
@@ -1468,11 +1486,8 @@ class GPT(nn.Module):
         hidden = self.forward_hidden(input_ids)
         if self.fused_ce and hidden.device.type in FUSED_QK_DEVICES and torch.is_grad_enabled() \
                 and _QK_KERNELS.get("ce") is not None:  # the Triton loss + gradient kernel (PERF #24)
-            w = self.tok_emb.weight
-            dt = activation_dtype(hidden.device)
-            h = hidden.to(w.dtype).to(dt)
-            return _SoftcapCrossEntropy.apply(h.reshape(-1, h.size(-1)), w.to(dt), target_ids.reshape(-1),
-                                              self.logit_softcap)
+            h, w = self._head_operands(hidden)
+            return _SoftcapCrossEntropy.apply(h.reshape(-1, h.size(-1)), w, target_ids.reshape(-1), self.logit_softcap)
         logits = self.compute_logits(hidden)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1))
 
@@ -1679,6 +1694,9 @@ class Optimizers:
         self.h, self.muon, self.adams, self.replicated = h, muon, adams, replicated
         self.optimizers = [muon, *adams]
         self.params = [p for opt in self.optimizers for g in opt.param_groups for p in g["params"]]
+        for p in self.params:  # eager gradient buffers, zeroed in place (zero_grad): see train_compile_options
+            if p.grad is None:  # an existing .grad is kept, as torch optimizers do: backward may come first
+                p.grad = torch.zeros_like(p)
 
     def _all_reduce_replicated(self) -> None:
         """Average the non-bank grads across ranks in one flattened fp32 all-reduce (not one call per tensor)."""
@@ -1713,7 +1731,7 @@ class Optimizers:
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=False)
 
     def state_dict(self) -> dict:
         """A deep copy, so later steps cannot mutate a saved snapshot (compile warm-up restore, SPEC §3.4)."""
@@ -2578,8 +2596,12 @@ def _timed_val(h, model, d, device, val_data, step: int, train_ms: float) -> Non
 
 
 def warmup_compile(h: Hyperparameters, d: DistInfo, device, base: nn.Module, model) -> None:
-    """WARMUP_STEPS real steps to trigger compilation, then restore the initial weights (SPEC §3.4).  The caller
-    rebuilds the optimizers and the loader, so the real run starts exactly where an un-warmed run would."""
+    """WARMUP_STEPS real steps to trigger compilation (and two with QAT on for the QAT graph, PERF #25; none of either
+    with WARMUP_STEPS=0, where both graphs compile in the timed loop), then restore the initial weights (SPEC §3.4).
+    CUDA graphs (PERF #27) run a graph's first call without recording and record it at the second, so at one
+    micro-batch a step (8 GPUs) the second QAT step is the one that records; likewise WARMUP_STEPS >= 2 for the
+    main graph.  The caller rebuilds the optimizers and the loader, so the real run starts exactly where an
+    un-warmed run would."""
     if h.warmup_steps <= 0:
         return
     initial = {k: v.detach().clone() for k, v in base.state_dict().items()}
@@ -2588,6 +2610,11 @@ def warmup_compile(h: Hyperparameters, d: DistInfo, device, base: nn.Module, mod
     for i in range(h.warmup_steps):
         run_train_step(model, opt, loader, h, d, device, i, 1.0)
         log0(f"warmup_step:{i + 1}/{h.warmup_steps}")
+    if h.qat_enabled:  # two more steps, QAT on: its graph (PERF #25) compiles and records here, not at late QAT
+        base.set_qat(1.0)
+        for i in range(h.warmup_steps, h.warmup_steps + 2):
+            run_train_step(model, opt, loader, h, d, device, i, 1.0)
+        base.set_qat(0.0)
     base.load_state_dict(initial)
 
 
