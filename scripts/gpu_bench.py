@@ -127,11 +127,13 @@ def apply_variant(tg, variant: str) -> None:
     in the training graph while QAT is off, computed and discarded by torch.where: the one-graph form before
     PERF #25), nocg (the training model compiled without CUDA graphs, the gradients set to None after each step:
     the form before PERF #27), pwtune (inductor benchmarks several launch configs of each
-    pointwise and reduction kernel and keeps the fastest, config.max_autotune_pointwise)."""
+    pointwise and reduction kernel and keeps the fastest, config.max_autotune_pointwise), mlpref (the MLP through
+    torch ops, cuBLAS + inductor's LeakyReLU² kernels, instead of the Gluon GEMMs with the activation in their
+    epilogues: the form before PERF #29)."""
     flags = set(variant.split("+"))
     unknown = flags - {"base", "expand", "xsatorch", "xsaref", "qkref", "vsplit", "aggr", "autotune", "pdl", "split128",
                        "split32", "stages", "maxreads6", "autosplit", "nomix", "mix", "combo", "ceref",
-                       "qatgraph", "nocg", "pwtune"}
+                       "qatgraph", "nocg", "pwtune", "mlpref"}
     if unknown:
         raise ValueError(f"BENCH_VARIANTS: unknown flags {sorted(unknown)}")
     if not ORIGINALS:
@@ -142,8 +144,13 @@ def apply_variant(tg, variant: str) -> None:
                          attn=tg.CausalSelfAttention.forward, xsa_op=getattr(tg, "_QK_KERNELS", {}).get("xsa"),
                          train_options=getattr(tg, "train_compile_options", None),  # None before PERF #23
                          ce_op=getattr(tg, "_QK_KERNELS", {}).get("ce"),  # None before PERF #24
-                         set_qat=tg.GPT.set_qat, zero_grad=tg.Optimizers.zero_grad)
+                         set_qat=tg.GPT.set_qat, zero_grad=tg.Optimizers.zero_grad,
+                         mlp=getattr(tg, "mlp_gluon_op", None))  # None before PERF #29
     tg.Optimizers.zero_grad = zero_grad_to_none if "nocg" in flags else ORIGINALS["zero_grad"]
+    if ORIGINALS["mlp"] is not None:  # GPT.set_fused_qk asks mlp_gluon_op() whether the Gluon MLP kernels are there
+        tg.mlp_gluon_op = (lambda: None) if "mlpref" in flags else ORIGINALS["mlp"]
+    elif "mlpref" in flags:
+        raise ValueError("BENCH_VARIANTS: mlpref needs a train_gpt.py with the Gluon MLP kernels (PERF #29 on)")
     if "qatgraph" in flags:  # qat_on follows QAT_ENABLED, not alpha: the graph keeps the QAT ops, as before #25
         def set_qat_one_graph(self, alpha):
             ORIGINALS["set_qat"](self, alpha)

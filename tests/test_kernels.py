@@ -441,3 +441,141 @@ def test_qk_launch_rejects_tables_and_heads_that_do_not_fit(tg):
     grads = (torch.ones(1, 8, 2, 16), torch.ones(1, 8, 1, 16), torch.ones(1, 8, 0, 16))  # v has 1 head, not 0
     with pytest.raises(ValueError, match="gradients"):
         tg._qk_launch(x, cos, sin, None, 2, 1, grads)
+
+
+# The Gluon MLP kernels (PERF #29): Hopper-only, so on CPU they are cross-compiled, and checked against torch on a GPU.
+_GLUON_BUILD_CHECK = r"""
+import importlib.util, subprocess, sys, tempfile
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import compile as triton_compile
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+
+spec = importlib.util.spec_from_file_location("tg_gluon_check", sys.argv[1])
+tg = importlib.util.module_from_spec(spec)
+sys.modules["tg_gluon_check"] = tg
+spec.loader.exec_module(tg)
+ns = tg._load_triton_source(tg._MLP_GLUON_SRC, "mlp_gluon")
+bm, bn, bk, stages, nw = tg.MLP_TILE
+layout = lambda block: repr(gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
+for bwd in (False, True):
+    b_block = [bk, bn] if bwd else [bn, bk]
+    sig = {"a_desc": f"tensordesc<bf16{[bm, bk]},{layout([bm, bk])}>", "b_desc": f"tensordesc<bf16{b_block},"
+           f"{layout(b_block)}>", "o_ptr": "*bf16", "x_ptr": "*bf16", "ldo": "i32", "n_n": "i32", "n_tiles": "i32",
+           "slope": "fp32"}
+    consts = dict(K=512, BM=bm, BN=bn, BK=bk, STAGES=stages, BWD=bwd, NW=nw)
+    sig.update({name: "constexpr" for name in consts})
+    k = triton_compile(GluonASTSource(ns["mlp_gemm"], sig, consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": nw})
+    ptx = k.asm["ptx"]
+    with tempfile.TemporaryDirectory() as d:
+        with open(d + "/k.ptx", "w") as f:
+            f.write(ptx)
+        info = subprocess.run([get_ptxas(90).path, "-v", "-arch=sm_90a", d + "/k.ptx", "-o", d + "/k.cubin"],
+                              capture_output=True, text=True).stderr
+    spills = [line for line in info.splitlines() if "spill" in line]
+    print(f"bwd={bwd} cubin={len(k.asm['cubin']) > 0} smem={k.metadata.shared} warps={k.metadata.num_warps} "
+          f"wgmma={'wgmma.mma_async' in ptx} tma={'cp.async.bulk.tensor' in ptx} "
+          f"setmaxnreg={'setmaxnreg' in ptx} no_spills={bool(spills) and all(' 0 bytes spill' in s for s in spills)}")
+"""
+
+
+def test_gluon_mlp_kernels_compile_for_hopper(tg):
+    """Guards the Gluon build on a CPU box: both directions of the MLP GEMM compile to sm_90 machine code with wgmma,
+    TMA loads and warp specialisation (setmaxnreg), without register spills, within an H100/H200 CTA's 232,448 bytes
+    of shared memory and with the 8 + 1 consumer + loader warps (padded to 12).  In a fresh process, as above."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.experimental.gluon", reason="Triton without Gluon")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    res = subprocess.run([sys.executable, "-c", _GLUON_BUILD_CHECK, tg.__spec__.origin], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 2, res.stdout
+    for line in lines:
+        fields = dict(kv.split("=") for kv in line.split())
+        assert all(fields[k] == "True" for k in ("cubin", "wgmma", "tma", "setmaxnreg", "no_spills")), line
+        assert int(fields["smem"]) <= 232_448 and fields["warps"] == "12", line
+
+
+def test_gluon_mlp_only_where_it_fits(tg):
+    """mlp_gemm_fits: bf16 on CUDA, whole 128-row x 256-column tiles, K a multiple of 64 with at least STAGES
+    k-steps; anything else (the CPU here, eval shapes, other widths) keeps the torch MLP.  Without a Hopper GPU the
+    ops are not built and set_fused_qk leaves every block's fused_mlp off."""
+    bm, bn, bk, stages, _ = tg.MLP_TILE
+    meta = lambda *shape: torch.empty(*shape, dtype=torch.bfloat16, device="meta")
+    assert not tg.mlp_gemm_fits(meta(2, bm, 512), meta(6 * bn, 512))  # meta is not CUDA
+    x, w = torch.empty(2, bm, 512, dtype=torch.bfloat16), torch.empty(6 * bn, 512, dtype=torch.bfloat16)
+    assert not tg.mlp_gemm_fits(x, w)  # CPU
+    if not torch.cuda.is_available():
+        assert tg.mlp_gluon_op() is None
+        model = tg.GPT(tiny_config(tg))
+        model.set_fused_qk(True)
+        assert not any(block.fused_mlp for block in model.blocks)
+        return
+    cuda = lambda *shape, dtype=torch.bfloat16: torch.empty(*shape, dtype=dtype, device="cuda")
+    assert tg.mlp_gemm_fits(cuda(2, bm, 512), cuda(6 * bn, 512))
+    assert not tg.mlp_gemm_fits(cuda(2, bm - 1, 512), cuda(6 * bn, 512))  # rows not whole tiles
+    assert not tg.mlp_gemm_fits(cuda(2, bm, 512), cuda(6 * bn - 128, 512))  # columns not whole tiles
+    assert not tg.mlp_gemm_fits(cuda(2, bm, bk * (stages - 1)), cuda(6 * bn, bk * (stages - 1)))  # too few k-steps
+    assert not tg.mlp_gemm_fits(cuda(2, bm, 512, dtype=torch.float32), cuda(6 * bn, 512, dtype=torch.float32))
+
+
+def check_gluon_mlp(tg) -> list[float]:
+    """The Gluon MLP (_GluonMLP through the real ops) against the torch MLP on a GPU: output and the gradients of x,
+    W_up and W_down, at 16,384 tokens (768 tiles: ~6 per CTA, so the persistent loop, the ring's phases and the
+    overlapped epilogues all run).  Returns the relative errors; also used on the minified artifact."""
+    import torch.nn.functional as F
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4, 4096, 512, device="cuda", generator=g).bfloat16().requires_grad_()
+    w_up = (torch.randn(1536, 512, device="cuda", generator=g) / 512 ** 0.5).bfloat16().requires_grad_()
+    w_down = (torch.randn(512, 1536, device="cuda", generator=g) / 1536 ** 0.5).bfloat16().requires_grad_()
+    gy = torch.randn(4, 4096, 512, device="cuda", generator=g).bfloat16()
+    if tg.mlp_gluon_op() is None or not tg.mlp_gemm_fits(x, w_up):
+        raise RuntimeError("the Gluon MLP ops are not available on this GPU")
+    y = tg._GluonMLP.apply(x, w_up, w_down, 0.5)
+    grads = torch.autograd.grad(y, (x, w_up, w_down), gy)
+    y_ref = F.linear(F.leaky_relu(F.linear(x, w_up), 0.5).square(), w_down)
+    refs = (y_ref,) + torch.autograd.grad(y_ref, (x, w_up, w_down), gy)
+    return [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip((y,) + grads, refs)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs a CUDA GPU with Triton compiling (TRITON_INTERPRET=0)")
+def test_cuda_gluon_mlp_matches_torch(tg):
+    """On a Hopper GPU: same math as the torch MLP within bf16 rounding (the GEMM outputs rounded to bf16, then the
+    activation in fp32, as inductor computes it)."""
+    if torch.cuda.get_device_capability() != (9, 0) or tg.mlp_gluon_op() is None:
+        pytest.skip("the Gluon MLP kernels need a Hopper GPU and Triton's Gluon")
+    errs = check_gluon_mlp(tg)
+    assert max(errs) < 1e-2, errs
+
+
+def test_gluon_mlp_selftest_accepts_the_math_and_refuses_the_rest(tg):
+    """mlp_gluon_op() builds the ops only if they pass _mlp_gluon_selftest on the GPU (another Triton's Gluon may
+    not compile the kernels, or compile them wrong).  Its logic on CPU, with torch stand-ins for the two ops: the
+    right math passes, a wrong activation or derivative, a wrong shape, or an op that raises does not."""
+    import torch.nn.functional as F
+
+    def up(x, w, slope):
+        h = F.linear(x, w)
+        return h, F.leaky_relu(h, slope).square()
+
+    def dgrad(g, w, h, slope):
+        hf = h.float()
+        return ((g @ w).float() * torch.where(hf > 0, 2 * hf, 2 * slope * slope * hf)).to(h.dtype)
+
+    def raises(*args):
+        raise RuntimeError("PassManager::run failed")  # what a Gluon API mismatch looks like at compile time
+
+    cpu = torch.device("cpu")
+    assert tg._mlp_gluon_selftest(up, dgrad, cpu)
+    assert not tg._mlp_gluon_selftest(lambda x, w, s: (F.linear(x, w), F.relu(F.linear(x, w)).square()), dgrad, cpu)
+    assert not tg._mlp_gluon_selftest(up, lambda g, w, h, s: dgrad(g, w, h, 1.0), cpu)
+    assert not tg._mlp_gluon_selftest(up, lambda g, w, h, s: dgrad(g, w, h, s)[:, :-1], cpu)
+    assert not tg._mlp_gluon_selftest(raises, dgrad, cpu)
+    assert not tg._mlp_gluon_selftest(up, raises, cpu)

@@ -135,6 +135,11 @@ def test_gpu_bench_variants_switch_the_training_options(gpu_bench, monkeypatch):
     gpu_bench.apply_variant(tg, "base")
     assert tg.maybe_compile is gpu_bench.ORIGINALS["compile"]
     assert tg.Optimizers.zero_grad is gpu_bench.ORIGINALS["zero_grad"]
+    assert tg.mlp_gluon_op is gpu_bench.ORIGINALS["mlp"]
+    gpu_bench.apply_variant(tg, "mlpref")  # the MLP through torch ops (GPT.set_fused_qk asks mlp_gluon_op)
+    assert tg.mlp_gluon_op is not gpu_bench.ORIGINALS["mlp"] and tg.mlp_gluon_op() is None
+    gpu_bench.apply_variant(tg, "base")
+    assert tg.mlp_gluon_op is gpu_bench.ORIGINALS["mlp"]
     for bad, why in (("mix+nomix", "contradict"), ("mix+split128+split32", "same knob"), ("base+fast", "unknown"),
                      ("split32", "split32 tune mix-order reductions, which this train_gpt.py compiles the training "
                                  "model without")):
