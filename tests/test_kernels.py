@@ -5,6 +5,7 @@ switched on."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -506,6 +507,9 @@ def test_gluon_mlp_only_where_it_fits(tg):
     k-steps; anything else (the CPU here, eval shapes, other widths) keeps the torch MLP.  Without a Hopper GPU the
     ops are not built and set_fused_qk leaves every block's fused_mlp off."""
     bm, bn, bk, stages, _ = tg.MLP_TILE
+    assert tg.mlp_tiles_fit(98_304, 512, 1536)  # the record's micro-batch
+    assert not tg.mlp_tiles_fit(0, 512, 1536)  # nothing to multiply (a TMA descriptor refuses empty tensors)
+    assert tg.mlp_tiles_fit(1_398_016, 512, 1536) and not tg.mlp_tiles_fit(1_398_144, 512, 1536)  # int32 offsets
     meta = lambda *shape: torch.empty(*shape, dtype=torch.bfloat16, device="meta")
     assert not tg.mlp_gemm_fits(meta(2, bm, 512), meta(6 * bn, 512))  # meta is not CUDA
     x, w = torch.empty(2, bm, 512, dtype=torch.bfloat16), torch.empty(6 * bn, 512, dtype=torch.bfloat16)
@@ -525,9 +529,11 @@ def test_gluon_mlp_only_where_it_fits(tg):
 
 
 def check_gluon_mlp(tg) -> list[float]:
-    """The Gluon MLP (_GluonMLP through the real ops) against the torch MLP on a GPU: output and the gradients of x,
-    W_up and W_down, at 16,384 tokens (768 tiles: ~6 per CTA, so the persistent loop, the ring's phases and the
-    overlapped epilogues all run).  Returns the relative errors; also used on the minified artifact."""
+    """The Gluon MLP on a GPU at 16,384 tokens (768 tiles: ~6 per CTA, so the persistent loop, the ring's phases and
+    the overlapped epilogues all run): the ops' h, u and dh against the torch math elementwise (within ~2 bf16 ulps,
+    so one corrupted row of one tile fails), the same bits on a second launch (no race), and _GluonMLP's output and
+    gradients of x, W_up and W_down against the torch MLP's.  Returns the relative errors of the latter; raises on
+    the former.  Also used on the minified artifact."""
     import torch.nn.functional as F
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -536,7 +542,27 @@ def check_gluon_mlp(tg) -> list[float]:
     w_down = (torch.randn(512, 1536, device="cuda", generator=g) / 1536 ** 0.5).bfloat16().requires_grad_()
     gy = torch.randn(4, 4096, 512, device="cuda", generator=g).bfloat16()
     if tg.mlp_gluon_op() is None or not tg.mlp_gemm_fits(x, w_up):
-        raise RuntimeError("the Gluon MLP ops are not available on this GPU")
+        raise RuntimeError(f"the Gluon MLP ops are not available on this GPU: {tg._MLP_GLUON.get('why')}")
+    x2, g2 = x.detach().reshape(-1, 512), gy.reshape(-1, 512)
+    up = lambda a, w, s: tg._MLP_GLUON["up"](a, w, s)
+    dgrad = lambda a, w, h, s: tg._MLP_GLUON["dgrad"](a, w, h, s)
+    why = tg._mlp_gluon_selftest(up, dgrad, torch.device("cuda"))  # the small case, through the ops
+    h, u = up(x2, w_up.detach(), 0.5)
+    dh = dgrad(g2, w_down.detach(), h, 0.5)
+    h2, u2 = up(x2, w_up.detach(), 0.5)
+    dh2 = dgrad(g2, w_down.detach(), h2, 0.5)
+    h_ref = F.linear(x2, w_up.detach())
+    hf = h_ref.float()
+    dh_ref = ((g2 @ w_down.detach()).float() * torch.where(hf > 0, 2 * hf, 0.5 * hf)).bfloat16()
+    for name, a, b in (("h", h, h_ref), ("u", u, F.leaky_relu(h_ref, 0.5).square()), ("dh", dh, dh_ref)):
+        floor = 1e-3 * b.float().square().mean().sqrt()
+        err = ((a.float() - b.float()).abs() / (b.float().abs() + floor)).max().item()
+        if not err <= 2 ** -7:
+            why += f"; {name} off by {err:.1e} at 16,384 tokens"
+    if not (torch.equal(h, h2) and torch.equal(u, u2) and torch.equal(dh, dh2)):
+        why += "; a second launch gave other bits"
+    if why:
+        raise AssertionError(why.strip("; "))
     y = tg._GluonMLP.apply(x, w_up, w_down, 0.5)
     grads = torch.autograd.grad(y, (x, w_up, w_down), gy)
     y_ref = F.linear(F.leaky_relu(F.linear(x, w_up), 0.5).square(), w_down)
@@ -547,18 +573,22 @@ def check_gluon_mlp(tg) -> list[float]:
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                     reason="needs a CUDA GPU with Triton compiling (TRITON_INTERPRET=0)")
 def test_cuda_gluon_mlp_matches_torch(tg):
-    """On a Hopper GPU: same math as the torch MLP within bf16 rounding (the GEMM outputs rounded to bf16, then the
+    """On a Hopper GPU with Triton's Gluon the ops must be built (a failed self-test fails here, not silently in
+    training) and compute the torch MLP's math within bf16 rounding (the GEMM outputs rounded to bf16, then the
     activation in fp32, as inductor computes it)."""
-    if torch.cuda.get_device_capability() != (9, 0) or tg.mlp_gluon_op() is None:
-        pytest.skip("the Gluon MLP kernels need a Hopper GPU and Triton's Gluon")
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon MLP kernels need a Hopper GPU")
+    pytest.importorskip("triton.experimental.gluon", reason="Triton without Gluon")
+    assert tg.mlp_gluon_op() is not None, tg._MLP_GLUON.get("why")
     errs = check_gluon_mlp(tg)
     assert max(errs) < 1e-2, errs
 
 
 def test_gluon_mlp_selftest_accepts_the_math_and_refuses_the_rest(tg):
     """mlp_gluon_op() builds the ops only if they pass _mlp_gluon_selftest on the GPU (another Triton's Gluon may
-    not compile the kernels, or compile them wrong).  Its logic on CPU, with torch stand-ins for the two ops: the
-    right math passes, a wrong activation or derivative, a wrong shape, or an op that raises does not."""
+    not compile the kernels, or compile them wrong).  Its logic on CPU, with torch stand-ins for the two kernels:
+    the right math passes (""), and it names what is wrong otherwise: a wrong activation or derivative, one
+    corrupted row of one tile (a race), a wrong shape, or a kernel that raises."""
     import torch.nn.functional as F
 
     def up(x, w, slope):
@@ -569,13 +599,46 @@ def test_gluon_mlp_selftest_accepts_the_math_and_refuses_the_rest(tg):
         hf = h.float()
         return ((g @ w).float() * torch.where(hf > 0, 2 * hf, 2 * slope * slope * hf)).to(h.dtype)
 
+    def one_bad_row(x, w, slope):
+        h, u = up(x, w, slope)
+        h[130, 256:512] = 0.0  # a row of the second tile row's second tile
+        return h, u
+
     def raises(*args):
         raise RuntimeError("PassManager::run failed")  # what a Gluon API mismatch looks like at compile time
 
     cpu = torch.device("cpu")
-    assert tg._mlp_gluon_selftest(up, dgrad, cpu)
-    assert not tg._mlp_gluon_selftest(lambda x, w, s: (F.linear(x, w), F.relu(F.linear(x, w)).square()), dgrad, cpu)
-    assert not tg._mlp_gluon_selftest(up, lambda g, w, h, s: dgrad(g, w, h, 1.0), cpu)
-    assert not tg._mlp_gluon_selftest(up, lambda g, w, h, s: dgrad(g, w, h, s)[:, :-1], cpu)
-    assert not tg._mlp_gluon_selftest(raises, dgrad, cpu)
-    assert not tg._mlp_gluon_selftest(up, raises, cpu)
+    assert tg._mlp_gluon_selftest(up, dgrad, cpu) == ""
+    relu = lambda x, w, s: (F.linear(x, w), F.relu(F.linear(x, w)).square())
+    assert tg._mlp_gluon_selftest(relu, dgrad, cpu).startswith("u off by")
+    assert tg._mlp_gluon_selftest(up, lambda g, w, h, s: dgrad(g, w, h, 1.0), cpu).startswith("dh off by")
+    assert tg._mlp_gluon_selftest(one_bad_row, dgrad, cpu).startswith("h off by")
+    assert "dh has shape" in tg._mlp_gluon_selftest(up, lambda g, w, h, s: dgrad(g, w, h, s)[:, :-1], cpu)
+    assert tg._mlp_gluon_selftest(raises, dgrad, cpu) == "RuntimeError: PassManager::run failed"
+    assert tg._mlp_gluon_selftest(up, raises, cpu).startswith("RuntimeError")
+
+
+def test_log_header_says_which_mlp_runs(tg, monkeypatch):
+    """The mlp_act field: gluon only where the ops are built and the training shapes fit the tiles (a micro-batch of
+    one rank, the MLP width), torch otherwise; and a self-test failure is logged with its reason."""
+    lines = []
+    monkeypatch.setattr(tg, "log0", lambda msg="", console=True: lines.append(msg))
+    monkeypatch.setattr(tg, "list_shards", lambda pattern, what="train": ["shard"])
+    mlp_line = lambda: next(line for line in lines if line.startswith("qk_norm_rope:")).split()[-1]
+    h, d, cpu = tg.Hyperparameters(), tg.DistInfo(), torch.device("cpu")
+    tg.log_header(h, d, cpu)
+    assert mlp_line() == "mlp_act:torch"
+    monkeypatch.setattr(tg, "FUSED_QK_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(tg, "mlp_gluon_op", lambda: object())
+    lines.clear()
+    tg.log_header(h, d, cpu)  # the record config: 98,304-token micro-batches, 512 -> 1536
+    assert mlp_line() == "mlp_act:gluon"
+    lines.clear()
+    tg.log_header(dataclasses.replace(h, mlp_mult=3.25), d, cpu)  # 1664 columns: not whole 256-column tiles
+    assert mlp_line() == "mlp_act:torch"
+    monkeypatch.setattr(tg, "mlp_gluon_op", lambda: None)
+    monkeypatch.setitem(tg._MLP_GLUON, "why", "dh off by 1.0e+00")
+    lines.clear()
+    tg.log_header(h, d, cpu)
+    assert mlp_line() == "mlp_act:torch"
+    assert "mlp_act:torch because the Gluon MLP kernels failed their self-test: dh off by 1.0e+00" in lines
