@@ -1316,21 +1316,26 @@ def mlp_gluon_op():
 
 
 def _mlp_gluon_selftest(up, dgrad, device: torch.device) -> str:
-    """Both kernels on a small case (3 x 3 tiles of 128 x 256, K 512) against the torch math: "" if they agree to
-    within a few bf16 ulps, else why not (a build error, or the largest relative error), e.g. under another Triton's
-    Gluon, which is experimental and changes between releases.  up(x, w_up, slope) -> (h, u), dgrad(g, w_down, h,
-    slope) -> dh."""
+    """Both kernels on a small case (3 x 3 tiles of 128 x 256, K 512) against the torch math (_mlp_gluon_compare):
+    "" if they agree, else why not, e.g. under another Triton's Gluon, which is experimental and changes between
+    releases.  up(x, w_up, slope) -> (h, u), dgrad(g, w_down, h, slope) -> dh."""
     g = torch.Generator(device=device).manual_seed(0)
     bm, bn, bk, _, _ = MLP_TILE
     K = 8 * bk
     x, gy = (torch.randn(3 * bm, K, device=device, generator=g).bfloat16() for _ in range(2))
     w_up = (torch.randn(3 * bn, K, device=device, generator=g) / K ** 0.5).bfloat16()
     w_down = (torch.randn(K, 3 * bn, device=device, generator=g) / (3 * bn) ** 0.5).bfloat16()
+    return _mlp_gluon_compare(up, dgrad, x, w_up, gy, w_down)
+
+
+def _mlp_gluon_compare(up, dgrad, x: Tensor, w_up: Tensor, gy: Tensor, w_down: Tensor) -> str:
+    """Run up(x, w_up, 0.5) and dgrad(gy, w_down, h, 0.5) and compare h, u and dh with the torch math elementwise:
+    "" if all agree, else a build error or what is off by how much."""
     try:
         h, u = up(x, w_up, 0.5)
         dh = dgrad(gy, w_down, h, 0.5)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # a kernel's fault surfaces here, not at the comparison
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)  # a kernel's fault surfaces here, not at the comparison
     except Exception as e:  # a different Gluon API fails to compile with several exception types
         return f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:160] if str(e).strip() else ''}"
     h_ref = F.linear(x, w_up)
@@ -1342,13 +1347,12 @@ def _mlp_gluon_selftest(up, dgrad, device: torch.device) -> str:
         if a.shape != b.shape:
             return f"{name} has shape {tuple(a.shape)}, expected {tuple(b.shape)}"
         # elementwise, within 2^-5 of the torch value (floored at 1e-3 of its rms for near-zero entries): a few bf16
-        # ulps, room for cuBLAS summing in another order here (split-K on so few tiles) and for u and dh doubling a
-        # 1-ulp difference of h or g; a race, a wrong formula or a dropped tile is off by O(1)
+        # ulps, room for cuBLAS summing in another order (split-K on few tiles) and for u and dh doubling a 1-ulp
+        # difference of h or g; a race, a wrong formula or a dropped tile is off by O(1)
         af, bf = a.float(), b.float()
         floor = 1e-3 * bf.square().mean().sqrt()
         errs.append((name, ((af - bf).abs() / (bf.abs() + floor)).max().item()))
-    bad = [f"{name} off by {err:.1e}" for name, err in errs if not err <= 2 ** -5]
-    return "; ".join(bad)
+    return "; ".join(f"{name} off by {err:.1e}" for name, err in errs if not err <= 2 ** -5)
 
 
 class _GluonMLP(torch.autograd.Function):
