@@ -1105,8 +1105,14 @@ def qk_norm_rope_op():
 # in chunks of 8192 elements.  Forward (BWD false): A = x (M, K), B = W_up (N, K); stores h = bf16(x @ W_up.T) and
 # u = bf16(leaky(h)²).  Backward: A = the output gradient g (M, K), B = W_down (K, N) as stored; loads h and stores
 # dh = bf16(bf16(g @ W_down) * d leaky(h)²/dh).  Same math as the torch path: GEMM output rounded to bf16, then the
-# activation in fp32.  Measured alone at the record shape: forward 339 us against 378 (cuBLAS + inductor's kernel),
-# backward 358 against 475.  Hopper (sm_90) only: wgmma.
+# activation in fp32.  With EW > 0 (PERF #30) the epilogue runs in an EW-warp partition of its own instead: the
+# consumer stores each tile's accumulator to cbuf and goes on to the next tile's k-steps at once, and the epilogue
+# partition, signalled through cbar (full, free), stores from cbuf while they run (backward: it loads h ahead, two
+# chunks before the accumulator and two in flight after).  At 12 warps (8 + the loader's 1 + EW = 2, padded to a
+# warpgroup) ptxas gives every thread up to 168 registers; at 16 it caps them at 128, under the ~154 the 128 x 256
+# accumulator needs.  Measured alone at the record shape (MLP_TILES): forward 270 us in the EW form against 334 in
+# the consumer and 380 for cuBLAS + inductor's kernel; backward 362 in the consumer, 382-437 in the EW form (two
+# warps keep too few loads of h in flight), 443 for cuBLAS + inductor.  Hopper (sm_90) only: wgmma.
 _MLP_GLUON_SRC = """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -1138,8 +1144,8 @@ def _mlp_loader(a_desc, b_desc, a_bufs, b_bufs, ready, empty, n_n, n_tiles, K: g
 
 @gluon.jit
 def _mlp_epilogue(cbuf, o_ptr, x_ptr, ldo, pm, pn, slope, BWD: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                  blk: gl.constexpr):
-    RCH: gl.constexpr = 8192 // BN
+                  blk: gl.constexpr, CH: gl.constexpr):
+    RCH: gl.constexpr = CH // BN
     cols = pn + gl.arange(0, BN, layout=gl.SliceLayout(0, blk))
     for r in gl.static_range(0, BM, RCH):
         rows = pm + r + gl.arange(0, RCH, layout=gl.SliceLayout(1, blk))
@@ -1186,7 +1192,7 @@ def _mlp_consumer(a_bufs, b_bufs, ready, empty, cbuf, o_ptr, x_ptr, ldo, n_n, n_
         for kk in gl.static_range(P):
             acc = _mlp_mma(a_bufs, b_bufs, ready, empty, (it + kk) % STAGES, ((it + kk) // STAGES) & 1, acc, BWD)
         if n_done > 0:
-            _mlp_epilogue(cbuf, o_ptr, x_ptr, ldo, pm, pn, slope, BWD, BM, BN, blk)
+            _mlp_epilogue(cbuf, o_ptr, x_ptr, ldo, pm, pn, slope, BWD, BM, BN, blk, 8192)
         for kk in gl.static_range(P, KT):
             acc = _mlp_mma(a_bufs, b_bufs, ready, empty, (it + kk) % STAGES, ((it + kk) // STAGES) & 1, acc, BWD)
             acc = warpgroup_mma_wait(1, deps=[acc])
@@ -1203,12 +1209,74 @@ def _mlp_consumer(a_bufs, b_bufs, ready, empty, cbuf, o_ptr, x_ptr, ldo, n_n, n_
         pn = (t % n_n) * BN
         n_done += 1
     if n_done > 0:
-        _mlp_epilogue(cbuf, o_ptr, x_ptr, ldo, pm, pn, slope, BWD, BM, BN, blk)
+        _mlp_epilogue(cbuf, o_ptr, x_ptr, ldo, pm, pn, slope, BWD, BM, BN, blk, 8192)
+
+
+@gluon.jit
+def _mlp_consumer_sep(a_bufs, b_bufs, ready, empty, cbuf, cbar, n_n, n_tiles, K: gl.constexpr, BM: gl.constexpr,
+                      BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, BWD: gl.constexpr, NW: gl.constexpr):
+    KT: gl.constexpr = K // BK
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BN, 16])
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    n_done = 0
+    for t in range(pid, n_tiles, nprog):
+        it = n_done * KT
+        acc = gl.zeros([BM, BN], gl.float32, mma)
+        for kk in gl.static_range(KT):
+            acc = _mlp_mma(a_bufs, b_bufs, ready, empty, (it + kk) % STAGES, ((it + kk) // STAGES) & 1, acc, BWD)
+            acc = warpgroup_mma_wait(1, deps=[acc])
+            if kk > 0:
+                mbarrier.arrive(empty.index((it + kk - 1) % STAGES))
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        mbarrier.arrive(empty.index((it + KT - 1) % STAGES))
+        mbarrier.wait(cbar.index(1), (n_done & 1) ^ 1)  # the epilogue partition has read the previous tile
+        cbuf.store(acc.to(gl.bfloat16))
+        mbarrier.arrive(cbar.index(0))
+        n_done += 1
+
+
+@gluon.jit
+def _mlp_epi_part(cbuf, cbar, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, BM: gl.constexpr, BN: gl.constexpr,
+                  BWD: gl.constexpr, EW: gl.constexpr, CH: gl.constexpr):
+    RCH: gl.constexpr = CH // BN
+    TN: gl.constexpr = BN // 8 if BN // 8 < 32 else 32
+    blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TN, TN], [EW, 1], [1, 0])
+    rows = gl.arange(0, RCH, layout=gl.SliceLayout(1, blk))
+    cols = gl.arange(0, BN, layout=gl.SliceLayout(0, blk))
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    n = 0
+    for t in range(pid, n_tiles, nprog):
+        pm = (t // n_n) * BM
+        pn = (t % n_n) * BN
+        if BWD:  # h does not wait for the GEMM: two chunks in flight before the accumulator, then two ahead
+            h0 = gl.load(x_ptr + (pm + rows)[:, None] * ldo + (pn + cols)[None, :])
+            h1 = gl.load(x_ptr + (pm + RCH + rows)[:, None] * ldo + (pn + cols)[None, :])
+        mbarrier.wait(cbar.index(0), n & 1)
+        for r in gl.static_range(0, BM, RCH):
+            offs = (pm + r + rows)[:, None] * ldo + (pn + cols)[None, :]
+            c = cbuf.slice(r, RCH, 0).load(blk)
+            if BWD:
+                h = h0.to(gl.float32)
+                h0 = h1
+                if r + 2 * RCH < BM:
+                    h1 = gl.load(x_ptr + (pm + r + 2 * RCH + rows)[:, None] * ldo + (pn + cols)[None, :])
+                d = c.to(gl.float32) * gl.where(h > 0, 2.0 * h, (2.0 * slope * slope) * h)
+                gl.store(o_ptr + offs, d.to(gl.bfloat16))
+            else:
+                cf = c.to(gl.float32)
+                y = gl.where(cf > 0, cf, cf * slope)
+                gl.store(o_ptr + offs, c)
+                gl.store(x_ptr + offs, (y * y).to(gl.bfloat16))
+        mbarrier.arrive(cbar.index(1))
+        n += 1
 
 
 @gluon.jit
 def mlp_gemm(a_desc, b_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K: gl.constexpr, BM: gl.constexpr,
-             BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, BWD: gl.constexpr, NW: gl.constexpr):
+             BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, BWD: gl.constexpr, NW: gl.constexpr,
+             EW: gl.constexpr, EREGS: gl.constexpr, CH: gl.constexpr):
     a_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BM, BK], a_desc.layout)
     if BWD:
         b_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BK, BN], b_desc.layout)
@@ -1221,26 +1289,44 @@ def mlp_gemm(a_desc, b_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K: gl.const
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
+    cbar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(cbar.index(0), count=1)
+    mbarrier.init(cbar.index(1), count=1)
     fence_async_shared()
-    gl.warp_specialize([
-        (_mlp_consumer, (a_bufs, b_bufs, ready, empty, cbuf, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K, BM, BN, BK,
-                         STAGES, BWD, NW)),
-        (_mlp_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, n_n, n_tiles, K, BM, BN, BK, STAGES, BWD)),
-    ], [1], [40])
+    if EW == 0:
+        gl.warp_specialize([
+            (_mlp_consumer, (a_bufs, b_bufs, ready, empty, cbuf, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K, BM, BN,
+                             BK, STAGES, BWD, NW)),
+            (_mlp_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, n_n, n_tiles, K, BM, BN, BK, STAGES, BWD)),
+        ], [1], [40])
+    else:
+        gl.warp_specialize([
+            (_mlp_consumer_sep, (a_bufs, b_bufs, ready, empty, cbuf, cbar, n_n, n_tiles, K, BM, BN, BK, STAGES, BWD,
+                                 NW)),
+            (_mlp_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, n_n, n_tiles, K, BM, BN, BK, STAGES, BWD)),
+            (_mlp_epi_part, (cbuf, cbar, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, BM, BN, BWD, EW, CH)),
+        ], [1, EW], [40, EREGS])
 """
-MLP_TILE = (128, 256, 64, 3, 8)  # BM, BN, BK, STAGES, consumer warps: the fastest of 10 configs (PERF #29)
+# per GEMM: BM, BN, BK, STAGES, consumer warps, epilogue warps (0: the epilogue in the consumer warps, overlapped with
+# the next tile's first k-steps; 2: in a partition of its own), their registers, elements per epilogue chunk.  The
+# fastest of each at the record shape (PERF #29, #30): the forward's stores run best from their own partition, the
+# backward's loads of h need the consumer's 8 warps in flight
+MLP_TILES = {"up": (128, 128, 64, 6, 8, 2, 152, 2048), "dgrad": (128, 256, 64, 3, 8, 0, 0, 8192)}
 
 
-def _mlp_gemm_launch(a: Tensor, w: Tensor, slope: float, h: Tensor | None = None,
-                     max_ctas: int = 0) -> tuple[Tensor, Tensor] | Tensor:
+def _mlp_gemm_launch(a: Tensor, w: Tensor, slope: float, h: Tensor | None = None, max_ctas: int = 0,
+                     tile: tuple | None = None) -> tuple[Tensor, Tensor] | Tensor:
     """Forward (h None): (h, u) of a (M, K) @ w (N, K).T; backward: dh for the output gradient a (M, K), w = W_down
     (K, N) and the forward's h (M, N).  bf16, shapes as mlp_tiles_fit() accepts; max_ctas > 0 caps the grid (the
     self-test: several tiles per CTA)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    bm, bn, bk, stages, nw = MLP_TILE
-    a, w = a.contiguous(), w.contiguous()
     bwd = h is not None
+    bm, bn, bk, stages, nw, ew, eregs, ch = tile or MLP_TILES["dgrad" if bwd else "up"]
+    a, w = a.contiguous(), w.contiguous()
+    # the descriptors need the device's context current on this thread, which a backward on autograd's device thread
+    # may not have yet (cudaSetDevice makes it current; the kernel launch itself would, but comes after them)
+    torch.cuda.set_device(a.device)
     M, K = a.shape
     N = w.size(1) if bwd else w.size(0)
     b_block = [bk, bn] if bwd else [bn, bk]
@@ -1251,15 +1337,16 @@ def _mlp_gemm_launch(a: Tensor, w: Tensor, slope: float, h: Tensor | None = None
     n_tiles = (M // bm) * (N // bn)
     grid = (min(n_tiles, max_ctas or torch.cuda.get_device_properties(a.device).multi_processor_count),)
     _MLP_GLUON["ns"]["mlp_gemm"][grid](*descs, out, x, N, N // bn, n_tiles, float(slope), K=K, BM=bm, BN=bn, BK=bk,
-                                       STAGES=stages, BWD=bwd, NW=nw, num_warps=nw)
+                                       STAGES=stages, BWD=bwd, NW=nw, EW=ew, EREGS=eregs, CH=ch, num_warps=nw)
     return out if bwd else (out, x)
 
 
 def mlp_tiles_fit(rows: int, K: int, N: int) -> bool:
-    """Whether the Gluon MLP kernels take (rows, K) @ (K, N): whole tiles (no masking in the kernels), at least
+    """Whether both Gluon MLP kernels take (rows, K) @ (K, N): whole tiles (no masking in the kernels), at least
     STAGES k-steps, and element offsets within int32 (the epilogue's index arithmetic)."""
-    bm, bn, bk, stages, _ = MLP_TILE
-    return rows > 0 and rows % bm == 0 and N % bn == 0 and K % bk == 0 and K // bk >= stages and rows * N < 2 ** 31
+    return rows > 0 and rows * N < 2 ** 31 and all(
+        rows % bm == 0 and N % bn == 0 and K % bk == 0 and K // bk >= stages
+        for bm, bn, bk, stages in (tile[:4] for tile in MLP_TILES.values()))
 
 
 def mlp_gemm_fits(x: Tensor, w_up: Tensor) -> bool:
@@ -1305,7 +1392,8 @@ def mlp_gluon_op():
     def _(g, w, h, slope):
         return torch.empty_like(h, memory_format=torch.contiguous_format)
 
-    # two CTAs over 3 x 3 tiles: the persistent loop, the ring's phases and the overlapped epilogue all run
+    # two CTAs over 3 x 3 (dgrad) and 3 x 6 (up) tiles: the persistent loop, the ring's phases and the epilogue's
+    # hand-over all run
     why = _mlp_gluon_selftest(lambda x, w, s: _mlp_gemm_launch(x, w, s, max_ctas=2),
                               lambda g, w, h, s: _mlp_gemm_launch(g, w, s, h, max_ctas=2), torch.device("cuda"))
     if why:  # another Gluon (API, codegen): the torch MLP, and log_header says why
@@ -1316,12 +1404,13 @@ def mlp_gluon_op():
 
 
 def _mlp_gluon_selftest(up, dgrad, device: torch.device) -> str:
-    """Both kernels on a small case (3 x 3 tiles of 128 x 256, K 512) against the torch math (_mlp_gluon_compare):
-    "" if they agree, else why not, e.g. under another Triton's Gluon, which is experimental and changes between
-    releases.  up(x, w_up, slope) -> (h, u), dgrad(g, w_down, h, slope) -> dh."""
+    """Both kernels on a small case (3 x 3 of the larger tiles, 128 x 256, and K 512: 8 k-steps) against the torch
+    math (_mlp_gluon_compare): "" if they agree, else why not, e.g. under another Triton's Gluon, which is
+    experimental and changes between releases.  up(x, w_up, slope) -> (h, u), dgrad(g, w_down, h, slope) -> dh."""
     g = torch.Generator(device=device).manual_seed(0)
-    bm, bn, bk, _, _ = MLP_TILE
-    K = 8 * bk
+    tiles = MLP_TILES.values()
+    bm, bn = max(t[0] for t in tiles), max(t[1] for t in tiles)
+    K = max(t[2] * max(t[3], 8) for t in tiles)
     x, gy = (torch.randn(3 * bm, K, device=device, generator=g).bfloat16() for _ in range(2))
     w_up = (torch.randn(3 * bn, K, device=device, generator=g) / K ** 0.5).bfloat16()
     w_down = (torch.randn(K, 3 * bn, device=device, generator=g) / (3 * bn) ** 0.5).bfloat16()

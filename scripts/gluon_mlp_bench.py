@@ -21,9 +21,13 @@ W_down [512, 1536] read as stored, N-major); 2 plain C = A @ B.T (the main loop 
     python3 scripts/gluon_mlp_bench.py 3           # GPU: config 3 alone (checked against torch, then timed)
     python3 scripts/gluon_mlp_bench.py debug C E P M   # GPU: config C, epilogue E, ping-pong P (0/1), M rows, once
     python3 scripts/gluon_mlp_bench.py compile     # CPU: cross-compile the configs for sm_90 (GLUON_ONLY=0,2 picks)
+    python3 scripts/gluon_mlp_bench.py shipped     # GPU: train_gpt.py's own kernel over the MLP_TILES forms in
+                                                   # SHIPPED_TILES (env GLUON_TILES: a Python list of tuples)
 
-Env: GLUON_TIMEOUT (seconds per config process, default 120).  Not counted code: train_gpt.py carries its own copy of
-the `ovg` kernel (_MLP_GLUON_SRC); the measurements are in docs/PERF.md #29.
+Env: GLUON_TIMEOUT (seconds per config process, default 120), GLUON_TILES (`shipped`), TRAIN_GPT (`shipped`: the
+train_gpt.py to load, default the repo's).  Not counted code: train_gpt.py carries its own copy of the `ovg` kernel
+and, from PERF #30, a form with the epilogue in a warp partition of its own (_MLP_GLUON_SRC, MLP_TILES), which the
+`shipped` mode times; the measurements are in docs/PERF.md #29 and #30.
 """
 
 from __future__ import annotations
@@ -438,12 +442,87 @@ def rel(x, y):
     return ((x.float() - y.float()).norm() / y.float().norm()).item()
 
 
+# train_gpt.py's MLP_TILES forms (BM, BN, BK, STAGES, consumer warps, epilogue warps, their registers, elements per
+# epilogue chunk): epilogue warps 0 is #29's form (the epilogue in the consumer, overlapped with the next tile's first
+# k-steps), 2 the epilogue in a partition of its own (#30)
+SHIPPED_TILES = [(128, 256, 64, 3, 8, 0, 0, 8192), (128, 256, 64, 3, 8, 2, 152, 2048),
+                 (128, 256, 64, 3, 8, 2, 152, 4096), (128, 256, 32, 6, 8, 2, 152, 2048),
+                 (256, 128, 64, 3, 8, 2, 152, 2048), (128, 128, 64, 6, 8, 2, 152, 2048)]
+
+
+def _train_gpt():
+    import importlib.util
+    path = os.environ.get("TRAIN_GPT", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "train_gpt.py"))
+    spec = importlib.util.spec_from_file_location("tg_gluon_bench", path)
+    tg = importlib.util.module_from_spec(spec)
+    sys.modules["tg_gluon_bench"] = tg
+    spec.loader.exec_module(tg)
+    return tg
+
+
+def shipped(args):
+    """train_gpt.py's kernel at the record shape: no argument, the cuBLAS + inductor baseline, then each tile of
+    GLUON_TILES / SHIPPED_TILES in its own process; one argument, that tile (a tuple) alone: checked bit for bit
+    against cuBLAS + the torch activation, then timed (forward: h and u; backward: dh)."""
+    import subprocess
+    from triton.testing import do_bench
+    bench = lambda fn: do_bench(fn, warmup=25, rep=200, return_mode="median")
+    tiles = eval(os.environ["GLUON_TILES"]) if os.environ.get("GLUON_TILES") else SHIPPED_TILES
+    if not args:
+        for tile in tiles:
+            try:
+                out = subprocess.run([sys.executable, __file__, "shipped", repr(tuple(tile))], capture_output=True,
+                                     text=True, timeout=float(os.environ.get("GLUON_TIMEOUT", "120")))
+                print(out.stdout.strip() or out.stderr.strip()[-1500:], flush=True)
+            except subprocess.TimeoutExpired:
+                print(f"gluon_mlp_bench shipped tile {tile}: timed out (deadlock?)", flush=True)
+        return
+    tile = eval(args[0])
+    tg = _train_gpt()
+    tg._MLP_GLUON["ns"] = tg._load_triton_source(tg._MLP_GLUON_SRC, "mlp_gluon")
+    dev = torch.device("cuda")
+    M, K, N = 98304, 512, 1536
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(M, K, device=dev, generator=gen).bfloat16()
+    w_up = (torch.randn(N, K, device=dev, generator=gen) / K ** 0.5).bfloat16()
+    w_down = (torch.randn(K, N, device=dev, generator=gen) / N ** 0.5).bfloat16()
+    dy = torch.randn(M, K, device=dev, generator=gen).bfloat16()
+    ref_h, ref_u = ref_fwd(x, w_up)
+    ref_dh = ref_bwd(dy, w_down, ref_h)
+    line = []
+    if tile == tuple(SHIPPED_TILES[0]) or os.environ.get("GLUON_BASELINE") == "1":
+        act = torch.compile(lambda h: torch.nn.functional.leaky_relu(h, SLOPE).square())
+        dact = torch.compile(lambda g, h: (g.float() * torch.where(h.float() > 0, 2 * h.float(),
+                                                                    2 * SLOPE * SLOPE * h.float())).to(h.dtype))
+        g = dy @ w_down
+        t_f = bench(lambda: act(x @ w_up.T))
+        t_b = bench(lambda: dact(dy @ w_down, ref_h))
+        line.append(f"cuBLAS + inductor fwd {1000 * t_f:.1f}us bwd {1000 * t_b:.1f}us")
+    try:
+        h, u = tg._mlp_gemm_launch(x, w_up, SLOPE, tile=tile)
+        dh = tg._mlp_gemm_launch(dy, w_down, SLOPE, ref_h, tile=tile)
+        torch.cuda.synchronize()
+    except Exception as e:
+        print(f"gluon_mlp_bench shipped tile {tile}: does not run ({type(e).__name__}: {str(e)[-300:]})")
+        return
+    same = all(torch.equal(a, b) for a, b in ((h, ref_h), (u, ref_u), (dh, ref_dh)))
+    errs = f"rel err h {rel(h, ref_h):.1e} u {rel(u, ref_u):.1e} dh {rel(dh, ref_dh):.1e}"
+    t_f = bench(lambda: tg._mlp_gemm_launch(x, w_up, SLOPE, tile=tile))
+    t_b = bench(lambda: tg._mlp_gemm_launch(dy, w_down, SLOPE, ref_h, tile=tile))
+    line.append(f"fwd {1000 * t_f:.1f}us bwd {1000 * t_b:.1f}us sum {1000 * (t_f + t_b):.1f}us "
+                f"{'bit-identical to cuBLAS + torch' if same else 'NOT bit-identical: ' + errs}")
+    print(f"gluon_mlp_bench shipped tile {tile}: " + "; ".join(line), flush=True)
+
+
 def main():
     """No argument: the cuBLAS + compiled-activation baseline, then every config in its own process (a deadlocked
     kernel hangs only that process: GLUON_TIMEOUT seconds each); one integer argument: that config alone."""
     args = sys.argv[1:]
     if args == ["compile"]:
         cross_compile()
+        return
+    if args and args[0] == "shipped":
+        shipped(args[1:])
         return
     if args and args[0] == "debug":  # debug CFG EPI PINGPONG M: one launch on a small shape, then its error
         cfg, epi, pp, M = CONFIGS[int(args[1])], int(args[2]), args[3] == "1", int(args[4])

@@ -129,11 +129,13 @@ def apply_variant(tg, variant: str) -> None:
     the form before PERF #27), pwtune (inductor benchmarks several launch configs of each
     pointwise and reduction kernel and keeps the fastest, config.max_autotune_pointwise), mlpref (the MLP through
     torch ops, cuBLAS + inductor's LeakyReLU² kernels, instead of the Gluon GEMMs with the activation in their
-    epilogues: the form before PERF #29)."""
+    epilogues: the form before PERF #29), mlpov (the Gluon MLP kernels with the epilogue in the consumer warps,
+    overlapped with the next tile's first k-steps, in both directions: #29's form; PERF #30 moved the forward's
+    epilogue into a partition of its own)."""
     flags = set(variant.split("+"))
     unknown = flags - {"base", "expand", "xsatorch", "xsaref", "qkref", "vsplit", "aggr", "autotune", "pdl", "split128",
                        "split32", "stages", "maxreads6", "autosplit", "nomix", "mix", "combo", "ceref",
-                       "qatgraph", "nocg", "pwtune", "mlpref"}
+                       "qatgraph", "nocg", "pwtune", "mlpref", "mlpov"}
     if unknown:
         raise ValueError(f"BENCH_VARIANTS: unknown flags {sorted(unknown)}")
     if not ORIGINALS:
@@ -145,11 +147,18 @@ def apply_variant(tg, variant: str) -> None:
                          train_options=getattr(tg, "train_compile_options", None),  # None before PERF #23
                          ce_op=getattr(tg, "_QK_KERNELS", {}).get("ce"),  # None before PERF #24
                          set_qat=tg.GPT.set_qat, zero_grad=tg.Optimizers.zero_grad,
-                         mlp=getattr(tg, "mlp_gluon_op", None))  # None before PERF #29
+                         mlp=getattr(tg, "mlp_gluon_op", None),  # None before PERF #29
+                         mlp_tiles=getattr(tg, "MLP_TILES", None))  # None before PERF #30
     tg.Optimizers.zero_grad = zero_grad_to_none if "nocg" in flags else ORIGINALS["zero_grad"]
     if ORIGINALS["mlp"] is not None:  # GPT.set_fused_qk asks mlp_gluon_op() whether the Gluon MLP kernels are there
         tg.mlp_gluon_op = (lambda: None) if "mlpref" in flags else ORIGINALS["mlp"]
-    elif "mlpref" in flags:
+    if "mlpov" in flags:
+        if ORIGINALS["mlp_tiles"] is None:
+            raise ValueError("BENCH_VARIANTS: mlpov needs a train_gpt.py with MLP_TILES (PERF #30 on)")
+        tg.MLP_TILES = {"up": (128, 256, 64, 3, 8, 0, 0, 8192), "dgrad": (128, 256, 64, 3, 8, 0, 0, 8192)}
+    elif ORIGINALS["mlp_tiles"] is not None:
+        tg.MLP_TILES = ORIGINALS["mlp_tiles"]
+    if ORIGINALS["mlp"] is None and "mlpref" in flags:
         raise ValueError("BENCH_VARIANTS: mlpref needs a train_gpt.py with the Gluon MLP kernels (PERF #29 on)")
     if "qatgraph" in flags:  # qat_on follows QAT_ENABLED, not alpha: the graph keeps the QAT ops, as before #25
         def set_qat_one_graph(self, alpha):

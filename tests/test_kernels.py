@@ -458,34 +458,43 @@ tg = importlib.util.module_from_spec(spec)
 sys.modules["tg_gluon_check"] = tg
 spec.loader.exec_module(tg)
 ns = tg._load_triton_source(tg._MLP_GLUON_SRC, "mlp_gluon")
-bm, bn, bk, stages, nw = tg.MLP_TILE
+fn = ns["mlp_gemm"]
 layout = lambda block: repr(gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
-for bwd in (False, True):
-    b_block = [bk, bn] if bwd else [bn, bk]
-    sig = {"a_desc": f"tensordesc<bf16{[bm, bk]},{layout([bm, bk])}>", "b_desc": f"tensordesc<bf16{b_block},"
-           f"{layout(b_block)}>", "o_ptr": "*bf16", "x_ptr": "*bf16", "ldo": "i32", "n_n": "i32", "n_tiles": "i32",
-           "slope": "fp32"}
-    consts = dict(K=512, BM=bm, BN=bn, BK=bk, STAGES=stages, BWD=bwd, NW=nw)
-    sig.update({name: "constexpr" for name in consts})
-    k = triton_compile(GluonASTSource(ns["mlp_gemm"], sig, consts), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": nw})
-    ptx = k.asm["ptx"]
-    with tempfile.TemporaryDirectory() as d:
-        with open(d + "/k.ptx", "w") as f:
-            f.write(ptx)
-        info = subprocess.run([get_ptxas(90).path, "-v", "-arch=sm_90a", d + "/k.ptx", "-o", d + "/k.cubin"],
-                              capture_output=True, text=True).stderr
-    spills = [line for line in info.splitlines() if "spill" in line]
-    print(f"bwd={bwd} cubin={len(k.asm['cubin']) > 0} smem={k.metadata.shared} warps={k.metadata.num_warps} "
-          f"wgmma={'wgmma.mma_async' in ptx} tma={'cp.async.bulk.tensor' in ptx} "
-          f"setmaxnreg={'setmaxnreg' in ptx} no_spills={bool(spills) and all(' 0 bytes spill' in s for s in spills)}")
+# the runtime specialises the output pointers and the row stride as multiples of 16 (16-byte vector accesses)
+attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in ("o_ptr", "x_ptr", "ldo")}
+# each direction with its shipped tile, and with the other direction's form
+for tile in tg.MLP_TILES.values():
+    bm, bn, bk, stages, nw, ew, eregs, ch = tile
+    for bwd in (False, True):
+        b_block = [bk, bn] if bwd else [bn, bk]
+        sig = {"a_desc": f"tensordesc<bf16{[bm, bk]},{layout([bm, bk])}>", "b_desc": f"tensordesc<bf16{b_block},"
+               f"{layout(b_block)}>", "o_ptr": "*bf16", "x_ptr": "*bf16", "ldo": "i32", "n_n": "i32", "n_tiles": "i32",
+               "slope": "fp32"}
+        consts = dict(K=512, BM=bm, BN=bn, BK=bk, STAGES=stages, BWD=bwd, NW=nw, EW=ew, EREGS=eregs, CH=ch)
+        sig.update({name: "constexpr" for name in consts})
+        k = triton_compile(GluonASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": nw})
+        ptx = k.asm["ptx"]
+        with tempfile.TemporaryDirectory() as d:
+            with open(d + "/k.ptx", "w") as f:
+                f.write(ptx)
+            info = subprocess.run([get_ptxas(90).path, "-v", "-arch=sm_90a", d + "/k.ptx", "-o", d + "/k.cubin"],
+                                  capture_output=True, text=True).stderr
+        spills = [line for line in info.splitlines() if "spill" in line]
+        print(f"ew={ew} bwd={bwd} cubin={len(k.asm['cubin']) > 0} smem={k.metadata.shared} warps={k.metadata.num_warps} "
+              f"wgmma={'wgmma.mma_async' in ptx} tma={'cp.async.bulk.tensor' in ptx} setmaxnreg={'setmaxnreg' in ptx} "
+              f"no_spills={bool(spills) and all(' 0 bytes spill' in s for s in spills)} "
+              f"vector_stores={ptx.count('st.global.v4') > 0 and 'st.global.b16' not in ptx}")
 """
 
 
 def test_gluon_mlp_kernels_compile_for_hopper(tg):
     """Guards the Gluon build on a CPU box: both directions of the MLP GEMM compile to sm_90 machine code with wgmma,
-    TMA loads and warp specialisation (setmaxnreg), without register spills, within an H100/H200 CTA's 232,448 bytes
-    of shared memory and with the 8 + 1 consumer + loader warps (padded to 12).  In a fresh process, as above."""
+    TMA loads and warp specialisation (setmaxnreg), without register spills, with 16-byte global stores, within an
+    H100/H200 CTA's 232,448 bytes of shared memory and in 12 warps (8 consumer warps; the 1 loader warp and the
+    shipped tile's 2 epilogue warps padded to a warpgroup: at 16 warps ptxas caps every thread at 128 registers, and
+    the 128 x 256 accumulator needs ~154).  Both shipped tiles (the forward's epilogue in a partition of its own,
+    the backward's in the consumer), each in both directions.  In a fresh process, as above."""
     import subprocess
     import sys
 
@@ -495,10 +504,11 @@ def test_gluon_mlp_kernels_compile_for_hopper(tg):
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
-    assert len(lines) == 2, res.stdout
+    assert len(lines) == 4, res.stdout
     for line in lines:
         fields = dict(kv.split("=") for kv in line.split())
-        assert all(fields[k] == "True" for k in ("cubin", "wgmma", "tma", "setmaxnreg", "no_spills")), line
+        assert all(fields[k] == "True" for k in ("cubin", "wgmma", "tma", "setmaxnreg", "no_spills",
+                                                 "vector_stores")), line
         assert int(fields["smem"]) <= 232_448 and fields["warps"] == "12", line
 
 
@@ -506,7 +516,7 @@ def test_gluon_mlp_only_where_it_fits(tg):
     """mlp_gemm_fits: bf16 on CUDA, whole 128-row x 256-column tiles, K a multiple of 64 with at least STAGES
     k-steps; anything else (the CPU here, eval shapes, other widths) keeps the torch MLP.  Without a Hopper GPU the
     ops are not built and set_fused_qk leaves every block's fused_mlp off."""
-    bm, bn, bk, stages, _ = tg.MLP_TILE
+    bm, bn, bk, stages = (max(t[i] for t in tg.MLP_TILES.values()) for i in range(4))
     assert tg.mlp_tiles_fit(98_304, 512, 1536)  # the record's micro-batch
     assert not tg.mlp_tiles_fit(0, 512, 1536)  # nothing to multiply (a TMA descriptor refuses empty tensors)
     assert tg.mlp_tiles_fit(1_398_016, 512, 1536) and not tg.mlp_tiles_fit(1_398_144, 512, 1536)  # int32 offsets

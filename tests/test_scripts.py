@@ -140,6 +140,12 @@ def test_gpu_bench_variants_switch_the_training_options(gpu_bench, monkeypatch):
     assert tg.mlp_gluon_op is not gpu_bench.ORIGINALS["mlp"] and tg.mlp_gluon_op() is None
     gpu_bench.apply_variant(tg, "base")
     assert tg.mlp_gluon_op is gpu_bench.ORIGINALS["mlp"]
+    shipped_tiles = tg.MLP_TILES
+    gpu_bench.apply_variant(tg, "mlpov")  # the Gluon kernels with #29's epilogue in the consumer warps, both ways
+    assert all(tile[5] == 0 for tile in tg.MLP_TILES.values()) and tg.MLP_TILES["up"] != shipped_tiles["up"]
+    assert tg.mlp_gluon_op is gpu_bench.ORIGINALS["mlp"] and tg.mlp_tiles_fit(98_304, 512, 1536)
+    gpu_bench.apply_variant(tg, "base")
+    assert tg.MLP_TILES is shipped_tiles
     for bad, why in (("mix+nomix", "contradict"), ("mix+split128+split32", "same knob"), ("base+fast", "unknown"),
                      ("split32", "split32 tune mix-order reductions, which this train_gpt.py compiles the training "
                                  "model without")):

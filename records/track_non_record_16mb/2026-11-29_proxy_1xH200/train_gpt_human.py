@@ -1096,6 +1096,375 @@ def qk_norm_rope_op():
     return fwd
 
 
+# The MLP's LeakyReLU² in the epilogues of its two GEMMs that touch it (PERF #29): a persistent, warp-specialised
+# Hopper GEMM written in Gluon (Triton's lower-level language: explicit TMA, mbarriers, wgmma).  One CTA per SM walks
+# the output tiles (BM x BN, row-major); a 1-warp partition TMA-loads the A and B k-slices into a ring of STAGES
+# shared-memory slots (ready/empty mbarriers), the NW-warp partition runs async wgmma over the ring.  At a tile's end
+# the accumulator goes to shared memory as bf16 (cbuf); the next tile's first STAGES - 1 k-steps are issued before
+# that tile's epilogue runs from cbuf, so the tensor cores have work while it does 16-byte global loads and stores
+# in chunks of 8192 elements.  Forward (BWD false): A = x (M, K), B = W_up (N, K); stores h = bf16(x @ W_up.T) and
+# u = bf16(leaky(h)²).  Backward: A = the output gradient g (M, K), B = W_down (K, N) as stored; loads h and stores
+# dh = bf16(bf16(g @ W_down) * d leaky(h)²/dh).  Same math as the torch path: GEMM output rounded to bf16, then the
+# activation in fp32.  With EW > 0 (PERF #30) the epilogue runs in an EW-warp partition of its own instead: the
+# consumer stores each tile's accumulator to cbuf and goes on to the next tile's k-steps at once, and the epilogue
+# partition, signalled through cbar (full, free), stores from cbuf while they run (backward: it loads h ahead, two
+# chunks before the accumulator and two in flight after).  At 12 warps (8 + the loader's 1 + EW = 2, padded to a
+# warpgroup) ptxas gives every thread up to 168 registers; at 16 it caps them at 128, under the ~154 the 128 x 256
+# accumulator needs.  Measured alone at the record shape (MLP_TILES): forward 270 us in the EW form against 334 in
+# the consumer and 380 for cuBLAS + inductor's kernel; backward 362 in the consumer, 382-437 in the EW form (two
+# warps keep too few loads of h in flight), 443 for cuBLAS + inductor.  Hopper (sm_90) only: wgmma.
+_MLP_GLUON_SRC = """
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                               warpgroup_mma_wait)
+
+
+@gluon.jit
+def _mlp_loader(a_desc, b_desc, a_bufs, b_bufs, ready, empty, n_n, n_tiles, K: gl.constexpr, BM: gl.constexpr,
+                BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, BWD: gl.constexpr):
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    nbytes: gl.constexpr = (BM + BN) * BK * 2
+    it = 0
+    for t in range(pid, n_tiles, nprog):
+        off_m = (t // n_n) * BM
+        off_n = (t % n_n) * BN
+        for k in gl.static_range(0, K, BK):
+            s = it % STAGES
+            mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), nbytes)
+            tma.async_copy_global_to_shared(a_desc, [off_m, k], ready.index(s), a_bufs.index(s))
+            if BWD:
+                tma.async_copy_global_to_shared(b_desc, [k, off_n], ready.index(s), b_bufs.index(s))
+            else:
+                tma.async_copy_global_to_shared(b_desc, [off_n, k], ready.index(s), b_bufs.index(s))
+            it += 1
+
+
+@gluon.jit
+def _mlp_epilogue(cbuf, o_ptr, x_ptr, ldo, pm, pn, slope, BWD: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                  blk: gl.constexpr, CH: gl.constexpr):
+    RCH: gl.constexpr = CH // BN
+    cols = pn + gl.arange(0, BN, layout=gl.SliceLayout(0, blk))
+    for r in gl.static_range(0, BM, RCH):
+        rows = pm + r + gl.arange(0, RCH, layout=gl.SliceLayout(1, blk))
+        offs = rows[:, None] * ldo + cols[None, :]
+        c = cbuf.slice(r, RCH, 0).load(blk)
+        if BWD:
+            h = gl.load(x_ptr + offs).to(gl.float32)
+            d = c.to(gl.float32) * gl.where(h > 0, 2.0 * h, (2.0 * slope * slope) * h)
+            gl.store(o_ptr + offs, d.to(gl.bfloat16))
+        else:
+            cf = c.to(gl.float32)
+            y = gl.where(cf > 0, cf, cf * slope)
+            gl.store(o_ptr + offs, c)
+            gl.store(x_ptr + offs, (y * y).to(gl.bfloat16))
+
+
+@gluon.jit
+def _mlp_mma(a_bufs, b_bufs, ready, empty, s, phase, acc, BWD: gl.constexpr):
+    mbarrier.wait(ready.index(s), phase)
+    if BWD:
+        b = b_bufs.index(s)
+    else:
+        b = b_bufs.index(s).permute((1, 0))
+    return warpgroup_mma(a_bufs.index(s), b, acc, is_async=True)
+
+
+@gluon.jit
+def _mlp_consumer(a_bufs, b_bufs, ready, empty, cbuf, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K: gl.constexpr,
+                  BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, BWD: gl.constexpr,
+                  NW: gl.constexpr):
+    KT: gl.constexpr = K // BK
+    P: gl.constexpr = STAGES - 1
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BN, 16])
+    TN: gl.constexpr = BN // 8 if BN // 8 < 32 else 32
+    blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TN, TN], [NW, 1], [1, 0])
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    n_done = 0
+    pm = 0
+    pn = 0
+    for t in range(pid, n_tiles, nprog):
+        it = n_done * KT
+        acc = gl.zeros([BM, BN], gl.float32, mma)
+        for kk in gl.static_range(P):
+            acc = _mlp_mma(a_bufs, b_bufs, ready, empty, (it + kk) % STAGES, ((it + kk) // STAGES) & 1, acc, BWD)
+        if n_done > 0:
+            _mlp_epilogue(cbuf, o_ptr, x_ptr, ldo, pm, pn, slope, BWD, BM, BN, blk, 8192)
+        for kk in gl.static_range(P, KT):
+            acc = _mlp_mma(a_bufs, b_bufs, ready, empty, (it + kk) % STAGES, ((it + kk) // STAGES) & 1, acc, BWD)
+            acc = warpgroup_mma_wait(1, deps=[acc])
+            if kk == P:
+                for r in gl.static_range(P):
+                    mbarrier.arrive(empty.index((it + r) % STAGES))
+            else:
+                mbarrier.arrive(empty.index((it + kk - 1) % STAGES))
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        mbarrier.arrive(empty.index((it + KT - 1) % STAGES))
+        gl.thread_barrier()
+        cbuf.store(acc.to(gl.bfloat16))
+        pm = (t // n_n) * BM
+        pn = (t % n_n) * BN
+        n_done += 1
+    if n_done > 0:
+        _mlp_epilogue(cbuf, o_ptr, x_ptr, ldo, pm, pn, slope, BWD, BM, BN, blk, 8192)
+
+
+@gluon.jit
+def _mlp_consumer_sep(a_bufs, b_bufs, ready, empty, cbuf, cbar, n_n, n_tiles, K: gl.constexpr, BM: gl.constexpr,
+                      BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, BWD: gl.constexpr, NW: gl.constexpr):
+    KT: gl.constexpr = K // BK
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BN, 16])
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    n_done = 0
+    for t in range(pid, n_tiles, nprog):
+        it = n_done * KT
+        acc = gl.zeros([BM, BN], gl.float32, mma)
+        for kk in gl.static_range(KT):
+            acc = _mlp_mma(a_bufs, b_bufs, ready, empty, (it + kk) % STAGES, ((it + kk) // STAGES) & 1, acc, BWD)
+            acc = warpgroup_mma_wait(1, deps=[acc])
+            if kk > 0:
+                mbarrier.arrive(empty.index((it + kk - 1) % STAGES))
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        mbarrier.arrive(empty.index((it + KT - 1) % STAGES))
+        mbarrier.wait(cbar.index(1), (n_done & 1) ^ 1)  # the epilogue partition has read the previous tile
+        cbuf.store(acc.to(gl.bfloat16))
+        mbarrier.arrive(cbar.index(0))
+        n_done += 1
+
+
+@gluon.jit
+def _mlp_epi_part(cbuf, cbar, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, BM: gl.constexpr, BN: gl.constexpr,
+                  BWD: gl.constexpr, EW: gl.constexpr, CH: gl.constexpr):
+    RCH: gl.constexpr = CH // BN
+    TN: gl.constexpr = BN // 8 if BN // 8 < 32 else 32
+    blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TN, TN], [EW, 1], [1, 0])
+    rows = gl.arange(0, RCH, layout=gl.SliceLayout(1, blk))
+    cols = gl.arange(0, BN, layout=gl.SliceLayout(0, blk))
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    n = 0
+    for t in range(pid, n_tiles, nprog):
+        pm = (t // n_n) * BM
+        pn = (t % n_n) * BN
+        if BWD:  # h does not wait for the GEMM: two chunks in flight before the accumulator, then two ahead
+            h0 = gl.load(x_ptr + (pm + rows)[:, None] * ldo + (pn + cols)[None, :])
+            h1 = gl.load(x_ptr + (pm + RCH + rows)[:, None] * ldo + (pn + cols)[None, :])
+        mbarrier.wait(cbar.index(0), n & 1)
+        for r in gl.static_range(0, BM, RCH):
+            offs = (pm + r + rows)[:, None] * ldo + (pn + cols)[None, :]
+            c = cbuf.slice(r, RCH, 0).load(blk)
+            if BWD:
+                h = h0.to(gl.float32)
+                h0 = h1
+                if r + 2 * RCH < BM:
+                    h1 = gl.load(x_ptr + (pm + r + 2 * RCH + rows)[:, None] * ldo + (pn + cols)[None, :])
+                d = c.to(gl.float32) * gl.where(h > 0, 2.0 * h, (2.0 * slope * slope) * h)
+                gl.store(o_ptr + offs, d.to(gl.bfloat16))
+            else:
+                cf = c.to(gl.float32)
+                y = gl.where(cf > 0, cf, cf * slope)
+                gl.store(o_ptr + offs, c)
+                gl.store(x_ptr + offs, (y * y).to(gl.bfloat16))
+        mbarrier.arrive(cbar.index(1))
+        n += 1
+
+
+@gluon.jit
+def mlp_gemm(a_desc, b_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K: gl.constexpr, BM: gl.constexpr,
+             BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, BWD: gl.constexpr, NW: gl.constexpr,
+             EW: gl.constexpr, EREGS: gl.constexpr, CH: gl.constexpr):
+    a_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BM, BK], a_desc.layout)
+    if BWD:
+        b_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BK, BN], b_desc.layout)
+    else:
+        b_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BN, BK], b_desc.layout)
+    cbuf = gl.allocate_shared_memory(gl.bfloat16, [BM, BN], gl.NVMMASharedLayout.get_default_for([BM, BN],
+                                                                                                 gl.bfloat16))
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    cbar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(cbar.index(0), count=1)
+    mbarrier.init(cbar.index(1), count=1)
+    fence_async_shared()
+    if EW == 0:
+        gl.warp_specialize([
+            (_mlp_consumer, (a_bufs, b_bufs, ready, empty, cbuf, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K, BM, BN,
+                             BK, STAGES, BWD, NW)),
+            (_mlp_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, n_n, n_tiles, K, BM, BN, BK, STAGES, BWD)),
+        ], [1], [40])
+    else:
+        gl.warp_specialize([
+            (_mlp_consumer_sep, (a_bufs, b_bufs, ready, empty, cbuf, cbar, n_n, n_tiles, K, BM, BN, BK, STAGES, BWD,
+                                 NW)),
+            (_mlp_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, n_n, n_tiles, K, BM, BN, BK, STAGES, BWD)),
+            (_mlp_epi_part, (cbuf, cbar, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, BM, BN, BWD, EW, CH)),
+        ], [1, EW], [40, EREGS])
+"""
+# per GEMM: BM, BN, BK, STAGES, consumer warps, epilogue warps (0: the epilogue in the consumer warps, overlapped with
+# the next tile's first k-steps; 2: in a partition of its own), their registers, elements per epilogue chunk.  The
+# fastest of each at the record shape (PERF #29, #30): the forward's stores run best from their own partition, the
+# backward's loads of h need the consumer's 8 warps in flight
+MLP_TILES = {"up": (128, 128, 64, 6, 8, 2, 152, 2048), "dgrad": (128, 256, 64, 3, 8, 0, 0, 8192)}
+
+
+def _mlp_gemm_launch(a: Tensor, w: Tensor, slope: float, h: Tensor | None = None, max_ctas: int = 0,
+                     tile: tuple | None = None) -> tuple[Tensor, Tensor] | Tensor:
+    """Forward (h None): (h, u) of a (M, K) @ w (N, K).T; backward: dh for the output gradient a (M, K), w = W_down
+    (K, N) and the forward's h (M, N).  bf16, shapes as mlp_tiles_fit() accepts; max_ctas > 0 caps the grid (the
+    self-test: several tiles per CTA)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    bwd = h is not None
+    bm, bn, bk, stages, nw, ew, eregs, ch = tile or MLP_TILES["dgrad" if bwd else "up"]
+    a, w = a.contiguous(), w.contiguous()
+    # the descriptors need the device's context current on this thread, which a backward on autograd's device thread
+    # may not have yet (cudaSetDevice makes it current; the kernel launch itself would, but comes after them)
+    torch.cuda.set_device(a.device)
+    M, K = a.shape
+    N = w.size(1) if bwd else w.size(0)
+    b_block = [bk, bn] if bwd else [bn, bk]
+    descs = [TensorDescriptor.from_tensor(t, blk, gl.NVMMASharedLayout.get_default_for(blk, gl.bfloat16))
+             for t, blk in ((a, [bm, bk]), (w, b_block))]
+    out = a.new_empty(M, N)
+    x = h.contiguous() if bwd else torch.empty_like(out)
+    n_tiles = (M // bm) * (N // bn)
+    grid = (min(n_tiles, max_ctas or torch.cuda.get_device_properties(a.device).multi_processor_count),)
+    _MLP_GLUON["ns"]["mlp_gemm"][grid](*descs, out, x, N, N // bn, n_tiles, float(slope), K=K, BM=bm, BN=bn, BK=bk,
+                                       STAGES=stages, BWD=bwd, NW=nw, EW=ew, EREGS=eregs, CH=ch, num_warps=nw)
+    return out if bwd else (out, x)
+
+
+def mlp_tiles_fit(rows: int, K: int, N: int) -> bool:
+    """Whether both Gluon MLP kernels take (rows, K) @ (K, N): whole tiles (no masking in the kernels), at least
+    STAGES k-steps, and element offsets within int32 (the epilogue's index arithmetic)."""
+    return rows > 0 and rows * N < 2 ** 31 and all(
+        rows % bm == 0 and N % bn == 0 and K % bk == 0 and K // bk >= stages
+        for bm, bn, bk, stages in (tile[:4] for tile in MLP_TILES.values()))
+
+
+def mlp_gemm_fits(x: Tensor, w_up: Tensor) -> bool:
+    """Whether the Gluon MLP kernels take this input x (..., K) and W_up (N, K): bf16 on CUDA (mlp_gluon_op() has
+    checked for Hopper) and mlp_tiles_fit."""
+    K = x.size(-1)
+    return (x.is_cuda and x.dtype == w_up.dtype == torch.bfloat16 and K > 0
+            and mlp_tiles_fit(x.numel() // K, K, w_up.size(0)))
+
+
+_MLP_GLUON: dict = {}
+
+
+def mlp_gluon_op():
+    """The two MLP custom ops (built once per process): None without Gluon (Triton >= 3.6's API) or without a
+    Hopper GPU.  up(x, w_up, slope) -> (h, u); dgrad(g, w_down, h, slope) -> dh (_GluonMLP)."""
+    if "up" in _MLP_GLUON:
+        return _MLP_GLUON["up"]
+    _MLP_GLUON["up"] = None
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        return None
+    try:
+        _MLP_GLUON["ns"] = _load_triton_source(_MLP_GLUON_SRC, "mlp_gluon")
+    except (ImportError, AttributeError, TypeError):  # no Gluon, or an older Gluon API
+        return None
+    lib = "pgolf_mlp_" + "".join(ch if ch.isalnum() else "_" for ch in __name__) + f"_{id(_MLP_GLUON):x}"
+
+    @torch.library.custom_op(f"{lib}::mlp_up_act", mutates_args=(),
+                             schema="(Tensor x, Tensor w, float slope) -> (Tensor, Tensor)")
+    def up(x: Tensor, w: Tensor, slope: float) -> tuple[Tensor, Tensor]:
+        return _mlp_gemm_launch(x, w, slope)
+
+    @up.register_fake
+    def _(x, w, slope):
+        return x.new_empty(x.size(0), w.size(0)), x.new_empty(x.size(0), w.size(0))
+
+    @torch.library.custom_op(f"{lib}::mlp_down_act_grad", mutates_args=(),
+                             schema="(Tensor g, Tensor w, Tensor h, float slope) -> Tensor")
+    def dgrad(g: Tensor, w: Tensor, h: Tensor, slope: float) -> Tensor:
+        return _mlp_gemm_launch(g, w, slope, h)
+
+    @dgrad.register_fake
+    def _(g, w, h, slope):
+        return torch.empty_like(h, memory_format=torch.contiguous_format)
+
+    # two CTAs over 3 x 3 (dgrad) and 3 x 6 (up) tiles: the persistent loop, the ring's phases and the epilogue's
+    # hand-over all run
+    why = _mlp_gluon_selftest(lambda x, w, s: _mlp_gemm_launch(x, w, s, max_ctas=2),
+                              lambda g, w, h, s: _mlp_gemm_launch(g, w, s, h, max_ctas=2), torch.device("cuda"))
+    if why:  # another Gluon (API, codegen): the torch MLP, and log_header says why
+        _MLP_GLUON["why"] = why
+        return None
+    _MLP_GLUON["up"], _MLP_GLUON["dgrad"] = up, dgrad
+    return up
+
+
+def _mlp_gluon_selftest(up, dgrad, device: torch.device) -> str:
+    """Both kernels on a small case (3 x 3 of the larger tiles, 128 x 256, and K 512: 8 k-steps) against the torch
+    math (_mlp_gluon_compare): "" if they agree, else why not, e.g. under another Triton's Gluon, which is
+    experimental and changes between releases.  up(x, w_up, slope) -> (h, u), dgrad(g, w_down, h, slope) -> dh."""
+    g = torch.Generator(device=device).manual_seed(0)
+    tiles = MLP_TILES.values()
+    bm, bn = max(t[0] for t in tiles), max(t[1] for t in tiles)
+    K = max(t[2] * max(t[3], 8) for t in tiles)
+    x, gy = (torch.randn(3 * bm, K, device=device, generator=g).bfloat16() for _ in range(2))
+    w_up = (torch.randn(3 * bn, K, device=device, generator=g) / K ** 0.5).bfloat16()
+    w_down = (torch.randn(K, 3 * bn, device=device, generator=g) / (3 * bn) ** 0.5).bfloat16()
+    return _mlp_gluon_compare(up, dgrad, x, w_up, gy, w_down)
+
+
+def _mlp_gluon_compare(up, dgrad, x: Tensor, w_up: Tensor, gy: Tensor, w_down: Tensor) -> str:
+    """Run up(x, w_up, 0.5) and dgrad(gy, w_down, h, 0.5) and compare h, u and dh with the torch math elementwise:
+    "" if all agree, else a build error or what is off by how much."""
+    try:
+        h, u = up(x, w_up, 0.5)
+        dh = dgrad(gy, w_down, h, 0.5)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)  # a kernel's fault surfaces here, not at the comparison
+    except Exception as e:  # a different Gluon API fails to compile with several exception types
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:160] if str(e).strip() else ''}"
+    h_ref = F.linear(x, w_up)
+    hf = h_ref.float()
+    refs = (h_ref, F.leaky_relu(h_ref, 0.5).square(),
+            ((gy @ w_down).float() * torch.where(hf > 0, 2 * hf, 0.5 * hf)).bfloat16())
+    errs = []
+    for name, a, b in zip(("h", "u", "dh"), (h, u, dh), refs):
+        if a.shape != b.shape:
+            return f"{name} has shape {tuple(a.shape)}, expected {tuple(b.shape)}"
+        # elementwise, within 2^-5 of the torch value (floored at 1e-3 of its rms for near-zero entries): a few bf16
+        # ulps, room for cuBLAS summing in another order (split-K on few tiles) and for u and dh doubling a 1-ulp
+        # difference of h or g; a race, a wrong formula or a dropped tile is off by O(1)
+        af, bf = a.float(), b.float()
+        floor = 1e-3 * bf.square().mean().sqrt()
+        errs.append((name, ((af - bf).abs() / (bf.abs() + floor)).max().item()))
+    return "; ".join(f"{name} off by {err:.1e}" for name, err in errs if not err <= 2 ** -5)
+
+
+class _GluonMLP(torch.autograd.Function):
+    """leaky(x @ W_up.T)² @ W_down.T with the activation in the Gluon GEMMs' epilogues (forward: up projection;
+    backward: the down projection's input gradient).  h and u come out of an opaque op, so the compiled graph saves
+    them for the backward rather than recomputing u (what undid PERF #15).  The weight gradients and dx are cuBLAS."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_up: Tensor, w_down: Tensor, slope: float) -> Tensor:
+        x2 = x.reshape(-1, x.size(-1))
+        h, u = _MLP_GLUON["up"](x2, w_up, slope)
+        ctx.save_for_backward(x2, w_up, w_down, h, u)
+        ctx.slope = slope
+        return F.linear(u, w_down).view(*x.shape[:-1], w_down.size(0))
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        x2, w_up, w_down, h, u = ctx.saved_tensors
+        g2 = gy.reshape(-1, gy.size(-1))
+        dh = _MLP_GLUON["dgrad"](g2, w_down, h, ctx.slope)
+        return (dh @ w_up).view(*gy.shape[:-1], w_up.size(1)), dh.t() @ x2, g2.t() @ u, None
+
+
 def qk_norm_rope_ref(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -> Tensor:
     """The q/k math in torch ops: x (B, T, H, D) -> RMSNorm, RoPE, times gain[head]."""
     y = apply_rope(F.rms_norm(x, (x.size(-1),), eps=RMS_EPS), cos, sin)
@@ -1300,6 +1669,7 @@ class Block(nn.Module):
                  layer_idx: int, ln_scale: bool, xsa: bool):
         super().__init__()
         self.layer_idx, self.negative_slope = layer_idx, negative_slope
+        self.fused_mlp = False  # GPT.set_fused_qk sets it when the Gluon MLP kernels are there (Hopper)
         self.ln_scale = 1.0 / math.sqrt(layer_idx + 1) if ln_scale else 1.0
         self.attn = CausalSelfAttention(num_heads, num_kv_heads, d // num_heads, qk_gain_init, xsa)
         self.attn_scale = nn.Parameter(torch.ones(d))
@@ -1307,6 +1677,8 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
 
     def mlp(self, h: Tensor, w_up: Tensor, w_down: Tensor, store: dict | None) -> Tensor:
+        if self.fused_mlp and store is None and torch.is_grad_enabled() and mlp_gemm_fits(h, w_up):
+            return _GluonMLP.apply(h, w_up, w_down, self.negative_slope)  # PERF #29
         _record_hessian(store, f"blocks.{self.layer_idx}.mlp.fc", h)
         u = F.leaky_relu(F.linear(h, w_up), self.negative_slope).square()
         _record_hessian(store, f"blocks.{self.layer_idx}.mlp.proj", u)
@@ -1414,10 +1786,12 @@ class GPT(nn.Module):
 
     def set_fused_qk(self, on: bool) -> bool:
         """Use the Triton ops (q/k norm + RoPE, XSA, and the training loss's softcapped cross-entropy) for inputs on
-        FUSED_QK_DEVICES (if Triton imports); returns whether they are on."""
+        FUSED_QK_DEVICES (if Triton imports), and the Gluon MLP GEMMs where mlp_gluon_op() builds them (a Hopper GPU
+        on which they pass their self-test); returns whether the Triton ops are on."""
         on = on and qk_norm_rope_op() is not None
+        mlp = on and mlp_gluon_op() is not None
         for block in self.blocks:
-            block.attn.fused_qk = on
+            block.attn.fused_qk, block.fused_mlp = on, mlp
         self.fused_ce = on
         return on
 
@@ -2794,7 +3168,12 @@ def log_header(h: Hyperparameters, d: DistInfo, device) -> None:
     log0(f"attention_backend:{attention_backend_name(device)}")
     fused = device.type in FUSED_QK_DEVICES and qk_norm_rope_op() is not None
     kernels = "triton" if fused else "torch"
-    log0(f"qk_norm_rope:{kernels} xsa:{kernels if h.xsa_last_n else 'off'} softcap_ce:{kernels}")
+    rows = h.train_batch_tokens // (d.world_size * d.grad_accum_steps)  # a micro-batch's tokens on one rank
+    gluon = fused and mlp_gluon_op() is not None and mlp_tiles_fit(rows, h.model_dim, int(h.mlp_mult * h.model_dim))
+    log0(f"qk_norm_rope:{kernels} xsa:{kernels if h.xsa_last_n else 'off'} softcap_ce:{kernels} "
+         f"mlp_act:{'gluon' if gluon else 'torch'}")
+    if _MLP_GLUON.get("why"):
+        log0(f"mlp_act:torch because the Gluon MLP kernels failed their self-test: {_MLP_GLUON['why']}")
     log0(f"attention_mode:gqa num_heads:{h.num_heads} num_kv_heads:{h.num_kv_heads}")
     log0(f"tie_embeddings:{h.tie_embeddings} embed_lr:{h.tied_embed_lr} head_lr:0.0 matrix_lr:{h.matrix_lr} "
          f"scalar_lr:{h.scalar_lr} matrix_lr_early:{h.matrix_lr_early} matrix_lr_late:{h.matrix_lr_late} "
