@@ -1107,12 +1107,14 @@ def qk_norm_rope_op():
 # dh = bf16(bf16(g @ W_down) * d leaky(h)²/dh).  Same math as the torch path: GEMM output rounded to bf16, then the
 # activation in fp32.  With EW > 0 (PERF #30) the epilogue runs in an EW-warp partition of its own instead: the
 # consumer stores each tile's accumulator to cbuf and goes on to the next tile's k-steps at once, and the epilogue
-# partition, signalled through cbar (full, free), stores from cbuf while they run (backward: it loads h ahead, two
-# chunks before the accumulator and two in flight after).  At 12 warps (8 + the loader's 1 + EW = 2, padded to a
-# warpgroup) ptxas gives every thread up to 168 registers; at 16 it caps them at 128, under the ~154 the 128 x 256
-# accumulator needs.  Measured alone at the record shape (MLP_TILES): forward 270 us in the EW form against 334 in
-# the consumer and 380 for cuBLAS + inductor's kernel; backward 362 in the consumer, 382-437 in the EW form (two
-# warps keep too few loads of h in flight), 443 for cuBLAS + inductor.  Hopper (sm_90) only: wgmma.
+# partition, signalled through cbar (full, free), stores from cbuf while they run.  Its backward TMA-loads h into a
+# tile of its own (hbuf: 32-64 KB more shared memory, so a smaller ring), the next tile's as soon as it is done with
+# the last.  At 12 warps (8 + the loader's 1 + EW = 2, padded to a warpgroup) ptxas gives every thread up to 168
+# registers; at 16 it caps them at 128, under the ~154 the 128 x 256 accumulator needs.  Measured alone at the record
+# shape (MLP_TILES): forward 270 us in the EW form against 334 in the consumer and 380 for cuBLAS + inductor's
+# kernel; backward 362 in the consumer and 443 for cuBLAS + inductor (the EW form loading h from global memory, two
+# chunks ahead, took 382-437: two warps keep too few loads in flight; its TMA form is not timed yet, so the backward
+# ships in the consumer form).  Hopper (sm_90) only: wgmma.
 _MLP_GLUON_SRC = """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -1152,14 +1154,24 @@ def _mlp_epilogue(cbuf, o_ptr, x_ptr, ldo, pm, pn, slope, BWD: gl.constexpr, BM:
         offs = rows[:, None] * ldo + cols[None, :]
         c = cbuf.slice(r, RCH, 0).load(blk)
         if BWD:
-            h = gl.load(x_ptr + offs).to(gl.float32)
-            d = c.to(gl.float32) * gl.where(h > 0, 2.0 * h, (2.0 * slope * slope) * h)
-            gl.store(o_ptr + offs, d.to(gl.bfloat16))
+            _mlp_act_out(c, gl.load(x_ptr + offs), o_ptr, x_ptr, offs, slope, BWD)
         else:
-            cf = c.to(gl.float32)
-            y = gl.where(cf > 0, cf, cf * slope)
-            gl.store(o_ptr + offs, c)
-            gl.store(x_ptr + offs, (y * y).to(gl.bfloat16))
+            _mlp_act_out(c, c, o_ptr, x_ptr, offs, slope, BWD)
+
+
+@gluon.jit
+def _mlp_act_out(c, h, o_ptr, x_ptr, offs, slope, BWD: gl.constexpr):
+    # one chunk of the epilogue from the GEMM output c (bf16): backward, dh = c * d leaky(h)^2/dh to o_ptr; forward
+    # (h unused), h = c to o_ptr and u = leaky(c)^2 to x_ptr
+    if BWD:
+        hf = h.to(gl.float32)
+        d = c.to(gl.float32) * gl.where(hf > 0, 2.0 * hf, (2.0 * slope * slope) * hf)
+        gl.store(o_ptr + offs, d.to(gl.bfloat16))
+    else:
+        cf = c.to(gl.float32)
+        y = gl.where(cf > 0, cf, cf * slope)
+        gl.store(o_ptr + offs, c)
+        gl.store(x_ptr + offs, (y * y).to(gl.bfloat16))
 
 
 @gluon.jit
@@ -1237,8 +1249,8 @@ def _mlp_consumer_sep(a_bufs, b_bufs, ready, empty, cbuf, cbar, n_n, n_tiles, K:
 
 
 @gluon.jit
-def _mlp_epi_part(cbuf, cbar, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, BM: gl.constexpr, BN: gl.constexpr,
-                  BWD: gl.constexpr, EW: gl.constexpr, CH: gl.constexpr):
+def _mlp_epi_part(cbuf, hbuf, cbar, h_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, BM: gl.constexpr,
+                  BN: gl.constexpr, BWD: gl.constexpr, EW: gl.constexpr, CH: gl.constexpr):
     RCH: gl.constexpr = CH // BN
     TN: gl.constexpr = BN // 8 if BN // 8 < 32 else 32
     blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TN, TN], [EW, 1], [1, 0])
@@ -1246,35 +1258,36 @@ def _mlp_epi_part(cbuf, cbar, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, BM: gl.con
     cols = gl.arange(0, BN, layout=gl.SliceLayout(0, blk))
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
+    if BWD:  # the first tile's h by TMA; each next one as soon as this partition is done with hbuf
+        if pid < n_tiles:
+            mbarrier.expect(cbar.index(2), BM * BN * 2)
+            tma.async_copy_global_to_shared(h_desc, [(pid // n_n) * BM, (pid % n_n) * BN], cbar.index(2), hbuf)
     n = 0
     for t in range(pid, n_tiles, nprog):
         pm = (t // n_n) * BM
         pn = (t % n_n) * BN
-        if BWD:  # h does not wait for the GEMM: two chunks in flight before the accumulator, then two ahead
-            h0 = gl.load(x_ptr + (pm + rows)[:, None] * ldo + (pn + cols)[None, :])
-            h1 = gl.load(x_ptr + (pm + RCH + rows)[:, None] * ldo + (pn + cols)[None, :])
+        if BWD:
+            mbarrier.wait(cbar.index(2), n & 1)
         mbarrier.wait(cbar.index(0), n & 1)
         for r in gl.static_range(0, BM, RCH):
             offs = (pm + r + rows)[:, None] * ldo + (pn + cols)[None, :]
             c = cbuf.slice(r, RCH, 0).load(blk)
             if BWD:
-                h = h0.to(gl.float32)
-                h0 = h1
-                if r + 2 * RCH < BM:
-                    h1 = gl.load(x_ptr + (pm + r + 2 * RCH + rows)[:, None] * ldo + (pn + cols)[None, :])
-                d = c.to(gl.float32) * gl.where(h > 0, 2.0 * h, (2.0 * slope * slope) * h)
-                gl.store(o_ptr + offs, d.to(gl.bfloat16))
+                _mlp_act_out(c, hbuf.slice(r, RCH, 0).load(blk), o_ptr, x_ptr, offs, slope, BWD)
             else:
-                cf = c.to(gl.float32)
-                y = gl.where(cf > 0, cf, cf * slope)
-                gl.store(o_ptr + offs, c)
-                gl.store(x_ptr + offs, (y * y).to(gl.bfloat16))
-        mbarrier.arrive(cbar.index(1))
+                _mlp_act_out(c, c, o_ptr, x_ptr, offs, slope, BWD)
+        mbarrier.arrive(cbar.index(1))  # after a barrier of this partition's warps: cbuf and hbuf are read
+        if BWD:
+            if t + nprog < n_tiles:
+                fence_async_shared()  # the reads of hbuf above before the TMA's write
+                mbarrier.expect(cbar.index(2), BM * BN * 2)
+                tma.async_copy_global_to_shared(h_desc, [((t + nprog) // n_n) * BM, ((t + nprog) % n_n) * BN],
+                                                cbar.index(2), hbuf)
         n += 1
 
 
 @gluon.jit
-def mlp_gemm(a_desc, b_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K: gl.constexpr, BM: gl.constexpr,
+def mlp_gemm(a_desc, b_desc, h_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K: gl.constexpr, BM: gl.constexpr,
              BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, BWD: gl.constexpr, NW: gl.constexpr,
              EW: gl.constexpr, EREGS: gl.constexpr, CH: gl.constexpr):
     a_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BM, BK], a_desc.layout)
@@ -1289,9 +1302,9 @@ def mlp_gemm(a_desc, b_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K: gl.const
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
-    cbar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(cbar.index(0), count=1)
-    mbarrier.init(cbar.index(1), count=1)
+    cbar = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())  # cbuf full, cbuf free, h ready
+    for i in gl.static_range(3):
+        mbarrier.init(cbar.index(i), count=1)
     fence_async_shared()
     if EW == 0:
         gl.warp_specialize([
@@ -1300,11 +1313,16 @@ def mlp_gemm(a_desc, b_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K: gl.const
             (_mlp_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, n_n, n_tiles, K, BM, BN, BK, STAGES, BWD)),
         ], [1], [40])
     else:
+        if BWD:  # h comes by TMA into a tile of its own (the epilogue partition loads the next one ahead)
+            hbuf = gl.allocate_shared_memory(gl.bfloat16, [BM, BN], h_desc.layout)
+        else:
+            hbuf = cbuf  # unused: the forward's epilogue loads nothing
         gl.warp_specialize([
             (_mlp_consumer_sep, (a_bufs, b_bufs, ready, empty, cbuf, cbar, n_n, n_tiles, K, BM, BN, BK, STAGES, BWD,
                                  NW)),
             (_mlp_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, n_n, n_tiles, K, BM, BN, BK, STAGES, BWD)),
-            (_mlp_epi_part, (cbuf, cbar, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, BM, BN, BWD, EW, CH)),
+            (_mlp_epi_part, (cbuf, hbuf, cbar, h_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, BM, BN, BWD, EW,
+                             CH)),
         ], [1, EW], [40, EREGS])
 """
 # per GEMM: BM, BN, BK, STAGES, consumer warps, epilogue warps (0: the epilogue in the consumer warps, overlapped with
@@ -1330,10 +1348,11 @@ def _mlp_gemm_launch(a: Tensor, w: Tensor, slope: float, h: Tensor | None = None
     M, K = a.shape
     N = w.size(1) if bwd else w.size(0)
     b_block = [bk, bn] if bwd else [bn, bk]
-    descs = [TensorDescriptor.from_tensor(t, blk, gl.NVMMASharedLayout.get_default_for(blk, gl.bfloat16))
-             for t, blk in ((a, [bm, bk]), (w, b_block))]
     out = a.new_empty(M, N)
     x = h.contiguous() if bwd else torch.empty_like(out)
+    # A, B, and h's tiles (read by the backward's epilogue partition; the forward's kernel ignores its descriptor)
+    descs = [TensorDescriptor.from_tensor(t, blk, gl.NVMMASharedLayout.get_default_for(blk, gl.bfloat16))
+             for t, blk in ((a, [bm, bk]), (w, b_block), (x, [bm, bn]))]
     n_tiles = (M // bm) * (N // bn)
     grid = (min(n_tiles, max_ctas or torch.cuda.get_device_properties(a.device).multi_processor_count),)
     _MLP_GLUON["ns"]["mlp_gemm"][grid](*descs, out, x, N, N // bn, n_tiles, float(slope), K=K, BM=bm, BN=bn, BK=bk,
