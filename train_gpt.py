@@ -1276,10 +1276,14 @@ def _mlp_epi_part(cbuf, hbuf, cbar, h_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slo
                 _mlp_act_out(c, hbuf.slice(r, RCH, 0).load(blk), o_ptr, x_ptr, offs, slope, BWD)
             else:
                 _mlp_act_out(c, c, o_ptr, x_ptr, offs, slope, BWD)
-        mbarrier.arrive(cbar.index(1))  # after a barrier of this partition's warps: cbuf and hbuf are read
+        if BWD:
+            fence_async_shared()  # each thread's reads of hbuf above before the TMA's write below
+        # Gluon syncs this partition's warps before the (one-thread) arrive: cbuf is read before the consumer refills
+        # it (tests/test_kernels.py checks the PTX for that barrier)
+        mbarrier.arrive(cbar.index(1))
         if BWD:
             if t + nprog < n_tiles:
-                fence_async_shared()  # the reads of hbuf above before the TMA's write
+                gl.thread_barrier()  # every warp is past this tile's wait on "h ready" before its next phase starts
                 mbarrier.expect(cbar.index(2), BM * BN * 2)
                 tma.async_copy_global_to_shared(h_desc, [((t + nprog) // n_n) * BM, ((t + nprog) % n_n) * BN],
                                                 cbar.index(2), hbuf)
@@ -1337,14 +1341,25 @@ def _mlp_gemm_launch(a: Tensor, w: Tensor, slope: float, h: Tensor | None = None
     """Forward (h None): (h, u) of a (M, K) @ w (N, K).T; backward: dh for the output gradient a (M, K), w = W_down
     (K, N) and the forward's h (M, N).  bf16, shapes as mlp_tiles_fit() accepts; max_ctas > 0 caps the grid (the
     self-test: several tiles per CTA)."""
+    bm, bn, bk, stages, nw, ew, eregs, ch = tile or MLP_TILES["dgrad" if h is not None else "up"]
+    a, w = a.contiguous(), w.contiguous()
+    # a's device, current on this thread while the descriptors are made and the kernel launched: the descriptors need
+    # its context current, which a backward on autograd's device thread may not have yet (cudaSetDevice makes it
+    # current; Triton's launch itself would, but comes after them), and Triton launches on the current device
+    prev = torch.cuda.current_device()
+    torch.cuda.set_device(a.device)
+    try:
+        return _mlp_gemm_run(a, w, slope, h, max_ctas, (bm, bn, bk, stages, nw, ew, eregs, ch))
+    finally:
+        if prev != a.device.index:
+            torch.cuda.set_device(prev)
+
+
+def _mlp_gemm_run(a: Tensor, w: Tensor, slope: float, h: Tensor | None, max_ctas: int, tile: tuple):
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    bm, bn, bk, stages, nw, ew, eregs, ch = tile
     bwd = h is not None
-    bm, bn, bk, stages, nw, ew, eregs, ch = tile or MLP_TILES["dgrad" if bwd else "up"]
-    a, w = a.contiguous(), w.contiguous()
-    # the descriptors need the device's context current on this thread, which a backward on autograd's device thread
-    # may not have yet (cudaSetDevice makes it current; the kernel launch itself would, but comes after them)
-    torch.cuda.set_device(a.device)
     M, K = a.shape
     N = w.size(1) if bwd else w.size(0)
     b_block = [bk, bn] if bwd else [bn, bk]
@@ -1411,10 +1426,10 @@ def mlp_gluon_op():
     def _(g, w, h, slope):
         return torch.empty_like(h, memory_format=torch.contiguous_format)
 
-    # two CTAs over 3 x 3 (dgrad) and 3 x 6 (up) tiles: the persistent loop, the ring's phases and the epilogue's
-    # hand-over all run
-    why = _mlp_gluon_selftest(lambda x, w, s: _mlp_gemm_launch(x, w, s, max_ctas=2),
-                              lambda g, w, h, s: _mlp_gemm_launch(g, w, s, h, max_ctas=2), torch.device("cuda"))
+    # four CTAs over 3 x 3 (dgrad) and 3 x 6 (up) tiles, unevenly: the persistent loop, the ring's phases and the
+    # epilogue's hand-over all run
+    why = _mlp_gluon_selftest(lambda x, w, s: _mlp_gemm_launch(x, w, s, max_ctas=4),
+                              lambda g, w, h, s: _mlp_gemm_launch(g, w, s, h, max_ctas=4), torch.device("cuda"))
     if why:  # another Gluon (API, codegen): the torch MLP, and log_header says why
         _MLP_GLUON["why"] = why
         return None

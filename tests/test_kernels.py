@@ -481,10 +481,16 @@ for tile, bwd in ((tg.MLP_TILES["up"], False), (tg.MLP_TILES["dgrad"], True),
         info = subprocess.run([get_ptxas(90).path, "-v", "-arch=sm_90a", d + "/k.ptx", "-o", d + "/k.cubin"],
                               capture_output=True, text=True).stderr
     spills = [line for line in info.splitlines() if "spill" in line]
+    # every one-thread mbarrier arrive (the consumer's "slot empty", the epilogue's "cbuf full/free") right after a
+    # barrier of its partition's warps, which Gluon inserts: without it a warp could still be using the buffer
+    code = [ln.strip() for ln in ptx.splitlines() if ln.strip() and not ln.strip().startswith(("//", ".loc"))]
+    arrives = [i for i, ln in enumerate(code) if "mbarrier.arrive.shared::cta" in ln]
+    synced = bool(arrives) and all(any(ln.startswith(("bar.sync", "barrier.sync")) for ln in code[i - 4:i])
+                                   for i in arrives)
     print(f"ew={ew} bwd={bwd} cubin={len(k.asm['cubin']) > 0} smem={k.metadata.shared} warps={k.metadata.num_warps} "
           f"wgmma={'wgmma.mma_async' in ptx} tma={'cp.async.bulk.tensor' in ptx} setmaxnreg={'setmaxnreg' in ptx} "
           f"no_spills={bool(spills) and all(' 0 bytes spill' in s for s in spills)} "
-          f"vector_stores={ptx.count('st.global.v4') > 0 and 'st.global.b16' not in ptx}")
+          f"vector_stores={ptx.count('st.global.v4') > 0 and 'st.global.b16' not in ptx} arrive_synced={synced}")
 """
 
 
@@ -509,7 +515,7 @@ def test_gluon_mlp_kernels_compile_for_hopper(tg):
     for line in lines:
         fields = dict(kv.split("=") for kv in line.split())
         assert all(fields[k] == "True" for k in ("cubin", "wgmma", "tma", "setmaxnreg", "no_spills",
-                                                 "vector_stores")), line
+                                                 "vector_stores", "arrive_synced")), line
         assert int(fields["smem"]) <= 232_448 and fields["warps"] == "12", line
 
 
@@ -540,8 +546,8 @@ def test_gluon_mlp_only_where_it_fits(tg):
 
 
 def check_gluon_mlp(tg) -> list[float]:
-    """The Gluon MLP on a GPU at 16,384 tokens (768 tiles: ~6 per CTA, so the persistent loop, the ring's phases and
-    the overlapped epilogues all run): the ops' h, u and dh against the torch math elementwise (within a few bf16
+    """The Gluon MLP on a GPU at 16,384 tokens (1,536 tiles of 128 x 128 up, 768 of 128 x 256 dgrad: ~6-12 per CTA,
+    so the persistent loop, the ring's phases and the epilogues' hand-overs all run): the ops' h, u and dh against the torch math elementwise (within a few bf16
     ulps, so one corrupted row of one tile fails), the same bits on a second launch (no race), and _GluonMLP's output and
     gradients of x, W_up and W_down against the torch MLP's.  Returns the relative errors of the latter; raises on
     the former.  Also used on the minified artifact."""
@@ -557,7 +563,7 @@ def check_gluon_mlp(tg) -> list[float]:
     x2, g2, wu, wd = x.detach().reshape(-1, 512), gy.reshape(-1, 512), w_up.detach(), w_down.detach()
     up, dgrad = tg._MLP_GLUON["up"], tg._MLP_GLUON["dgrad"]
     why = tg._mlp_gluon_selftest(up, dgrad, torch.device("cuda"))  # the small case, through the ops
-    why += "; " + tg._mlp_gluon_compare(up, dgrad, x2, wu, g2, wd)  # the record's width, 768 tiles
+    why += "; " + tg._mlp_gluon_compare(up, dgrad, x2, wu, g2, wd)  # the record's width
     h, u = up(x2, wu, 0.5)
     h2, u2 = up(x2, wu, 0.5)
     if not (torch.equal(h, h2) and torch.equal(u, u2) and torch.equal(dgrad(g2, wd, h, 0.5), dgrad(g2, wd, h, 0.5))):
@@ -583,6 +589,28 @@ def test_cuda_gluon_mlp_matches_torch(tg):
     assert tg.mlp_gluon_op() is not None, tg._MLP_GLUON.get("why")
     errs = check_gluon_mlp(tg)
     assert max(errs) < 1e-2, errs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs a CUDA GPU with Triton compiling (TRITON_INTERPRET=0)")
+@pytest.mark.parametrize("max_ctas", [7, 0])
+def test_cuda_gluon_mlp_partition_backward_matches_torch(tg, max_ctas):
+    """The backward in the epilogue-partition form (h by TMA into a tile of its own), which MLP_TILES does not ship
+    yet (PERF #30's "What is left"), against the torch math at the record's width: 768 tiles over 7 CTAs (110 or 109
+    each) and over the whole GPU."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon MLP kernels need a Hopper GPU")
+    pytest.importorskip("triton.experimental.gluon", reason="Triton without Gluon")
+    assert tg.mlp_gluon_op() is not None, tg._MLP_GLUON.get("why")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x, gy = (torch.randn(16384, 512, device="cuda", generator=g).bfloat16() for _ in range(2))
+    w_up = (torch.randn(1536, 512, device="cuda", generator=g) / 512 ** 0.5).bfloat16()
+    w_down = (torch.randn(512, 1536, device="cuda", generator=g) / 1536 ** 0.5).bfloat16()
+    tile = (128, 128, 64, 5, 8, 2, 152, 2048)
+    why = tg._mlp_gluon_compare(lambda a, w, s: tg._mlp_gemm_launch(a, w, s, max_ctas=max_ctas),
+                                lambda a, w, h, s: tg._mlp_gemm_launch(a, w, s, h, max_ctas=max_ctas, tile=tile),
+                                x, w_up, gy, w_down)
+    assert why == "", why
 
 
 def test_gluon_mlp_selftest_accepts_the_math_and_refuses_the_rest(tg):
