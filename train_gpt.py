@@ -1098,23 +1098,18 @@ def qk_norm_rope_op():
 
 # The MLP's LeakyReLU² in the epilogues of its two GEMMs that touch it (PERF #29): a persistent, warp-specialised
 # Hopper GEMM written in Gluon (Triton's lower-level language: explicit TMA, mbarriers, wgmma).  One CTA per SM walks
-# the output tiles (BM x BN, row-major); a 1-warp partition TMA-loads the A and B k-slices into a ring of STAGES
-# shared-memory slots (ready/empty mbarriers), the NW-warp partition runs async wgmma over the ring.  At a tile's end
-# the accumulator goes to shared memory as bf16 (cbuf); the next tile's first STAGES - 1 k-steps are issued before
-# that tile's epilogue runs from cbuf, so the tensor cores have work while it does 16-byte global loads and stores
-# in chunks of 8192 elements.  Forward (BWD false): A = x (M, K), B = W_up (N, K); stores h = bf16(x @ W_up.T) and
-# u = bf16(leaky(h)²).  Backward: A = the output gradient g (M, K), B = W_down (K, N) as stored; loads h and stores
-# dh = bf16(bf16(g @ W_down) * d leaky(h)²/dh).  Same math as the torch path: GEMM output rounded to bf16, then the
-# activation in fp32.  With EW > 0 (PERF #30) the epilogue runs in an EW-warp partition of its own instead: the
-# consumer stores each tile's accumulator to cbuf and goes on to the next tile's k-steps at once, and the epilogue
-# partition, signalled through cbar (full, free), stores from cbuf while they run.  Its backward TMA-loads h into a
-# tile of its own (hbuf: 32-64 KB more shared memory, so a smaller ring), the next tile's as soon as it is done with
-# the last.  At 12 warps (8 + the loader's 1 + EW = 2, padded to a warpgroup) ptxas gives every thread up to 168
-# registers; at 16 it caps them at 128, under the ~154 the 128 x 256 accumulator needs.  Measured alone at the record
-# shape (MLP_TILES): forward 270 us in the EW form against 334 in the consumer and 380 for cuBLAS + inductor's
-# kernel; backward 362 in the consumer and 443 for cuBLAS + inductor (the EW form loading h from global memory, two
-# chunks ahead, took 382-437: two warps keep too few loads in flight; its TMA form is not timed yet, so the backward
-# ships in the consumer form).  Hopper (sm_90) only: wgmma.
+# the output tiles (BM x BN, row-major) in three warp partitions: a 1-warp loader TMA-loads the A and B k-slices into
+# a ring of STAGES shared-memory slots (ready/empty mbarriers); the NW-warp consumer runs async wgmma over the ring,
+# stores each tile's accumulator to shared memory as bf16 (cbuf) and goes on to the next tile's k-steps at once; an
+# EW-warp epilogue partition, signalled through cbar (cbuf full, cbuf free, h ready), works from cbuf with 16-byte
+# global stores in chunks of CH elements while the tensor cores run.  Forward (BWD false): A = x (M, K), B = W_up
+# (N, K); stores h = bf16(x @ W_up.T) and u = bf16(leaky(h)²).  Backward: A = the output gradient g (M, K), B =
+# W_down (K, N) as stored; stores dh = bf16(bf16(g @ W_down) * d leaky(h)²/dh), with h TMA-loaded into a tile of its
+# own (hbuf; the next tile's as soon as the partition is done with the last).  Same math as the torch path: GEMM
+# output rounded to bf16, then the activation in fp32.  At 12 warps (8 + the loader's 1 + EW = 2, padded to a
+# warpgroup) ptxas gives every thread up to 168 registers; at 16 it caps them at 128, under the ~154 the 128 x 256
+# accumulator needs.  Measured alone at the record shape (MLP_TILES): forward 270-283 us, backward 341-354, against
+# 380-383 and 443-449 for cuBLAS + inductor's kernel (PERF #30, #31).  Hopper (sm_90) only: wgmma.
 _MLP_GLUON_SRC = """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -1145,21 +1140,6 @@ def _mlp_loader(a_desc, b_desc, a_bufs, b_bufs, ready, empty, n_n, n_tiles, K: g
 
 
 @gluon.jit
-def _mlp_epilogue(cbuf, o_ptr, x_ptr, ldo, pm, pn, slope, BWD: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                  blk: gl.constexpr, CH: gl.constexpr):
-    RCH: gl.constexpr = CH // BN
-    cols = pn + gl.arange(0, BN, layout=gl.SliceLayout(0, blk))
-    for r in gl.static_range(0, BM, RCH):
-        rows = pm + r + gl.arange(0, RCH, layout=gl.SliceLayout(1, blk))
-        offs = rows[:, None] * ldo + cols[None, :]
-        c = cbuf.slice(r, RCH, 0).load(blk)
-        if BWD:
-            _mlp_act_out(c, gl.load(x_ptr + offs), o_ptr, x_ptr, offs, slope, BWD)
-        else:
-            _mlp_act_out(c, c, o_ptr, x_ptr, offs, slope, BWD)
-
-
-@gluon.jit
 def _mlp_act_out(c, h, o_ptr, x_ptr, offs, slope, BWD: gl.constexpr):
     # one chunk of the epilogue from the GEMM output c (bf16): backward, dh = c * d leaky(h)^2/dh to o_ptr; forward
     # (h unused), h = c to o_ptr and u = leaky(c)^2 to x_ptr
@@ -1185,48 +1165,8 @@ def _mlp_mma(a_bufs, b_bufs, ready, empty, s, phase, acc, BWD: gl.constexpr):
 
 
 @gluon.jit
-def _mlp_consumer(a_bufs, b_bufs, ready, empty, cbuf, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K: gl.constexpr,
-                  BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, BWD: gl.constexpr,
-                  NW: gl.constexpr):
-    KT: gl.constexpr = K // BK
-    P: gl.constexpr = STAGES - 1
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BN, 16])
-    TN: gl.constexpr = BN // 8 if BN // 8 < 32 else 32
-    blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TN, TN], [NW, 1], [1, 0])
-    pid = gl.program_id(0)
-    nprog = gl.num_programs(0)
-    n_done = 0
-    pm = 0
-    pn = 0
-    for t in range(pid, n_tiles, nprog):
-        it = n_done * KT
-        acc = gl.zeros([BM, BN], gl.float32, mma)
-        for kk in gl.static_range(P):
-            acc = _mlp_mma(a_bufs, b_bufs, ready, empty, (it + kk) % STAGES, ((it + kk) // STAGES) & 1, acc, BWD)
-        if n_done > 0:
-            _mlp_epilogue(cbuf, o_ptr, x_ptr, ldo, pm, pn, slope, BWD, BM, BN, blk, 8192)
-        for kk in gl.static_range(P, KT):
-            acc = _mlp_mma(a_bufs, b_bufs, ready, empty, (it + kk) % STAGES, ((it + kk) // STAGES) & 1, acc, BWD)
-            acc = warpgroup_mma_wait(1, deps=[acc])
-            if kk == P:
-                for r in gl.static_range(P):
-                    mbarrier.arrive(empty.index((it + r) % STAGES))
-            else:
-                mbarrier.arrive(empty.index((it + kk - 1) % STAGES))
-        acc = warpgroup_mma_wait(0, deps=[acc])
-        mbarrier.arrive(empty.index((it + KT - 1) % STAGES))
-        gl.thread_barrier()
-        cbuf.store(acc.to(gl.bfloat16))
-        pm = (t // n_n) * BM
-        pn = (t % n_n) * BN
-        n_done += 1
-    if n_done > 0:
-        _mlp_epilogue(cbuf, o_ptr, x_ptr, ldo, pm, pn, slope, BWD, BM, BN, blk, 8192)
-
-
-@gluon.jit
-def _mlp_consumer_sep(a_bufs, b_bufs, ready, empty, cbuf, cbar, n_n, n_tiles, K: gl.constexpr, BM: gl.constexpr,
-                      BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, BWD: gl.constexpr, NW: gl.constexpr):
+def _mlp_consumer(a_bufs, b_bufs, ready, empty, cbuf, cbar, n_n, n_tiles, K: gl.constexpr, BM: gl.constexpr,
+                  BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, BWD: gl.constexpr, NW: gl.constexpr):
     KT: gl.constexpr = K // BK
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BN, 16])
     pid = gl.program_id(0)
@@ -1249,7 +1189,7 @@ def _mlp_consumer_sep(a_bufs, b_bufs, ready, empty, cbuf, cbar, n_n, n_tiles, K:
 
 
 @gluon.jit
-def _mlp_epi_part(cbuf, hbuf, cbar, h_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, BM: gl.constexpr,
+def _mlp_epilogue(cbuf, hbuf, cbar, h_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, BM: gl.constexpr,
                   BN: gl.constexpr, BWD: gl.constexpr, EW: gl.constexpr, CH: gl.constexpr):
     RCH: gl.constexpr = CH // BN
     TN: gl.constexpr = BN // 8 if BN // 8 < 32 else 32
@@ -1310,30 +1250,21 @@ def mlp_gemm(a_desc, b_desc, h_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K: 
     for i in gl.static_range(3):
         mbarrier.init(cbar.index(i), count=1)
     fence_async_shared()
-    if EW == 0:
-        gl.warp_specialize([
-            (_mlp_consumer, (a_bufs, b_bufs, ready, empty, cbuf, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K, BM, BN,
-                             BK, STAGES, BWD, NW)),
-            (_mlp_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, n_n, n_tiles, K, BM, BN, BK, STAGES, BWD)),
-        ], [1], [40])
+    if BWD:  # h comes by TMA into a tile of its own (the epilogue partition loads the next one ahead)
+        hbuf = gl.allocate_shared_memory(gl.bfloat16, [BM, BN], h_desc.layout)
     else:
-        if BWD:  # h comes by TMA into a tile of its own (the epilogue partition loads the next one ahead)
-            hbuf = gl.allocate_shared_memory(gl.bfloat16, [BM, BN], h_desc.layout)
-        else:
-            hbuf = cbuf  # unused: the forward's epilogue loads nothing
-        gl.warp_specialize([
-            (_mlp_consumer_sep, (a_bufs, b_bufs, ready, empty, cbuf, cbar, n_n, n_tiles, K, BM, BN, BK, STAGES, BWD,
-                                 NW)),
-            (_mlp_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, n_n, n_tiles, K, BM, BN, BK, STAGES, BWD)),
-            (_mlp_epi_part, (cbuf, hbuf, cbar, h_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, BM, BN, BWD, EW,
-                             CH)),
-        ], [1, EW], [40, EREGS])
+        hbuf = cbuf  # unused: the forward's epilogue loads nothing
+    gl.warp_specialize([
+        (_mlp_consumer, (a_bufs, b_bufs, ready, empty, cbuf, cbar, n_n, n_tiles, K, BM, BN, BK, STAGES, BWD, NW)),
+        (_mlp_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, n_n, n_tiles, K, BM, BN, BK, STAGES, BWD)),
+        (_mlp_epilogue, (cbuf, hbuf, cbar, h_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, BM, BN, BWD, EW, CH)),
+    ], [1, EW], [40, EREGS])
 """
-# per GEMM: BM, BN, BK, STAGES, consumer warps, epilogue warps (0: the epilogue in the consumer warps, overlapped with
-# the next tile's first k-steps; 2: in a partition of its own), their registers, elements per epilogue chunk.  The
-# fastest of each at the record shape (PERF #29, #30): the forward's stores run best from their own partition, the
-# backward's loads of h need the consumer's 8 warps in flight
-MLP_TILES = {"up": (128, 128, 64, 6, 8, 2, 152, 2048), "dgrad": (128, 256, 64, 3, 8, 0, 0, 8192)}
+# per GEMM: BM, BN, BK, STAGES, consumer warps, epilogue warps, their registers, elements per epilogue chunk.  The
+# fastest of each at the record shape (PERF #30, #31); the backward's 128 x 256 tiles beside h's tile in shared
+# memory leave room for only 32-wide k-slices in its ring.  #29's form, the epilogue in the consumer warps
+# (overlapped with the next tile's first k-steps), ran the backward as fast and the forward slower; gone since #31
+MLP_TILES = {"up": (128, 128, 64, 6, 8, 2, 152, 2048), "dgrad": (128, 256, 32, 4, 8, 2, 152, 2048)}
 
 
 def _mlp_gemm_launch(a: Tensor, w: Tensor, slope: float, h: Tensor | None = None, max_ctas: int = 0,
@@ -1438,7 +1369,7 @@ def mlp_gluon_op():
 
 
 def _mlp_gluon_selftest(up, dgrad, device: torch.device) -> str:
-    """Both kernels on a small case (3 x 3 of the larger tiles, 128 x 256, and K 512: 8 k-steps) against the torch
+    """Both kernels on a small case (3 x 3 of the larger tiles, 128 x 256, and K 512: 8-16 k-steps) against the torch
     math (_mlp_gluon_compare): "" if they agree, else why not, e.g. under another Triton's Gluon, which is
     experimental and changes between releases.  up(x, w_up, slope) -> (h, u), dgrad(g, w_down, h, slope) -> dh."""
     g = torch.Generator(device=device).manual_seed(0)

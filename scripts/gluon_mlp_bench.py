@@ -25,9 +25,10 @@ W_down [512, 1536] read as stored, N-major); 2 plain C = A @ B.T (the main loop 
                                                    # SHIPPED_TILES (env GLUON_TILES: a Python list of tuples)
 
 Env: GLUON_TIMEOUT (seconds per config process, default 120), GLUON_TILES (`shipped`), TRAIN_GPT (`shipped`: the
-train_gpt.py to load, default the repo's).  Not counted code: train_gpt.py carries its own copy of the `ovg` kernel
-and, from PERF #30, a form with the epilogue in a warp partition of its own (_MLP_GLUON_SRC, MLP_TILES), which the
-`shipped` mode times; the measurements are in docs/PERF.md #29 and #30.
+train_gpt.py to load, default the repo's).  Not counted code: train_gpt.py carried its own copy of the `ovg` kernel
+from #29 to #30 and from PERF #30 a form with the epilogue in a warp partition of its own (_MLP_GLUON_SRC,
+MLP_TILES), its only form from #31; the `shipped` mode times train_gpt.py's kernel; the measurements are in
+docs/PERF.md #29-#31.
 """
 
 from __future__ import annotations
@@ -454,12 +455,12 @@ def rel(x, y):
 
 
 # train_gpt.py's MLP_TILES forms (BM, BN, BK, STAGES, consumer warps, epilogue warps, their registers, elements per
-# epilogue chunk): epilogue warps 0 is #29's form (the epilogue in the consumer, overlapped with the next tile's first
-# k-steps), 2 the epilogue in a partition of its own (#30; its backward loads h by TMA into a tile of its own, which
-# fits in shared memory only beside a smaller ring: 128 x 128 tiles with 4-5 slots, or 32-wide k-slices)
-SHIPPED_TILES = [(128, 256, 64, 3, 8, 0, 0, 8192), (128, 128, 64, 6, 8, 2, 152, 2048),
-                 (128, 128, 64, 5, 8, 2, 152, 2048), (128, 128, 64, 4, 8, 2, 152, 2048),
-                 (128, 256, 32, 4, 8, 2, 152, 2048), (128, 128, 64, 5, 8, 2, 152, 4096)]
+# epilogue chunk): the epilogue in a partition of its own (#30; its backward loads h by TMA into a tile of its own,
+# which fits in shared memory only beside a smaller ring: 128 x 128 tiles with 4-5 slots, or 32-wide k-slices).
+# Shipped from PERF #31: the first (forward) and the second (backward).  #29's form (epilogue warps 0, the epilogue
+# in the consumer) left train_gpt.py with #31; TRAIN_GPT = a train_gpt.py from before it times it here
+SHIPPED_TILES = [(128, 128, 64, 6, 8, 2, 152, 2048), (128, 256, 32, 4, 8, 2, 152, 2048),
+                 (128, 128, 64, 5, 8, 2, 152, 2048), (256, 128, 32, 4, 8, 2, 152, 2048)]
 
 
 def _train_gpt():

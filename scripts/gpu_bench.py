@@ -12,6 +12,7 @@ OUT (folder for the full profile tables), and every train_gpt.py env var.  Not c
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import sys
@@ -102,6 +103,22 @@ def bench_train(tg, h, d, device, base, model, tag: str = ""):
 ORIGINALS: dict = {}  # train_gpt's own functions, replaced per variant
 
 
+def dgrad_tile_from_env() -> tuple:
+    """BENCH_DGRAD_TILE (variant dgtile) as a tuple of 8 integers: BM, BN, BK, STAGES, consumer warps, epilogue
+    warps, their registers, elements per epilogue chunk."""
+    raw = os.environ.get("BENCH_DGRAD_TILE")
+    if not raw:
+        raise ValueError("BENCH_DGRAD_TILE is not set; variant dgtile needs a tile, e.g. (128, 128, 64, 5, 8, 2, 152, "
+                         "2048)")
+    try:
+        tile = ast.literal_eval(raw)
+    except (ValueError, SyntaxError) as e:
+        raise ValueError(f"BENCH_DGRAD_TILE={raw!r} is not a Python tuple of 8 integers") from e
+    if not (isinstance(tile, tuple) and len(tile) == 8 and all(type(v) is int and v >= 0 for v in tile)):
+        raise ValueError(f"BENCH_DGRAD_TILE={raw!r} is not a tuple of 8 non-negative integers")
+    return tile
+
+
 def apply_variant(tg, variant: str) -> None:
     """BENCH_VARIANTS entries: '+'-joined flags among base (train_gpt as is), expand (K/V expanded to H heads
     before cuDNN, the form before grouped heads), xsatorch (XSA through the torch-ops autograd.Function instead of
@@ -129,13 +146,14 @@ def apply_variant(tg, variant: str) -> None:
     the form before PERF #27), pwtune (inductor benchmarks several launch configs of each
     pointwise and reduction kernel and keeps the fastest, config.max_autotune_pointwise), mlpref (the MLP through
     torch ops, cuBLAS + inductor's LeakyReLU² kernels, instead of the Gluon GEMMs with the activation in their
-    epilogues: the form before PERF #29), mlpov (the Gluon MLP kernels with the epilogue in the consumer warps,
-    overlapped with the next tile's first k-steps, in both directions: #29's form; PERF #30 moved the forward's
-    epilogue into a partition of its own)."""
+    epilogues: the form before PERF #29), dgtile (the backward's dgrad kernel with another tile: MLP_TILES["dgrad"] =
+    BENCH_DGRAD_TILE, a Python tuple of 8 integers as in train_gpt.py, e.g. (128, 128, 64, 5, 8, 2, 152, 2048)).
+    #29's form of the Gluon kernels, the epilogue in the consumer warps (mlpov here until PERF #31 removed it from
+    train_gpt.py), runs with TRAIN_GPT = a train_gpt.py from before #31."""
     flags = set(variant.split("+"))
     unknown = flags - {"base", "expand", "xsatorch", "xsaref", "qkref", "vsplit", "aggr", "autotune", "pdl", "split128",
                        "split32", "stages", "maxreads6", "autosplit", "nomix", "mix", "combo", "ceref",
-                       "qatgraph", "nocg", "pwtune", "mlpref", "mlpov"}
+                       "qatgraph", "nocg", "pwtune", "mlpref", "dgtile"}
     if unknown:
         raise ValueError(f"BENCH_VARIANTS: unknown flags {sorted(unknown)}")
     if not ORIGINALS:
@@ -152,12 +170,12 @@ def apply_variant(tg, variant: str) -> None:
     tg.Optimizers.zero_grad = zero_grad_to_none if "nocg" in flags else ORIGINALS["zero_grad"]
     if ORIGINALS["mlp"] is not None:  # GPT.set_fused_qk asks mlp_gluon_op() whether the Gluon MLP kernels are there
         tg.mlp_gluon_op = (lambda: None) if "mlpref" in flags else ORIGINALS["mlp"]
-    if "mlpov" in flags:
-        if ORIGINALS["mlp_tiles"] is None:
-            raise ValueError("BENCH_VARIANTS: mlpov needs a train_gpt.py with MLP_TILES (PERF #30 on)")
-        tg.MLP_TILES = {"up": (128, 256, 64, 3, 8, 0, 0, 8192), "dgrad": (128, 256, 64, 3, 8, 0, 0, 8192)}
-    elif ORIGINALS["mlp_tiles"] is not None:
+    if ORIGINALS["mlp_tiles"] is not None:
         tg.MLP_TILES = ORIGINALS["mlp_tiles"]
+    if "dgtile" in flags:
+        if ORIGINALS["mlp_tiles"] is None:
+            raise ValueError("BENCH_VARIANTS: dgtile needs a train_gpt.py with MLP_TILES (PERF #30 on)")
+        tg.MLP_TILES = {**ORIGINALS["mlp_tiles"], "dgrad": dgrad_tile_from_env()}
     if ORIGINALS["mlp"] is None and "mlpref" in flags:
         raise ValueError("BENCH_VARIANTS: mlpref needs a train_gpt.py with the Gluon MLP kernels (PERF #29 on)")
     if "qatgraph" in flags:  # qat_on follows QAT_ENABLED, not alpha: the graph keeps the QAT ops, as before #25

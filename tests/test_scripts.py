@@ -141,11 +141,21 @@ def test_gpu_bench_variants_switch_the_training_options(gpu_bench, monkeypatch):
     gpu_bench.apply_variant(tg, "base")
     assert tg.mlp_gluon_op is gpu_bench.ORIGINALS["mlp"]
     shipped_tiles = tg.MLP_TILES
-    gpu_bench.apply_variant(tg, "mlpov")  # the Gluon kernels with #29's epilogue in the consumer warps, both ways
-    assert all(tile[5] == 0 for tile in tg.MLP_TILES.values()) and tg.MLP_TILES["up"] != shipped_tiles["up"]
-    assert tg.mlp_gluon_op is gpu_bench.ORIGINALS["mlp"] and tg.mlp_tiles_fit(98_304, 512, 1536)
+    monkeypatch.setenv("BENCH_DGRAD_TILE", "(128, 128, 64, 5, 8, 2, 152, 2048)")  # another backward tile alone
+    gpu_bench.apply_variant(tg, "dgtile")
+    assert tg.MLP_TILES == {"up": shipped_tiles["up"], "dgrad": (128, 128, 64, 5, 8, 2, 152, 2048)}
+    assert shipped_tiles["dgrad"] != (128, 128, 64, 5, 8, 2, 152, 2048) and tg.mlp_tiles_fit(98_304, 512, 1536)
+    assert tg.mlp_gluon_op is gpu_bench.ORIGINALS["mlp"]
     gpu_bench.apply_variant(tg, "base")
     assert tg.MLP_TILES is shipped_tiles
+    for raw in ("(128, 256)", "[128, 128, 64, 5, 8, 2, 152, 2048]", "(128, 128, 64, 5, 8, 2, 152, 20.48)", "tile"):
+        monkeypatch.setenv("BENCH_DGRAD_TILE", raw)
+        with pytest.raises(ValueError, match="BENCH_DGRAD_TILE"):
+            gpu_bench.apply_variant(tg, "dgtile")
+    monkeypatch.delenv("BENCH_DGRAD_TILE")
+    with pytest.raises(ValueError, match="BENCH_DGRAD_TILE is not set"):
+        gpu_bench.apply_variant(tg, "dgtile")
+    gpu_bench.apply_variant(tg, "base")
     for bad, why in (("mix+nomix", "contradict"), ("mix+split128+split32", "same knob"), ("base+fast", "unknown"),
                      ("split32", "split32 tune mix-order reductions, which this train_gpt.py compiles the training "
                                  "model without")):
