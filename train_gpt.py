@@ -1108,8 +1108,8 @@ def qk_norm_rope_op():
 # own (hbuf; the next tile's as soon as the partition is done with the last).  Same math as the torch path: GEMM
 # output rounded to bf16, then the activation in fp32.  At 12 warps (8 + the loader's 1 + EW = 2, padded to a
 # warpgroup) ptxas gives every thread up to 168 registers; at 16 it caps them at 128, under the ~154 the 128 x 256
-# accumulator needs.  Measured alone at the record shape (MLP_TILES): forward 270-283 us, backward 341-354, against
-# 380-383 and 443-449 for cuBLAS + inductor's kernel (PERF #30, #31).  Hopper (sm_90) only: wgmma.
+# accumulator needs.  Measured alone at the record shape (MLP_TILES), machine to machine: forward 270-308 us, backward
+# 339-354, against 378-383 and 440-449 for cuBLAS + inductor's kernel (PERF #30, #31).  Hopper (sm_90) only: wgmma.
 _MLP_GLUON_SRC = """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl

@@ -15,7 +15,7 @@ W_down [512, 1536] read as stored, N-major); 2 plain C = A @ B.T (the main loop 
        STAGES - 1 k-steps are issued, then the tile's epilogue runs from shared memory (TMA stores from XB output
        buffers) while those k-steps are on the tensor cores.
   ovg  the same with 16-byte global loads/stores in the epilogue: no output buffers, so the ring can hold 64-wide
-       k-slices of 128 x 256 tiles (train_gpt.py ships this one).
+       k-slices of 128 x 256 tiles (train_gpt.py shipped it, PERF #29-#30).
 
     python3 scripts/gluon_mlp_bench.py             # GPU: baseline, then every config in its own process
     python3 scripts/gluon_mlp_bench.py 3           # GPU: config 3 alone (checked against torch, then timed)
@@ -458,7 +458,8 @@ def rel(x, y):
 # epilogue chunk): the epilogue in a partition of its own (#30; its backward loads h by TMA into a tile of its own,
 # which fits in shared memory only beside a smaller ring: 128 x 128 tiles with 4-5 slots, or 32-wide k-slices).
 # Shipped from PERF #31: the first (forward) and the second (backward).  #29's form (epilogue warps 0, the epilogue
-# in the consumer) left train_gpt.py with #31; TRAIN_GPT = a train_gpt.py from before it times it here
+# in the consumer) left train_gpt.py with #31: TRAIN_GPT = a train_gpt.py from before it (commit 25890d9) and
+# GLUON_TILES="[(128, 256, 64, 3, 8, 0, 0, 8192)]" time it here
 SHIPPED_TILES = [(128, 128, 64, 6, 8, 2, 152, 2048), (128, 256, 32, 4, 8, 2, 152, 2048),
                  (128, 128, 64, 5, 8, 2, 152, 2048), (256, 128, 32, 4, 8, 2, 152, 2048)]
 

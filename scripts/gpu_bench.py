@@ -70,6 +70,10 @@ def bench_train(tg, h, d, device, base, model, tag: str = ""):
     step = lambda i: tg.run_train_step(model, opt, loader, h, d, device, i, 1.0)
     losses, t_compile = timed(lambda: [step(i) for i in range(3)], device)
     print(f"bench_train{tag} compile+3 steps: {t_compile:.1f}s")
+    if hasattr(tg, "mlp_gluon_op"):  # the variant's MLP kernels, as train_gpt.py's log line says (PERF #29 on)
+        fused = any(getattr(block, "fused_mlp", False) for block in base.blocks)
+        why = tg._MLP_GLUON.get("why")
+        print(f"bench_train{tag} mlp_act:{'gluon' if fused else 'torch'}" + (f" (self-test: {why})" if why else ""))
     n = int(os.environ.get("BENCH_STEPS", "8"))
     torch.cuda.reset_peak_memory_stats(device)
     more, t = timed(lambda: [step(i) for i in range(3, 3 + n)], device)
@@ -112,10 +116,13 @@ def dgrad_tile_from_env() -> tuple:
                          "2048)")
     try:
         tile = ast.literal_eval(raw)
-    except (ValueError, SyntaxError) as e:
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
         raise ValueError(f"BENCH_DGRAD_TILE={raw!r} is not a Python tuple of 8 integers") from e
-    if not (isinstance(tile, tuple) and len(tile) == 8 and all(type(v) is int and v >= 0 for v in tile)):
-        raise ValueError(f"BENCH_DGRAD_TILE={raw!r} is not a tuple of 8 non-negative integers")
+    # epilogue warps and their registers may be 0 (#29's form, in a train_gpt.py from before PERF #31); the rest not
+    if not (isinstance(tile, tuple) and len(tile) == 8 and all(type(v) is int for v in tile)
+            and all(v > 0 for i, v in enumerate(tile) if i not in (5, 6)) and min(tile[5:7]) >= 0):
+        raise ValueError(f"BENCH_DGRAD_TILE={raw!r} is not a tuple of 8 integers, all positive but the 6th and 7th "
+                         "(epilogue warps and their registers, at least 0)")
     return tile
 
 
@@ -149,7 +156,8 @@ def apply_variant(tg, variant: str) -> None:
     epilogues: the form before PERF #29), dgtile (the backward's dgrad kernel with another tile: MLP_TILES["dgrad"] =
     BENCH_DGRAD_TILE, a Python tuple of 8 integers as in train_gpt.py, e.g. (128, 128, 64, 5, 8, 2, 152, 2048)).
     #29's form of the Gluon kernels, the epilogue in the consumer warps (mlpov here until PERF #31 removed it from
-    train_gpt.py), runs with TRAIN_GPT = a train_gpt.py from before #31."""
+    train_gpt.py), runs in both directions with TRAIN_GPT = a train_gpt.py from before #30, and in the backward alone
+    with TRAIN_GPT = one from #30 (commit 25890d9) and dgtile, BENCH_DGRAD_TILE = (128, 256, 64, 3, 8, 0, 0, 8192)."""
     flags = set(variant.split("+"))
     unknown = flags - {"base", "expand", "xsatorch", "xsaref", "qkref", "vsplit", "aggr", "autotune", "pdl", "split128",
                        "split32", "stages", "maxreads6", "autosplit", "nomix", "mix", "combo", "ceref",
@@ -176,6 +184,11 @@ def apply_variant(tg, variant: str) -> None:
         if ORIGINALS["mlp_tiles"] is None:
             raise ValueError("BENCH_VARIANTS: dgtile needs a train_gpt.py with MLP_TILES (PERF #30 on)")
         tg.MLP_TILES = {**ORIGINALS["mlp_tiles"], "dgrad": dgrad_tile_from_env()}
+        if not tg.mlp_tiles_fit(98_304, 512, 1536):  # else the torch MLP would run without a word
+            tile = tg.MLP_TILES["dgrad"]
+            tg.MLP_TILES = ORIGINALS["mlp_tiles"]
+            raise ValueError(f"BENCH_DGRAD_TILE={tile} does not tile the record's micro-batch (98,304 x 512 @ 512 x "
+                             "1,536: whole tiles, at least STAGES k-steps)")
     if ORIGINALS["mlp"] is None and "mlpref" in flags:
         raise ValueError("BENCH_VARIANTS: mlpref needs a train_gpt.py with the Gluon MLP kernels (PERF #29 on)")
     if "qatgraph" in flags:  # qat_on follows QAT_ENABLED, not alpha: the graph keeps the QAT ops, as before #25

@@ -148,10 +148,13 @@ def test_gpu_bench_variants_switch_the_training_options(gpu_bench, monkeypatch):
     assert tg.mlp_gluon_op is gpu_bench.ORIGINALS["mlp"]
     gpu_bench.apply_variant(tg, "base")
     assert tg.MLP_TILES is shipped_tiles
-    for raw in ("(128, 256)", "[128, 128, 64, 5, 8, 2, 152, 2048]", "(128, 128, 64, 5, 8, 2, 152, 20.48)", "tile"):
+    for raw in ("(128, 256)", "[128, 128, 64, 5, 8, 2, 152, 2048]", "(128, 128, 64, 5, 8, 2, 152, 20.48)", "tile",
+                "{[1]}", "(0, 128, 64, 5, 8, 2, 152, 2048)", "(128, 128, 64, 5, 8, -1, 152, 2048)",
+                "(128, 128, 128, 5, 8, 2, 152, 2048)"):  # the last: 4 k-steps of K = 512 for a 5-slot ring
         monkeypatch.setenv("BENCH_DGRAD_TILE", raw)
         with pytest.raises(ValueError, match="BENCH_DGRAD_TILE"):
             gpu_bench.apply_variant(tg, "dgtile")
+    assert tg.MLP_TILES is shipped_tiles  # a refused tile leaves the shipped ones in place
     monkeypatch.delenv("BENCH_DGRAD_TILE")
     with pytest.raises(ValueError, match="BENCH_DGRAD_TILE is not set"):
         gpu_bench.apply_variant(tg, "dgtile")
