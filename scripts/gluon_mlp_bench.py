@@ -24,6 +24,9 @@ W_down [512, 1536] read as stored, N-major); 2 plain C = A @ B.T (the main loop 
     python3 scripts/gluon_mlp_bench.py shipped     # GPU: train_gpt.py's own kernel over the MLP_TILES forms in
                                                    # SHIPPED_TILES (env GLUON_TILES: a Python list of tuples)
 
+Timings are do_bench bursts, which start at or near the GPU's full clock; a training step runs power-capped at a
+lower one (docs/PERF.md "Clocks and power"), so a burst gain overstates the step's.
+
 Env: GLUON_TIMEOUT (seconds per config process, default 120), GLUON_TILES (`shipped`), TRAIN_GPT (`shipped`: the
 train_gpt.py to load, default the repo's).  Not counted code: train_gpt.py carried its own copy of the `ovg` kernel
 from #29 to #30 and from PERF #30 a form with the epilogue in a warp partition of its own (_MLP_GLUON_SRC,

@@ -2,9 +2,10 @@
 the top CUDA kernels), peak memory, sliding-eval throughput per SLOT mode with the projection to the full FineWeb val
 on 8 GPUs, and GPTQ calibration / quantisation / compression times.
 
-    DATA_PATH=data/datasets/proxy_sp1024 python3 scripts/gpu_bench.py [kernels] [ce] [train] [eval] [gptq]
+    DATA_PATH=data/datasets/proxy_sp1024 python3 scripts/gpu_bench.py [kernels] [ce] [power] [train] [eval] [gptq]
 
 Env: BENCH_STEPS (timed steps, default 8), BENCH_EVAL_BATCHES (32-window batches per mode, default 24),
+BENCH_POWER_SECONDS (seconds per kernel class in power mode, default 4),
 BENCH_QK_SWEEP (0 skips the q/k kernels' launch-shape sweep in kernels mode),
 BENCH_VARIANTS (comma-separated training variants, see apply_variant; default "base"; eval and GPTQ use the first),
 OUT (folder for the full profile tables), and every train_gpt.py env var.  Not counted code: loads train_gpt.py by path.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,7 +65,66 @@ def profile_summary(prof, steps: int, out_path: str | None) -> None:
     print("\n".join(table.splitlines()[:34]))
 
 
+# nvidia-smi's throttle-reason bits that mean "held below the clock it could run at to stay within power"
+POWER_CAP_BITS = {0x4: "SW power cap", 0x80: "HW power brake"}
+
+
+class GpuClocks:
+    """Samples the GPU's SM clock, board power and clock-throttle reasons with nvidia-smi every 200 ms while the
+    block runs (summary() after it).  A training step is power-bound on an H200 (PERF "Clocks"): SW power cap at
+    700 W with the SM clock below its 1,980 MHz, so variants timed at different clocks are not comparable."""
+
+    def __init__(self, device: torch.device):
+        self.gpu = "GPU-" + str(torch.cuda.get_device_properties(device).uuid)  # CUDA_VISIBLE_DEVICES-proof
+        self.proc, self.text, self.why = None, "", ""
+
+    def __enter__(self):
+        cmd = ["nvidia-smi", "--query-gpu=clocks.sm,power.draw,clocks_throttle_reasons.active",
+               "--format=csv,noheader,nounits", "-lms", "200", "-i", self.gpu]
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        except OSError as e:
+            self.why = f"nvidia-smi did not start ({e})"
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            self.proc.terminate()
+            out, err = self.proc.communicate(timeout=10)
+            self.text = out
+            if not out.strip():
+                self.why = "nvidia-smi gave no samples" + (f" ({err.strip()[:200]})" if err.strip() else "")
+        return False
+
+    def summary(self) -> str:
+        return self.why or smi_summary(self.text)
+
+
+def smi_summary(text: str) -> str:
+    """One line from nvidia-smi's csv samples (clocks.sm MHz, power.draw W, throttle-reason bit mask)."""
+    clocks, powers, capped = [], [], 0
+    for line in text.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) != 3:
+            continue
+        try:
+            mhz, watts, reasons = float(fields[0]), float(fields[1]), int(fields[2], 16)
+        except ValueError:  # "[N/A]" and the like
+            continue
+        clocks.append(mhz)
+        powers.append(watts)
+        capped += any(reasons & bit for bit in POWER_CAP_BITS)
+    if not clocks:
+        return "no readable nvidia-smi samples"
+    return (f"sm_clock_mhz:{sum(clocks) / len(clocks):.0f} ({min(clocks):.0f}-{max(clocks):.0f}) "
+            f"power_w:{sum(powers) / len(powers):.0f} power_capped:{100 * capped / len(clocks):.0f}% "
+            f"of {len(clocks)} samples")
+
+
 def bench_train(tg, h, d, device, base, model, tag: str = ""):
+    # peak from the variant's first step: the CUDA graphs' memory pools are allocated then (PERF #27), not in the
+    # timed steps, which replay them
+    torch.cuda.reset_peak_memory_stats(device)
     base.set_qat(0.0)  # as train_model does before its loop (and what the qatgraph variant hooks)
     opt = tg.build_optimizers(h, base, d)
     loader = tg.TrainLoader(tg.list_shards(h.train_files), h.seed, 0, 1, device)
@@ -75,13 +136,14 @@ def bench_train(tg, h, d, device, base, model, tag: str = ""):
         why = tg._MLP_GLUON.get("why")
         print(f"bench_train{tag} mlp_act:{'gluon' if fused else 'torch'}" + (f" (self-test: {why})" if why else ""))
     n = int(os.environ.get("BENCH_STEPS", "8"))
-    torch.cuda.reset_peak_memory_stats(device)
-    more, t = timed(lambda: [step(i) for i in range(3, 3 + n)], device)
+    with GpuClocks(device) as clocks:
+        more, t = timed(lambda: [step(i) for i in range(3, 3 + n)], device)
     ms = 1000 * t / n
     # Same seed, data and init in every variant: equal math shows as equal losses up to bf16 noise.
     print(f"bench_train{tag} losses:" + ",".join(f"{x.item():.4f}" for x in losses + more))
     print(f"bench_train{tag} ms/step:{ms:.1f} tok/s:{h.train_batch_tokens / (ms / 1000):.0f} "
           f"peak_alloc:{torch.cuda.max_memory_allocated(device) // 2**20}MiB")
+    print(f"bench_train{tag} gpu while timed: {clocks.summary()}")
     base.set_qat(1.0)
     _, t_qc = timed(lambda: step(3 + n), device)  # the QAT graph's compile (PERF #25 on), as in the warm-up
     _, t = timed(lambda: [step(i) for i in range(4 + n, 4 + 2 * n)], device)
@@ -107,21 +169,25 @@ def bench_train(tg, h, d, device, base, model, tag: str = ""):
 ORIGINALS: dict = {}  # train_gpt's own functions, replaced per variant
 
 
-def dgrad_tile_from_env() -> tuple:
-    """BENCH_DGRAD_TILE (variant dgtile) as a tuple of 8 integers: BM, BN, BK, STAGES, consumer warps, epilogue
-    warps, their registers, elements per epilogue chunk."""
-    raw = os.environ.get("BENCH_DGRAD_TILE")
+# variant -> (MLP_TILES key, env var naming the tile)
+TILE_VARIANTS = {"uptile": ("up", "BENCH_UP_TILE"), "dgtile": ("dgrad", "BENCH_DGRAD_TILE")}
+
+
+def mlp_tile_from_env(var: str) -> tuple:
+    """BENCH_UP_TILE / BENCH_DGRAD_TILE (variants uptile / dgtile) as a tuple of 8 integers: BM, BN, BK, STAGES,
+    consumer warps, epilogue warps, their registers, elements per epilogue chunk."""
+    raw = os.environ.get(var)
+    flag = next(k for k, (_, v) in TILE_VARIANTS.items() if v == var)
     if not raw:
-        raise ValueError("BENCH_DGRAD_TILE is not set; variant dgtile needs a tile, e.g. (128, 128, 64, 5, 8, 2, 152, "
-                         "2048)")
+        raise ValueError(f"{var} is not set; variant {flag} needs a tile, e.g. (128, 128, 64, 5, 8, 2, 152, 2048)")
     try:
         tile = ast.literal_eval(raw)
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
-        raise ValueError(f"BENCH_DGRAD_TILE={raw!r} is not a Python tuple of 8 integers") from e
+        raise ValueError(f"{var}={raw!r} is not a Python tuple of 8 integers") from e
     # epilogue warps and their registers may be 0 (#29's form, in a train_gpt.py from before PERF #31); the rest not
     if not (isinstance(tile, tuple) and len(tile) == 8 and all(type(v) is int for v in tile)
             and all(v > 0 for i, v in enumerate(tile) if i not in (5, 6)) and min(tile[5:7]) >= 0):
-        raise ValueError(f"BENCH_DGRAD_TILE={raw!r} is not a tuple of 8 integers, all positive but the 6th and 7th "
+        raise ValueError(f"{var}={raw!r} is not a tuple of 8 integers, all positive but the 6th and 7th "
                          "(epilogue warps and their registers, at least 0)")
     return tile
 
@@ -154,14 +220,15 @@ def apply_variant(tg, variant: str) -> None:
     pointwise and reduction kernel and keeps the fastest, config.max_autotune_pointwise), mlpref (the MLP through
     torch ops, cuBLAS + inductor's LeakyReLU² kernels, instead of the Gluon GEMMs with the activation in their
     epilogues: the form before PERF #29), dgtile (the backward's dgrad kernel with another tile: MLP_TILES["dgrad"] =
-    BENCH_DGRAD_TILE, a Python tuple of 8 integers as in train_gpt.py, e.g. (128, 128, 64, 5, 8, 2, 152, 2048)).
+    BENCH_DGRAD_TILE, a Python tuple of 8 integers as in train_gpt.py, e.g. (128, 128, 64, 5, 8, 2, 152, 2048)),
+    uptile (the same for the forward's kernel: MLP_TILES["up"] = BENCH_UP_TILE; uptile+dgtile sets both).
     #29's form of the Gluon kernels, the epilogue in the consumer warps (mlpov here until PERF #31 removed it from
     train_gpt.py), runs in both directions with TRAIN_GPT = a train_gpt.py from before #30, and in the backward alone
     with TRAIN_GPT = one from #30 (commit 25890d9) and dgtile, BENCH_DGRAD_TILE = (128, 256, 64, 3, 8, 0, 0, 8192)."""
     flags = set(variant.split("+"))
     unknown = flags - {"base", "expand", "xsatorch", "xsaref", "qkref", "vsplit", "aggr", "autotune", "pdl", "split128",
                        "split32", "stages", "maxreads6", "autosplit", "nomix", "mix", "combo", "ceref",
-                       "qatgraph", "nocg", "pwtune", "mlpref", "dgtile"}
+                       "qatgraph", "nocg", "pwtune", "mlpref", "dgtile", "uptile"}
     if unknown:
         raise ValueError(f"BENCH_VARIANTS: unknown flags {sorted(unknown)}")
     if not ORIGINALS:
@@ -180,15 +247,18 @@ def apply_variant(tg, variant: str) -> None:
         tg.mlp_gluon_op = (lambda: None) if "mlpref" in flags else ORIGINALS["mlp"]
     if ORIGINALS["mlp_tiles"] is not None:
         tg.MLP_TILES = ORIGINALS["mlp_tiles"]
-    if "dgtile" in flags:
+    for flag in sorted(flags & TILE_VARIANTS.keys()):
+        key, var = TILE_VARIANTS[flag]
         if ORIGINALS["mlp_tiles"] is None:
-            raise ValueError("BENCH_VARIANTS: dgtile needs a train_gpt.py with MLP_TILES (PERF #30 on)")
-        tg.MLP_TILES = {**ORIGINALS["mlp_tiles"], "dgrad": dgrad_tile_from_env()}
-        if not tg.mlp_tiles_fit(98_304, 512, 1536):  # else the torch MLP would run without a word
-            tile = tg.MLP_TILES["dgrad"]
+            raise ValueError(f"BENCH_VARIANTS: {flag} needs a train_gpt.py with MLP_TILES (PERF #30 on)")
+        try:
+            tg.MLP_TILES = {**tg.MLP_TILES, key: mlp_tile_from_env(var)}
+            if not tg.mlp_tiles_fit(98_304, 512, 1536):  # else the torch MLP would run without a word
+                raise ValueError(f"{var}={tg.MLP_TILES[key]} does not tile the record's micro-batch (98,304 x 512 @ "
+                                 "512 x 1,536: whole tiles, at least STAGES k-steps)")
+        except ValueError:
             tg.MLP_TILES = ORIGINALS["mlp_tiles"]
-            raise ValueError(f"BENCH_DGRAD_TILE={tile} does not tile the record's micro-batch (98,304 x 512 @ 512 x "
-                             "1,536: whole tiles, at least STAGES k-steps)")
+            raise
     if ORIGINALS["mlp"] is None and "mlpref" in flags:
         raise ValueError("BENCH_VARIANTS: mlpref needs a train_gpt.py with the Gluon MLP kernels (PERF #29 on)")
     if "qatgraph" in flags:  # qat_on follows QAT_ENABLED, not alpha: the graph keeps the QAT ops, as before #25
@@ -409,6 +479,53 @@ def bench_xsa(tg, device, bench) -> None:
               f"fwd+bwd:{1000 * t_fb:.1f}us")
 
 
+def bench_power(tg, device) -> None:
+    """The step's kernel classes alone at the record's micro-batch shapes, each back to back for BENCH_POWER_SECONDS
+    (default 4) while GpuClocks samples the GPU: time per call, throughput, SM clock, board power and energy per call
+    (mean power x time).  Which work draws the power that holds a training step at the cap (PERF "Clocks")."""
+    import torch.nn.functional as F
+    seconds = float(os.environ.get("BENCH_POWER_SECONDS", "4"))
+    g = torch.Generator(device=device).manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, device=device, generator=g).bfloat16()
+    M, D, F_ = 98_304, 512, 1536
+    x, gy, w_up, w_down = rnd(M, D), rnd(M, D), rnd(F_, D) / D ** 0.5, rnd(D, F_) / F_ ** 0.5
+    h = x @ w_up.T
+    q = rnd(48, 2048, 8, 64).requires_grad_()
+    k, v = rnd(48, 2048, 4, 64).requires_grad_(), rnd(48, 2048, 4, 64).requires_grad_()
+    do = rnd(48, 2048, 8, 64)
+    big = torch.empty(2 ** 29, dtype=torch.bfloat16, device=device)  # 1 GiB
+    big2 = torch.empty_like(big)
+
+    def attn():
+        y = tg.sdpa_attention(q, k, v, prefer_cudnn=True)
+        torch.autograd.grad(y, (q, k, v), do)
+
+    attn_flops = 4 * 48 * 8 * 2048 * 2048 * 64 / 2 * 3.5  # causal forward (2 GEMMs) + backward (5 GEMMs)
+    works = [("cudnn attention fwd+bwd", attn, attn_flops, 0),
+             ("cuBLAS x @ W_up.T", lambda: x @ w_up.T, 2 * M * D * F_, 0),
+             ("cuBLAS g @ W_down", lambda: gy @ w_down, 2 * M * D * F_, 0),
+             ("cuBLAS W_up grad (x.T @ dh)", lambda: x.T @ h, 2 * M * D * F_, 0),
+             ("copy 1 GiB", lambda: big2.copy_(big), 0, 2 * big.numel() * 2)]
+    if hasattr(tg, "mlp_gluon_op") and tg.mlp_gluon_op() is not None:
+        works += [("Gluon up (h, u)", lambda: tg._mlp_gemm_launch(x, w_up, 0.5), 2 * M * D * F_, 0),
+                  ("Gluon dgrad (dh)", lambda: tg._mlp_gemm_launch(gy, w_down, 0.5, h), 2 * M * D * F_, 0)]
+    def loop(fn, reps):  # each call's outputs freed before the next
+        for _ in range(reps):
+            fn()
+
+    for name, fn, flops, nbytes in works:
+        loop(fn, 3)
+        _, t1 = timed(fn, device)
+        reps = max(1, int(seconds / max(t1, 1e-4)))
+        with GpuClocks(device) as clocks:
+            _, t = timed(lambda: loop(fn, reps), device)
+        per = t / reps
+        rate = f"{flops / per / 1e12:.0f} TFLOP/s" if flops else f"{nbytes / per / 1e12:.2f} TB/s"
+        line = clocks.summary()
+        watts = float(line.split("power_w:")[1].split()[0]) if "power_w:" in line else float("nan")
+        print(f"bench_power {name}: {1e6 * per:.1f}us {rate} {watts * per * 1e3:.1f}mJ/call {line}", flush=True)
+
+
 def bench_ce(tg, device) -> None:
     """The Triton softcapped cross-entropy (PERF #24): loss and gradients against fp64 at a small shape (and the
     torch path's bf16 error), a launch-shape sweep of the kernel alone at the record shape (98,304 rows of a
@@ -523,7 +640,10 @@ def bench_gptq(tg, h, d, device, base):
 
 def main():
     tg = load_train_gpt()
-    what = set(sys.argv[1:]) or {"kernels", "ce", "train", "eval", "gptq"}
+    modes = ("kernels", "ce", "power", "train", "eval", "gptq")
+    what = set(sys.argv[1:]) or set(modes)
+    if what - set(modes):
+        raise ValueError(f"gpu_bench.py: unknown modes {sorted(what - set(modes))}; it has {', '.join(modes)}")
     variants = [v for v in os.environ.get("BENCH_VARIANTS", "base").split(",") if v]
     if not variants:
         raise ValueError("BENCH_VARIANTS names no variant (default: base)")
@@ -540,6 +660,8 @@ def main():
         bench_kernels(tg, device)
     if "ce" in what:
         bench_ce(tg, device)
+    if "power" in what:
+        bench_power(tg, device)
     if "train" in what:
         for variant in variants:
             apply_variant(tg, variant)

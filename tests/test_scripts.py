@@ -156,14 +156,43 @@ def test_gpu_bench_variants_switch_the_training_options(gpu_bench, monkeypatch):
             gpu_bench.apply_variant(tg, "dgtile")
     assert tg.MLP_TILES is shipped_tiles  # a refused tile leaves the shipped ones in place
     monkeypatch.delenv("BENCH_DGRAD_TILE")
-    with pytest.raises(ValueError, match="BENCH_DGRAD_TILE is not set"):
+    with pytest.raises(ValueError, match="BENCH_DGRAD_TILE is not set; variant dgtile"):
         gpu_bench.apply_variant(tg, "dgtile")
+    gpu_bench.apply_variant(tg, "base")
+    # the forward's tile likewise (uptile, BENCH_UP_TILE), and both at once
+    monkeypatch.setenv("BENCH_UP_TILE", "(128, 256, 32, 6, 8, 2, 152, 2048)")
+    monkeypatch.setenv("BENCH_DGRAD_TILE", "(128, 128, 64, 5, 8, 2, 152, 2048)")
+    gpu_bench.apply_variant(tg, "uptile")
+    assert tg.MLP_TILES == {"up": (128, 256, 32, 6, 8, 2, 152, 2048), "dgrad": shipped_tiles["dgrad"]}
+    gpu_bench.apply_variant(tg, "uptile+dgtile")
+    assert tg.MLP_TILES == {"up": (128, 256, 32, 6, 8, 2, 152, 2048), "dgrad": (128, 128, 64, 5, 8, 2, 152, 2048)}
+    gpu_bench.apply_variant(tg, "base")
+    assert tg.MLP_TILES is shipped_tiles
+    monkeypatch.setenv("BENCH_UP_TILE", "(128, 128, 128, 6, 8, 2, 152, 2048)")  # 4 k-steps for a 6-slot ring
+    with pytest.raises(ValueError, match=r"BENCH_UP_TILE=\(128, 128, 128, 6.*does not tile the record"):
+        gpu_bench.apply_variant(tg, "uptile+dgtile")
+    assert tg.MLP_TILES is shipped_tiles
+    monkeypatch.delenv("BENCH_UP_TILE")
+    with pytest.raises(ValueError, match="BENCH_UP_TILE is not set; variant uptile"):
+        gpu_bench.apply_variant(tg, "uptile")
+    assert tg.MLP_TILES is shipped_tiles
     gpu_bench.apply_variant(tg, "base")
     for bad, why in (("mix+nomix", "contradict"), ("mix+split128+split32", "same knob"), ("base+fast", "unknown"),
                      ("split32", "split32 tune mix-order reductions, which this train_gpt.py compiles the training "
                                  "model without")):
         with pytest.raises(ValueError, match=why):
             gpu_bench.apply_variant(tg, bad)
+
+
+def test_gpu_bench_summarises_clocks_and_power(gpu_bench):
+    """nvidia-smi's csv samples (SM clock MHz, power W, throttle-reason mask) as one line: means, the clock's range
+    and the share of samples held by a power limit (SW power cap 0x4, HW power brake 0x80; not idle 0x1 or thermal
+    0x20); unreadable samples ("[N/A]", a truncated last line, an error message) are skipped."""
+    text = ("1755, 652.0, 0x0000000000000004\n1980, 300.0, 0x0000000000000000\n1665, 700.0, 0x0000000000000084\n"
+            "1800, 500.0, 0x0000000000000020\n[N/A], [N/A], [N/A]\n345, 78.5, 0x0000000000000001\n1900, 6")
+    assert gpu_bench.smi_summary(text) == ("sm_clock_mhz:1509 (345-1980) power_w:446 power_capped:40% of 5 samples")
+    assert gpu_bench.smi_summary("No devices were found\n") == "no readable nvidia-smi samples"
+    assert gpu_bench.smi_summary("") == "no readable nvidia-smi samples"
 
 
 def test_gpu_bench_checks_every_variant_before_touching_the_gpu(gpu_bench, monkeypatch):
@@ -175,6 +204,10 @@ def test_gpu_bench_checks_every_variant_before_touching_the_gpu(gpu_bench, monke
         gpu_bench.main()
     monkeypatch.setenv("BENCH_VARIANTS", ",")
     with pytest.raises(ValueError, match="BENCH_VARIANTS names no variant"):
+        gpu_bench.main()
+    monkeypatch.setenv("BENCH_VARIANTS", "base")
+    monkeypatch.setattr(sys, "argv", ["gpu_bench.py", "power", "trian"])  # a typo'd mode is refused, not skipped
+    with pytest.raises(ValueError, match=r"unknown modes \['trian'\]"):
         gpu_bench.main()
 
 
