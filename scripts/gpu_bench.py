@@ -74,8 +74,8 @@ class GpuClocks:
     block runs (summary() after it).  A training step is power-bound on an H200 (PERF "Clocks"): SW power cap at
     700 W with the SM clock below its 1,980 MHz, so variants timed at different clocks are not comparable."""
 
-    def __init__(self, device: torch.device):
-        self.gpu = "GPU-" + str(torch.cuda.get_device_properties(device).uuid)  # CUDA_VISIBLE_DEVICES-proof
+    def __init__(self, gpu: str):
+        self.gpu = gpu  # nvidia-smi's -i: an index or a UUID (gpu_uuid)
         self.proc, self.text, self.why = None, "", ""
 
     def __enter__(self):
@@ -90,7 +90,11 @@ class GpuClocks:
     def __exit__(self, *exc):
         if self.proc is not None:
             self.proc.terminate()
-            out, err = self.proc.communicate(timeout=10)
+            try:
+                out, err = self.proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:  # an nvidia-smi that ignores SIGTERM: its samples are lost, not the run
+                self.proc.kill()
+                out, err = self.proc.communicate()
             self.text = out
             if not out.strip():
                 self.why = "nvidia-smi gave no samples" + (f" ({err.strip()[:200]})" if err.strip() else "")
@@ -98,6 +102,11 @@ class GpuClocks:
 
     def summary(self) -> str:
         return self.why or smi_summary(self.text)
+
+
+def gpu_uuid(device: torch.device) -> str:
+    """The device as nvidia-smi names it whatever CUDA_VISIBLE_DEVICES says: GPU-<uuid>."""
+    return "GPU-" + str(torch.cuda.get_device_properties(device).uuid)
 
 
 def smi_summary(text: str) -> str:
@@ -136,7 +145,7 @@ def bench_train(tg, h, d, device, base, model, tag: str = ""):
         why = tg._MLP_GLUON.get("why")
         print(f"bench_train{tag} mlp_act:{'gluon' if fused else 'torch'}" + (f" (self-test: {why})" if why else ""))
     n = int(os.environ.get("BENCH_STEPS", "8"))
-    with GpuClocks(device) as clocks:
+    with GpuClocks(gpu_uuid(device)) as clocks:
         more, t = timed(lambda: [step(i) for i in range(3, 3 + n)], device)
     ms = 1000 * t / n
     # Same seed, data and init in every variant: equal math shows as equal losses up to bf16 noise.
@@ -517,7 +526,7 @@ def bench_power(tg, device) -> None:
         loop(fn, 3)
         _, t1 = timed(fn, device)
         reps = max(1, int(seconds / max(t1, 1e-4)))
-        with GpuClocks(device) as clocks:
+        with GpuClocks(gpu_uuid(device)) as clocks:
             _, t = timed(lambda: loop(fn, reps), device)
         per = t / reps
         rate = f"{flops / per / 1e12:.0f} TFLOP/s" if flops else f"{nbytes / per / 1e12:.2f} TB/s"

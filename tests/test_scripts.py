@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -193,6 +194,34 @@ def test_gpu_bench_summarises_clocks_and_power(gpu_bench):
     assert gpu_bench.smi_summary(text) == ("sm_clock_mhz:1509 (345-1980) power_w:446 power_capped:40% of 5 samples")
     assert gpu_bench.smi_summary("No devices were found\n") == "no readable nvidia-smi samples"
     assert gpu_bench.smi_summary("") == "no readable nvidia-smi samples"
+
+
+def test_gpu_bench_samples_nvidia_smi_while_a_block_runs(gpu_bench, tmp_path, monkeypatch):
+    """GpuClocks starts nvidia-smi (here a stand-in on PATH that prints a sample every 0.1 s until killed, as
+    `-lms` does) for the block, stops it after, and summarises what it printed; with no nvidia-smi, or one that
+    prints nothing readable, the summary says so and the block still runs."""
+    import time
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho \"$@\" > \"$(dirname \"$0\")/args\"\n"
+                    "while true; do echo '1700, 690.0, 0x0000000000000004'; sleep 0.1; done\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with gpu_bench.GpuClocks("GPU-1234") as clocks:
+        time.sleep(0.5)
+    summary = clocks.summary()
+    assert summary.startswith("sm_clock_mhz:1700 (1700-1700) power_w:690 power_capped:100% of "), summary
+    assert int(summary.split(" of ")[1].split()[0]) >= 2
+    args = (tmp_path / "args").read_text()
+    assert "-i GPU-1234" in args and "clocks.sm,power.draw,clocks_throttle_reasons.active" in args
+    fake.write_text("#!/bin/sh\necho 'No devices were found'\n")
+    with gpu_bench.GpuClocks("GPU-1234") as clocks:
+        time.sleep(0.2)
+    assert clocks.summary() == "no readable nvidia-smi samples"
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with gpu_bench.GpuClocks("0") as clocks:
+        ran = True
+    assert ran and clocks.summary().startswith("nvidia-smi did not start")
 
 
 def test_gpu_bench_checks_every_variant_before_touching_the_gpu(gpu_bench, monkeypatch):
