@@ -25,7 +25,7 @@ W_down [512, 1536] read as stored, N-major); 2 plain C = A @ B.T (the main loop 
                                                    # SHIPPED_TILES (env GLUON_TILES: a Python list of tuples)
 
 Timings are do_bench bursts, which start at or near the GPU's full clock; a training step runs power-capped at a
-lower one (docs/PERF.md "Clocks and power"), so a burst gain overstates the step's.
+lower one (docs/PERF.md "Clocks and power"), so a burst gain is not the step's (mostly it overstates it).
 
 Env: GLUON_TIMEOUT (seconds per config process, default 120), GLUON_TILES (`shipped`), TRAIN_GPT (`shipped`: the
 train_gpt.py to load, default the repo's).  Not counted code: train_gpt.py carried its own copy of the `ovg` kernel

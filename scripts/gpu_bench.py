@@ -4,6 +4,8 @@ on 8 GPUs, and GPTQ calibration / quantisation / compression times.
 
     DATA_PATH=data/datasets/proxy_sp1024 python3 scripts/gpu_bench.py [kernels] [ce] [power] [train] [eval] [gptq]
 
+(no mode: all but power)
+
 Env: BENCH_STEPS (timed steps, default 8), BENCH_EVAL_BATCHES (32-window batches per mode, default 24),
 BENCH_POWER_SECONDS (seconds per kernel class in power mode, default 4),
 BENCH_QK_SWEEP (0 skips the q/k kernels' launch-shape sweep in kernels mode),
@@ -71,18 +73,25 @@ POWER_CAP_BITS = {0x4: "SW power cap", 0x80: "HW power brake"}
 
 class GpuClocks:
     """Samples the GPU's SM clock, board power and clock-throttle reasons with nvidia-smi every 200 ms while the
-    block runs (summary() after it).  A training step is power-bound on an H200 (PERF "Clocks"): SW power cap at
-    700 W with the SM clock below its 1,980 MHz, so variants timed at different clocks are not comparable."""
+    block runs (summary() after it).  A training step is power-bound on an H200 (PERF "Clocks and power"): SW power
+    cap at 700 W with the SM clock below its 1,980 MHz, so variants timed at different clocks are not comparable.
+    nvidia-smi writes into temporary files (a pipe read only at the end would fill after ~6 minutes of samples and
+    stall it); one that outlives SIGTERM by STOP_SECONDS is killed, one that outlives that too is left behind with its
+    samples read so far.  power.draw is the driver's reading, averaged over up to a second on recent drivers."""
+    STOP_SECONDS = 10.0
+    FIELDS = "clocks.sm,power.draw,clocks_throttle_reasons.active"  # the old name of clocks_event_reasons: both work
 
     def __init__(self, gpu: str):
         self.gpu = gpu  # nvidia-smi's -i: an index or a UUID (gpu_uuid)
         self.proc, self.text, self.why = None, "", ""
 
     def __enter__(self):
-        cmd = ["nvidia-smi", "--query-gpu=clocks.sm,power.draw,clocks_throttle_reasons.active",
-               "--format=csv,noheader,nounits", "-lms", "200", "-i", self.gpu]
+        import tempfile
+        cmd = ["nvidia-smi", f"--query-gpu={self.FIELDS}", "--format=csv,noheader,nounits", "-lms", "200",
+               "-i", self.gpu]
+        self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
         try:
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=self.err, text=True)
         except OSError as e:
             self.why = f"nvidia-smi did not start ({e})"
         return self
@@ -91,17 +100,28 @@ class GpuClocks:
         if self.proc is not None:
             self.proc.terminate()
             try:
-                out, err = self.proc.communicate(timeout=10)
-            except subprocess.TimeoutExpired:  # an nvidia-smi that ignores SIGTERM: its samples are lost, not the run
+                self.proc.wait(timeout=self.STOP_SECONDS)
+            except subprocess.TimeoutExpired:  # an nvidia-smi that ignores SIGTERM: killed, the run goes on
                 self.proc.kill()
-                out, err = self.proc.communicate()
-            self.text = out
-            if not out.strip():
-                self.why = "nvidia-smi gave no samples" + (f" ({err.strip()[:200]})" if err.strip() else "")
+                try:
+                    self.proc.wait(timeout=self.STOP_SECONDS)
+                except subprocess.TimeoutExpired:
+                    pass
+        self.out.seek(0)
+        self.err.seek(0)
+        self.text, err = self.out.read(), self.err.read().strip()
+        self.out.close()
+        self.err.close()
+        if self.proc is not None and not self.why and smi_summary(self.text) == NO_SAMPLES:
+            said = (self.text.strip().splitlines() or [""])[0] or err  # nvidia-smi prints its errors to stdout
+            self.why = NO_SAMPLES + (f" (nvidia-smi: {said[:200]})" if said else "")
         return False
 
     def summary(self) -> str:
         return self.why or smi_summary(self.text)
+
+
+NO_SAMPLES = "no readable nvidia-smi samples"
 
 
 def gpu_uuid(device: torch.device) -> str:
@@ -124,7 +144,7 @@ def smi_summary(text: str) -> str:
         powers.append(watts)
         capped += any(reasons & bit for bit in POWER_CAP_BITS)
     if not clocks:
-        return "no readable nvidia-smi samples"
+        return NO_SAMPLES
     return (f"sm_clock_mhz:{sum(clocks) / len(clocks):.0f} ({min(clocks):.0f}-{max(clocks):.0f}) "
             f"power_w:{sum(powers) / len(powers):.0f} power_capped:{100 * capped / len(clocks):.0f}% "
             f"of {len(clocks)} samples")
@@ -492,7 +512,6 @@ def bench_power(tg, device) -> None:
     """The step's kernel classes alone at the record's micro-batch shapes, each back to back for BENCH_POWER_SECONDS
     (default 4) while GpuClocks samples the GPU: time per call, throughput, SM clock, board power and energy per call
     (mean power x time).  Which work draws the power that holds a training step at the cap (PERF "Clocks")."""
-    import torch.nn.functional as F
     seconds = float(os.environ.get("BENCH_POWER_SECONDS", "4"))
     g = torch.Generator(device=device).manual_seed(0)
     rnd = lambda *shape: torch.randn(*shape, device=device, generator=g).bfloat16()
@@ -502,8 +521,8 @@ def bench_power(tg, device) -> None:
     q = rnd(48, 2048, 8, 64).requires_grad_()
     k, v = rnd(48, 2048, 4, 64).requires_grad_(), rnd(48, 2048, 4, 64).requires_grad_()
     do = rnd(48, 2048, 8, 64)
-    big = torch.empty(2 ** 29, dtype=torch.bfloat16, device=device)  # 1 GiB
-    big2 = torch.empty_like(big)
+    big = torch.randn(2 ** 29, device=device, generator=g, dtype=torch.bfloat16)  # 1 GiB of data, not zeros: DRAM
+    big2 = torch.empty_like(big)  # power depends on the bits moved
 
     def attn():
         y = tg.sdpa_attention(q, k, v, prefer_cudnn=True)
@@ -650,7 +669,7 @@ def bench_gptq(tg, h, d, device, base):
 def main():
     tg = load_train_gpt()
     modes = ("kernels", "ce", "power", "train", "eval", "gptq")
-    what = set(sys.argv[1:]) or set(modes)
+    what = set(sys.argv[1:]) or set(modes) - {"power"}  # power on request: 35 s of heat just before train
     if what - set(modes):
         raise ValueError(f"gpu_bench.py: unknown modes {sorted(what - set(modes))}; it has {', '.join(modes)}")
     variants = [v for v in os.environ.get("BENCH_VARIANTS", "base").split(",") if v]
