@@ -511,7 +511,8 @@ def bench_xsa(tg, device, bench) -> None:
 def bench_power(tg, device) -> None:
     """The step's kernel classes alone at the record's micro-batch shapes, each back to back for BENCH_POWER_SECONDS
     (default 4) while GpuClocks samples the GPU: time per call, throughput, SM clock, board power and energy per call
-    (mean power x time).  Which work draws the power that holds a training step at the cap (PERF "Clocks")."""
+    (mean power x time).  Which work draws the power that holds a training step at the cap (PERF "Clocks and
+    power")."""
     seconds = float(os.environ.get("BENCH_POWER_SECONDS", "4"))
     g = torch.Generator(device=device).manual_seed(0)
     rnd = lambda *shape: torch.randn(*shape, device=device, generator=g).bfloat16()
@@ -537,6 +538,7 @@ def bench_power(tg, device) -> None:
     if hasattr(tg, "mlp_gluon_op") and tg.mlp_gluon_op() is not None:
         works += [("Gluon up (h, u)", lambda: tg._mlp_gemm_launch(x, w_up, 0.5), 2 * M * D * F_, 0),
                   ("Gluon dgrad (dh)", lambda: tg._mlp_gemm_launch(gy, w_down, 0.5, h), 2 * M * D * F_, 0)]
+
     def loop(fn, reps):  # each call's outputs freed before the next
         for _ in range(reps):
             fn()
