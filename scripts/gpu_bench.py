@@ -250,14 +250,16 @@ def apply_variant(tg, variant: str) -> None:
     torch ops, cuBLAS + inductor's LeakyReLU² kernels, instead of the Gluon GEMMs with the activation in their
     epilogues: the form before PERF #29), dgtile (the backward's dgrad kernel with another tile: MLP_TILES["dgrad"] =
     BENCH_DGRAD_TILE, a Python tuple of 8 integers as in train_gpt.py, e.g. (128, 128, 64, 5, 8, 2, 152, 2048)),
-    uptile (the same for the forward's kernel: MLP_TILES["up"] = BENCH_UP_TILE; uptile+dgtile sets both).
+    uptile (the same for the forward's kernel: MLP_TILES["up"] = BENCH_UP_TILE; uptile+dgtile sets both),
+    ballastcopy / ballastgemm (the same training, with extra memory-bound or tensor-core work before every
+    micro-batch: with_ballast).
     #29's form of the Gluon kernels, the epilogue in the consumer warps (mlpov here until PERF #31 removed it from
     train_gpt.py), runs in both directions with TRAIN_GPT = a train_gpt.py from before #30, and in the backward alone
     with TRAIN_GPT = one from #30 (commit 25890d9) and dgtile, BENCH_DGRAD_TILE = (128, 256, 64, 3, 8, 0, 0, 8192)."""
     flags = set(variant.split("+"))
     unknown = flags - {"base", "expand", "xsatorch", "xsaref", "qkref", "vsplit", "aggr", "autotune", "pdl", "split128",
                        "split32", "stages", "maxreads6", "autosplit", "nomix", "mix", "combo", "ceref",
-                       "qatgraph", "nocg", "pwtune", "mlpref", "dgtile", "uptile"}
+                       "qatgraph", "nocg", "pwtune", "mlpref", "dgtile", "uptile", "ballastcopy", "ballastgemm"}
     if unknown:
         raise ValueError(f"BENCH_VARIANTS: unknown flags {sorted(unknown)}")
     if not ORIGINALS:
@@ -350,6 +352,51 @@ def apply_variant(tg, variant: str) -> None:
     elif "mix" in flags:
         raise ValueError("BENCH_VARIANTS: mix needs a train_gpt.py with train_compile_options (PERF #23 on); "
                          "before it the training model compiles with mix-order reductions anyway")
+
+
+# ballast variants: extra work of one kind before every micro-batch's forward, (what, calls per micro-batch); the
+# step-time difference against base, set against the same calls' time alone, says whether that kind of work costs a
+# power-capped step its own time (PERF "Clocks and power")
+BALLAST = {"ballastcopy": ("copy of 1 GiB", 2), "ballastgemm": ("cuBLAS x @ W_up.T at the record shape", 4)}
+
+
+def with_ballast(model, flags: set, device, tag: str = ""):
+    """model itself without a ballast flag; else a callable that runs the ballast, then model(x, y).  Prints the
+    ballast's time per step alone: in bursts (one step's worth, after a warm-up) and held (back to back for ~2 s)."""
+    kinds = sorted(flags & BALLAST.keys())
+    if not kinds:
+        return model
+    if len(kinds) > 1:
+        raise ValueError(f"BENCH_VARIANTS: {' and '.join(kinds)} are two ballasts; time one at a time")
+    what, n = BALLAST[kinds[0]]
+    g = torch.Generator(device=device).manual_seed(1)
+    if kinds[0] == "ballastcopy":
+        src = torch.randn(2 ** 29, device=device, generator=g, dtype=torch.bfloat16)
+        dst = torch.empty_like(src)
+        op = lambda: dst.copy_(src)
+    else:
+        x = torch.randn(98_304, 512, device=device, generator=g, dtype=torch.bfloat16)
+        w = torch.randn(1536, 512, device=device, generator=g, dtype=torch.bfloat16)
+        op = lambda: x @ w.T
+
+    def ballast():
+        for _ in range(n):
+            op()
+
+    if device.type == "cuda":
+        ga = 8  # the record's micro-batches per step on one GPU
+        ballast()
+        _, t_burst = timed(lambda: [ballast() for _ in range(ga)], device)
+        reps = max(1, int(2.0 / t_burst))
+        _, t_held = timed(lambda: [ballast() for _ in range(ga * reps)], device)
+        print(f"bench_train{tag} ballast: {n} x {what} per micro-batch, alone {1000 * t_burst:.2f} ms per step in a "
+              f"burst, {1000 * t_held / reps:.2f} held")
+
+    def run(x, y):
+        ballast()
+        return model(x, y)
+
+    return run
 
 
 def zero_grad_to_none(self) -> None:
@@ -698,8 +745,9 @@ def main():
             torch._dynamo.reset()
             torch.manual_seed(h.seed)
             base = tg.build_model(h, device)
-            bench_train(tg, h, d, device, base, train_compile(tg, base, device), f" [{variant}]")
-            del base
+            model = with_ballast(train_compile(tg, base, device), set(variant.split("+")), device, f" [{variant}]")
+            bench_train(tg, h, d, device, base, model, f" [{variant}]")
+            del base, model
             torch.cuda.empty_cache()
     apply_variant(tg, variants[0])
     torch.manual_seed(h.seed)

@@ -235,6 +235,26 @@ def test_gpu_bench_samples_nvidia_smi_while_a_block_runs(gpu_bench, tmp_path, mo
     assert ran and clocks.summary().startswith("nvidia-smi did not start")
 
 
+def test_gpu_bench_ballast_runs_before_every_forward(gpu_bench, monkeypatch):
+    """with_ballast: the model itself without a ballast flag; with one, a callable that runs the ballast (n calls of
+    its op) and then the model on the same inputs, returning the model's output; two ballasts at once are refused.
+    The ballast's GEMM is counted, not computed (at the record shape it is ~0.15 TFLOP a call)."""
+    import torch
+
+    model = lambda x, y: x * 2 + y
+    assert gpu_bench.with_ballast(model, {"base"}, torch.device("cpu")) is model
+    with pytest.raises(ValueError, match="two ballasts"):
+        gpu_bench.with_ballast(model, {"ballastcopy", "ballastgemm"}, torch.device("cpu"))
+    calls = []
+    run = gpu_bench.with_ballast(lambda x, y: calls.append("model") or model(x, y), {"ballastgemm", "base"},
+                                 torch.device("cpu"))
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: calls.append(("gemm", tuple(a.shape),
+                                                                                   tuple(b.shape))))
+    out = run(torch.ones(3), torch.ones(3))
+    assert torch.equal(out, torch.full((3,), 3.0))
+    assert calls == [("gemm", (98_304, 512), (512, 1536))] * gpu_bench.BALLAST["ballastgemm"][1] + ["model"]
+
+
 def test_gpu_bench_checks_every_variant_before_touching_the_gpu(gpu_bench, monkeypatch):
     """A bad last variant fails on a CPU machine with the variant's error, not with CUDA's (setup_runtime and the
     device name come after the check), so no GPU time is spent on the variants before it."""
