@@ -3159,8 +3159,8 @@ def main() -> None:
     try:
         log_header(h, d, device)
         train_and_eval(h, d, device)
-        if is_distributed():  # every rank past its last collective before any tears gloo down: without it a rank
-            dist.barrier()  # now and then aborted at exit ("terminate called without an active exception"), rc != 0
+        if is_distributed():  # every rank past its last collective before any tears the group down: without it a
+            dist.barrier()  # gloo rank now and then aborted at exit ("terminate called without an active exception")
     finally:
         if is_distributed():
             dist.destroy_process_group()
