@@ -20,6 +20,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -86,7 +87,6 @@ class GpuClocks:
         self.proc, self.text, self.why = None, "", ""
 
     def __enter__(self):
-        import tempfile
         cmd = ["nvidia-smi", f"--query-gpu={self.FIELDS}", "--format=csv,noheader,nounits", "-lms", "200",
                "-i", self.gpu]
         self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
@@ -112,7 +112,7 @@ class GpuClocks:
         self.text, err = self.out.read(), self.err.read().strip()
         self.out.close()
         self.err.close()
-        if self.proc is not None and not self.why and smi_summary(self.text) == NO_SAMPLES:
+        if self.proc is not None and not self.why and smi_stats(self.text) is None:
             said = (self.text.strip().splitlines() or [""])[0] or err  # nvidia-smi prints its errors to stdout
             self.why = NO_SAMPLES + (f" (nvidia-smi: {said[:200]})" if said else "")
         return False
@@ -124,13 +124,24 @@ class GpuClocks:
 NO_SAMPLES = "no readable nvidia-smi samples"
 
 
+def back_to_back(fn, reps: int) -> None:
+    """fn() reps times, each call's outputs freed before the next."""
+    for _ in range(reps):
+        fn()
+
+
+def reps_for(seconds: float, t_call: float) -> int:
+    return max(1, int(seconds / max(t_call, 1e-4)))
+
+
 def gpu_uuid(device: torch.device) -> str:
     """The device as nvidia-smi names it whatever CUDA_VISIBLE_DEVICES says: GPU-<uuid>."""
     return "GPU-" + str(torch.cuda.get_device_properties(device).uuid)
 
 
-def smi_summary(text: str) -> str:
-    """One line from nvidia-smi's csv samples (clocks.sm MHz, power.draw W, throttle-reason bit mask)."""
+def smi_stats(text: str) -> dict | None:
+    """nvidia-smi's csv samples (clocks.sm MHz, power.draw W, throttle-reason bit mask) as numbers: SM clock mean,
+    min and max, mean power, percentage of samples held by a power limit, sample count; None if none is readable."""
     clocks, powers, capped = [], [], 0
     for line in text.splitlines():
         fields = [f.strip() for f in line.split(",")]
@@ -144,10 +155,18 @@ def smi_summary(text: str) -> str:
         powers.append(watts)
         capped += any(reasons & bit for bit in POWER_CAP_BITS)
     if not clocks:
+        return None
+    return dict(mhz=sum(clocks) / len(clocks), mhz_min=min(clocks), mhz_max=max(clocks),
+                watts=sum(powers) / len(powers), capped_pct=100 * capped / len(clocks), n=len(clocks))
+
+
+def smi_summary(text: str) -> str:
+    """One line from nvidia-smi's csv samples (smi_stats)."""
+    st = smi_stats(text)
+    if st is None:
         return NO_SAMPLES
-    return (f"sm_clock_mhz:{sum(clocks) / len(clocks):.0f} ({min(clocks):.0f}-{max(clocks):.0f}) "
-            f"power_w:{sum(powers) / len(powers):.0f} power_capped:{100 * capped / len(clocks):.0f}% "
-            f"of {len(clocks)} samples")
+    return (f"sm_clock_mhz:{st['mhz']:.0f} ({st['mhz_min']:.0f}-{st['mhz_max']:.0f}) power_w:{st['watts']:.0f} "
+            f"power_capped:{st['capped_pct']:.0f}% of {st['n']} samples")
 
 
 def bench_train(tg, h, d, device, base, model, tag: str = ""):
@@ -379,16 +398,13 @@ def with_ballast(model, flags: set, device, tag: str = ""):
         w = torch.randn(1536, 512, device=device, generator=g, dtype=torch.bfloat16)
         op = lambda: x @ w.T
 
-    def ballast():
-        for _ in range(n):
-            op()
-
+    ballast = lambda: back_to_back(op, n)
     if device.type == "cuda":
         ga = 8  # the record's micro-batches per step on one GPU
         ballast()
-        _, t_burst = timed(lambda: [ballast() for _ in range(ga)], device)
-        reps = max(1, int(2.0 / t_burst))
-        _, t_held = timed(lambda: [ballast() for _ in range(ga * reps)], device)
+        _, t_burst = timed(lambda: back_to_back(ballast, ga), device)
+        reps = reps_for(2.0, t_burst)
+        _, t_held = timed(lambda: back_to_back(ballast, ga * reps), device)
         print(f"bench_train{tag} ballast: {n} x {what} per micro-batch, alone {1000 * t_burst:.2f} ms per step in a "
               f"burst, {1000 * t_held / reps:.2f} held")
 
@@ -585,22 +601,18 @@ def bench_power(tg, device) -> None:
     if hasattr(tg, "mlp_gluon_op") and tg.mlp_gluon_op() is not None:
         works += [("Gluon up (h, u)", lambda: tg._mlp_gemm_launch(x, w_up, 0.5), 2 * M * D * F_, 0),
                   ("Gluon dgrad (dh)", lambda: tg._mlp_gemm_launch(gy, w_down, 0.5, h), 2 * M * D * F_, 0)]
-
-    def loop(fn, reps):  # each call's outputs freed before the next
-        for _ in range(reps):
-            fn()
-
     for name, fn, flops, nbytes in works:
-        loop(fn, 3)
+        back_to_back(fn, 3)
         _, t1 = timed(fn, device)
-        reps = max(1, int(seconds / max(t1, 1e-4)))
+        reps = reps_for(seconds, t1)
         with GpuClocks(gpu_uuid(device)) as clocks:
-            _, t = timed(lambda: loop(fn, reps), device)
+            _, t = timed(lambda: back_to_back(fn, reps), device)
         per = t / reps
         rate = f"{flops / per / 1e12:.0f} TFLOP/s" if flops else f"{nbytes / per / 1e12:.2f} TB/s"
-        line = clocks.summary()
-        watts = float(line.split("power_w:")[1].split()[0]) if "power_w:" in line else float("nan")
-        print(f"bench_power {name}: {1e6 * per:.1f}us {rate} {watts * per * 1e3:.1f}mJ/call {line}", flush=True)
+        st = smi_stats(clocks.text)
+        watts = st["watts"] if st else float("nan")
+        print(f"bench_power {name}: {1e6 * per:.1f}us {rate} {watts * per * 1e3:.1f}mJ/call {clocks.summary()}",
+              flush=True)
 
 
 def bench_ce(tg, device) -> None:
