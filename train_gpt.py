@@ -723,7 +723,8 @@ RMS_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default eps: that of it
 # fastest.  q heads [0, NQ) and k heads [NQ, NQ+NK): fp32 per row of D, n = x * rsqrt(mean(x^2) + eps); rotate the
 # first 2*HALF dims of n by (cos, sin) of the row's position; q heads times gain[head].  v heads are copied out (the
 # gradient copied back), so one GEMM feeds q, k and v and one backward writes the whole Q|K|V gradient.  The backward
-# recomputes n from x.  xsa_*: one program per BM tokens x one KV head and the G query heads that read it.
+# recomputes n from x.  REP > 1 (PERF #34): each k head is written REP times and each v head also REP times into VR,
+# for an attention that reads K/V at the query heads; the backward sums the copies' gradients (and v's own) in fp32.  xsa_*: one program per BM tokens x one KV head and the G query heads that read it.
 # softcap_ce (PERF #24): one program per BM rows of the logits z (M, V); s = CAP * tanh(z / CAP), the row's loss
 # logsumexp(s) - s[y], and dz = (softmax(s) - onehot(y)) * (1 - tanh^2) * INV_N, the gradient of the mean loss, written
 # while z is in registers (padded columns out; rows past M computed, not stored; a target outside [0, V) reads
@@ -780,8 +781,8 @@ def _norm_rope(X, COS, SIN, m2, col, ma, mb, T, D: tl.constexpr, W: tl.constexpr
 
 
 @triton.jit
-def qk_fwd(X, Q, K, V, COS, SIN, GAIN, M, T, NQ, NK, NV, D: tl.constexpr, W: tl.constexpr, HALF: tl.constexpr,
-           BM: tl.constexpr, BG: tl.constexpr, BH: tl.constexpr, HAS_GAIN: tl.constexpr):
+def qk_fwd(X, Q, K, V, VR, COS, SIN, GAIN, M, T, NQ, NK, NV, D: tl.constexpr, W: tl.constexpr, HALF: tl.constexpr,
+           BM: tl.constexpr, BG: tl.constexpr, BH: tl.constexpr, HAS_GAIN: tl.constexpr, REP: tl.constexpr):
     HX = NQ + NK + NV
     h = tl.program_id(0) % HX
     m, m2, col, ma, mb = _offsets(HX, M, D, W, BM, BG, BH)
@@ -794,16 +795,21 @@ def qk_fwd(X, Q, K, V, COS, SIN, GAIN, M, T, NQ, NK, NV, D: tl.constexpr, W: tl.
                 gain = tl.load(GAIN + h).to(tl.float32)
                 a, b = a * gain, b * gain
             _store2(Q + (m2 * NQ + h) * D, col, ma, mb, W, a, b)
-        else:
-            _store2(K + (m2 * NK + h - NQ) * D, col, ma, mb, W, a, b)
-    else:  # v heads: copied in their own dtype
+        else:  # k head j written at heads j*REP .. j*REP+REP-1 (the query heads that read it)
+            for i in tl.static_range(REP):
+                _store2(K + (m2 * (NK * REP) + (h - NQ) * REP + i) * D, col, ma, mb, W, a, b)
+    else:  # v heads: copied in their own dtype (REP > 1: also REP times into VR)
         va, vb = _load2(src, col, ma, mb, W)
         _store2(V + (m2 * NV + h - NQ - NK) * D, col, ma, mb, W, va, vb)
+        if REP > 1:
+            for i in tl.static_range(REP):
+                _store2(VR + (m2 * (NV * REP) + (h - NQ - NK) * REP + i) * D, col, ma, mb, W, va, vb)
 
 
 @triton.jit
-def qk_bwd(GQ, GK, GV, X, DX, COS, SIN, GAIN, PART, M, T, NQ, NK, NV, D: tl.constexpr, W: tl.constexpr,
-           HALF: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr, BH: tl.constexpr, HAS_GAIN: tl.constexpr):
+def qk_bwd(GQ, GK, GV, GVR, X, DX, COS, SIN, GAIN, PART, M, T, NQ, NK, NV, D: tl.constexpr, W: tl.constexpr,
+           HALF: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr, BH: tl.constexpr, HAS_GAIN: tl.constexpr,
+           REP: tl.constexpr):
     HX = NQ + NK + NV
     h = tl.program_id(0) % HX
     m, m2, col, ma, mb = _offsets(HX, M, D, W, BM, BG, BH)
@@ -812,9 +818,13 @@ def qk_bwd(GQ, GK, GV, X, DX, COS, SIN, GAIN, PART, M, T, NQ, NK, NV, D: tl.cons
         if h < NQ:
             ga, gb = _load2(GQ + (m2 * NQ + h) * D, col, ma, mb, W)
         else:
-            ga, gb = _load2(GK + (m2 * NK + h - NQ) * D, col, ma, mb, W)
-        a, b, r, c, s = _norm_rope(X + row, COS, SIN, m2, col, ma, mb, T, D, W, HALF)
+            ga, gb = _load2(GK + (m2 * (NK * REP) + (h - NQ) * REP) * D, col, ma, mb, W)
         ga, gb = ga.to(tl.float32), gb.to(tl.float32)
+        if h >= NQ:  # the gradients of k's REP copies summed
+            for i in tl.static_range(1, REP):
+                ea, eb = _load2(GK + (m2 * (NK * REP) + (h - NQ) * REP + i) * D, col, ma, mb, W)
+                ga, gb = ga + ea.to(tl.float32), gb + eb.to(tl.float32)
+        a, b, r, c, s = _norm_rope(X + row, COS, SIN, m2, col, ma, mb, T, D, W, HALF)
         ga, gb = ga * c - gb * s, gb * c + ga * s  # the gradient of the normed row, RoPE undone (before the gain)
         dot = tl.sum(ga * a, 1) + tl.sum(gb * b, 1)
         if HAS_GAIN:
@@ -828,6 +838,11 @@ def qk_bwd(GQ, GK, GV, X, DX, COS, SIN, GAIN, PART, M, T, NQ, NK, NV, D: tl.cons
         _store2(DX + row, col, ma, mb, W, (ga - a * dot) * r, (gb - b * dot) * r)
     else:
         va, vb = _load2(GV + (m2 * NV + h - NQ - NK) * D, col, ma, mb, W)
+        if REP > 1:  # v's own gradient (XSA's) plus those of its REP copies, in fp32
+            va, vb = va.to(tl.float32), vb.to(tl.float32)
+            for i in tl.static_range(REP):
+                ea, eb = _load2(GVR + (m2 * (NV * REP) + (h - NQ - NK) * REP + i) * D, col, ma, mb, W)
+                va, vb = va + ea.to(tl.float32), vb + eb.to(tl.float32)
         _store2(DX + row, col, ma, mb, W, va, vb)
 
 
@@ -918,22 +933,25 @@ def _qk_meta(D: int, half: int, has_gain: bool) -> dict:
     return dict(D=D, W=w, HALF=half, BM=QK_BLOCK_ROWS, BG=_pow2(-(-D // (2 * w))), BH=_pow2(w), HAS_GAIN=has_gain)
 
 
-def _qk_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int, n_k: int,
-               grads: tuple[Tensor, Tensor, Tensor] | None = None):
-    """Forward (grads None) or backward kernel on x (B, T, n_q+n_k+n_v, D).  Returns (q, k, v), contiguous, or
-    (dx, d_gain or an empty tensor) for the output gradients grads = (gq, gk, gv)."""
+def _qk_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int, n_k: int, rep: int = 1,
+               grads: tuple[Tensor, ...] | None = None):
+    """Forward (grads None) or backward kernel on x (B, T, n_q+n_k+n_v, D).  Returns (q, k, v, v_rep), contiguous,
+    or (dx, d_gain or an empty tensor) for the output gradients grads = (gq, gk, gv, gv_rep).  rep > 1: k comes out
+    with each head repeated rep times (n_k * rep heads, head h read by query head h) and v_rep is v so repeated, v
+    itself as it is (for XSA); rep == 1: v_rep has no heads."""
     k = _QK_KERNELS["ns"]
     B, T, HX, D = x.shape
     if cos.shape != sin.shape or cos.dim() != 2 or cos.size(0) < T or 2 * cos.size(-1) > D or cos.device != x.device:
         raise ValueError(f"qk_norm_rope: RoPE tables {tuple(cos.shape)}/{tuple(sin.shape)} on {cos.device} do not fit "
                          f"q/k of shape {tuple(x.shape)} on {x.device} (need [>= T, <= D/2], same device)")
     n_v = HX - n_q - n_k
-    if min(n_q, n_k, n_v) < 0 or (gain is not None and (gain.shape != (n_q,) or gain.device != x.device)):
-        raise ValueError(f"qk_norm_rope: {n_q} q + {n_k} k heads (gain {None if gain is None else tuple(gain.shape)}) "
-                         f"do not fit the {HX} heads of x on {x.device}")
-    if grads is not None and [tuple(g.shape) for g in grads] != [(B, T, n, D) for n in (n_q, n_k, n_v)]:
-        raise ValueError(f"qk_norm_rope: gradients {[tuple(g.shape) for g in grads]} do not match the q/k/v heads "
-                         f"({n_q}, {n_k}, {n_v}) of x {tuple(x.shape)}")
+    if min(n_q, n_k, n_v) < 0 or rep < 1 or (gain is not None and (gain.shape != (n_q,) or gain.device != x.device)):
+        raise ValueError(f"qk_norm_rope: {n_q} q + {n_k} k heads repeated {rep} times (gain "
+                         f"{None if gain is None else tuple(gain.shape)}) do not fit the {HX} heads of x on {x.device}")
+    heads = (n_q, n_k * rep, n_v, n_v * rep if rep > 1 else 0)
+    if grads is not None and [tuple(g.shape) for g in grads] != [(B, T, n, D) for n in heads]:
+        raise ValueError(f"qk_norm_rope: gradients {[tuple(g.shape) for g in grads]} do not match the q/k/v/v_rep "
+                         f"heads {heads} of x {tuple(x.shape)} repeated {rep} times")
     M, x = B * T, x.contiguous()
     gain = gain.contiguous() if gain is not None else None
     cos, sin = cos.contiguous(), sin.contiguous()  # any float dtype: the kernels read them as fp32
@@ -942,14 +960,15 @@ def _qk_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: in
     meta = _qk_meta(D, cos.size(-1), gain is not None)
     gain_arg = gain if gain is not None else cos
     if grads is None:
-        q, kk, v = (x.new_empty(B, T, n, D) for n in (n_q, n_k, n_v))
-        k["qk_fwd"][grid](x, q, kk, v, cos, sin, gain_arg, M, T, n_q, n_k, n_v, **meta, num_warps=QK_WARPS)
-        return q, kk, v
-    gq, gk, gv = (g.contiguous() for g in grads)
+        q, kk, v, vr = (x.new_empty(B, T, n, D) for n in heads)
+        k["qk_fwd"][grid](x, q, kk, v, vr, cos, sin, gain_arg, M, T, n_q, n_k, n_v, **meta, REP=rep,
+                          num_warps=QK_WARPS)
+        return q, kk, v, vr
+    gq, gk, gv, gvr = (g.contiguous() for g in grads)
     dx = torch.empty_like(x)
     part = torch.empty(M * n_q if gain is not None else 0, device=x.device, dtype=torch.float32)
-    k["qk_bwd"][grid](gq, gk, gv, x, dx, cos, sin, gain_arg, part if gain is not None else cos, M, T, n_q, n_k, n_v,
-                      **meta, num_warps=QK_WARPS)
+    k["qk_bwd"][grid](gq, gk, gv, gvr, x, dx, cos, sin, gain_arg, part if gain is not None else cos, M, T, n_q, n_k,
+                      n_v, **meta, REP=rep, num_warps=QK_WARPS)
     return dx, (part.view(M, n_q).sum(0).to(gain.dtype) if gain is not None else part)
 
 
@@ -1009,8 +1028,8 @@ FUSED_QK_DEVICES = ("cuda",)  # device types the Triton op runs on (the CPU test
 
 
 def qk_norm_rope_op():
-    """The custom op (built once per process; None without Triton).  op(x, cos, sin, gain|None, n_q, n_k) ==
-    qkv_norm_rope_ref(...): (q, k, v) from the fused Q|K|V projection x (B, T, n_q + n_k + n_v, D).  Also builds
+    """The custom op (built once per process; None without Triton).  op(x, cos, sin, gain|None, n_q, n_k, rep) ==
+    qkv_norm_rope_ref(...): (q, k, v, v_rep) from the fused Q|K|V projection x (B, T, n_q + n_k + n_v, D).  Also builds
     the XSA op, _QK_KERNELS["xsa"](y, v) == exclusive_self_attention(y, v), which the model uses wherever it uses
     this one."""
     if "op" in _QK_KERNELS:
@@ -1022,25 +1041,27 @@ def qk_norm_rope_op():
         return None
     # One op library per loaded copy of this file (tests load it twice, sometimes under one module name).
     lib = "pgolf_" + "".join(ch if ch.isalnum() else "_" for ch in __name__) + f"_{id(_QK_KERNELS):x}"
-    args = "Tensor x, Tensor cos, Tensor sin, Tensor? gain, int n_q, int n_k"  # explicit: the build strips annotations
+    args = "Tensor x, Tensor cos, Tensor sin, Tensor? gain, int n_q, int n_k, int rep"  # the build strips annotations
 
-    @torch.library.custom_op(f"{lib}::qkv_norm_rope", mutates_args=(), schema=f"({args}) -> (Tensor, Tensor, Tensor)")
-    def fwd(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int, n_k: int):
-        return _qk_launch(x, cos, sin, gain, n_q, n_k)
+    @torch.library.custom_op(f"{lib}::qkv_norm_rope", mutates_args=(),
+                             schema=f"({args}) -> (Tensor, Tensor, Tensor, Tensor)")
+    def fwd(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int, n_k: int, rep: int):
+        return _qk_launch(x, cos, sin, gain, n_q, n_k, rep)
 
     @fwd.register_fake
-    def _(x, cos, sin, gain, n_q, n_k):
+    def _(x, cos, sin, gain, n_q, n_k, rep):
         B, T, HX, D = x.shape
-        return tuple(x.new_empty(B, T, n, D) for n in (n_q, n_k, HX - n_q - n_k))
+        n_v = HX - n_q - n_k
+        return tuple(x.new_empty(B, T, n, D) for n in (n_q, n_k * rep, n_v, n_v * rep if rep > 1 else 0))
 
     @torch.library.custom_op(f"{lib}::qkv_norm_rope_backward", mutates_args=(),
-                             schema=f"(Tensor gq, Tensor gk, Tensor gv, {args}) -> (Tensor, Tensor)")
-    def bwd(gq: Tensor, gk: Tensor, gv: Tensor, x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int,
-            n_k: int) -> tuple[Tensor, Tensor]:
-        return _qk_launch(x, cos, sin, gain, n_q, n_k, (gq, gk, gv))
+                             schema=f"(Tensor gq, Tensor gk, Tensor gv, Tensor gvr, {args}) -> (Tensor, Tensor)")
+    def bwd(gq: Tensor, gk: Tensor, gv: Tensor, gvr: Tensor, x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None,
+            n_q: int, n_k: int, rep: int) -> tuple[Tensor, Tensor]:
+        return _qk_launch(x, cos, sin, gain, n_q, n_k, rep, (gq, gk, gv, gvr))
 
     @bwd.register_fake
-    def _(gq, gk, gv, x, cos, sin, gain, n_q, n_k):
+    def _(gq, gk, gv, gvr, x, cos, sin, gain, n_q, n_k, rep):
         dgain = torch.empty_like(gain) if gain is not None else x.new_empty(0, dtype=torch.float32)
         return torch.empty_like(x, memory_format=torch.contiguous_format), dgain
 
@@ -1050,13 +1071,15 @@ def qk_norm_rope_op():
         ctx.save_for_backward(*inputs[:4])
         ctx.heads = inputs[4:]
 
-    def backward(ctx, gq, gk, gv):
+    def backward(ctx, *grads):
         x, cos, sin, gain = ctx.saved_tensors
         B, T, HX, D = x.shape
-        n_q, n_k = ctx.heads
-        gq, gk, gv = (x.new_zeros(B, T, n, D) if g is None else g for g, n in zip((gq, gk, gv), (n_q, n_k, HX - n_q - n_k)))
-        dx, dgain = bwd(gq, gk, gv, x, cos, sin, gain, n_q, n_k)
-        return dx, None, None, dgain if gain is not None else None, None, None
+        n_q, n_k, rep = ctx.heads
+        n_v = HX - n_q - n_k
+        grads = [x.new_zeros(B, T, n, D) if g is None else g
+                 for g, n in zip(grads, (n_q, n_k * rep, n_v, n_v * rep if rep > 1 else 0))]
+        dx, dgain = bwd(*grads, x, cos, sin, gain, n_q, n_k, rep)
+        return dx, None, None, dgain if gain is not None else None, None, None, None
 
     fwd.register_autograd(backward, setup_context=setup_context)
 
@@ -1436,11 +1459,15 @@ def qk_norm_rope_ref(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -
     return y if gain is None else y * gain.to(y.dtype)[:, None]
 
 
-def qkv_norm_rope_ref(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int, n_k: int):
-    """The op's math in torch ops (CPU, and CUDA without Triton): (q, k, v) of the Q|K|V projection x (B, T, H, D),
-    heads [0, n_q) q (with gain), [n_q, n_q + n_k) k, the rest v (untouched)."""
-    return (qk_norm_rope_ref(x[:, :, :n_q], cos, sin, gain), qk_norm_rope_ref(x[:, :, n_q:n_q + n_k], cos, sin, None),
-            x[:, :, n_q + n_k:])
+def qkv_norm_rope_ref(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int, n_k: int, rep: int = 1):
+    """The op's math in torch ops (CPU, and CUDA without Triton): (q, k, v, v_rep) of the Q|K|V projection x (B, T,
+    H, D), heads [0, n_q) q (with gain), [n_q, n_q + n_k) k, the rest v (untouched); rep > 1: k with each head
+    repeated rep times, and v_rep v so repeated (v_rep has no heads for rep 1)."""
+    k, v = qk_norm_rope_ref(x[:, :, n_q:n_q + n_k], cos, sin, None), x[:, :, n_q + n_k:]
+    if rep > 1:
+        return qk_norm_rope_ref(x[:, :, :n_q], cos, sin, gain), k.repeat_interleave(rep, 2), v, \
+            v.repeat_interleave(rep, 2)
+    return qk_norm_rope_ref(x[:, :, :n_q], cos, sin, gain), k, v, v[:, :, :0]
 
 
 def attention_backend_name(device: torch.device) -> str:
@@ -1476,6 +1503,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 XSA_EPS = 1e-12  # F.normalize's floor on |v|
+KV_REP = True  # training forwards may write K/V at H heads for SDPA (CausalSelfAttention.forward, PERF #34)
 
 
 def _at_least_fp32(t: Tensor) -> Tensor:
@@ -1615,10 +1643,15 @@ class CausalSelfAttention(nn.Module):
         H, Hkv = self.num_heads, self.num_kv_heads
         # one GEMM for Q|K|V (docs/PERF.md #13): the K and V projections alone are narrow, slower GEMMs
         qkv = F.linear(h, torch.cat((wq, wk, wv))).view(B, T, H + 2 * Hkv, D)
-        q, k, v = norm_rope(qkv, *rope, self.q_gain, H, Hkv)
+        # K and V at H heads for the attention in training forwards where the Triton op runs and SDPA is the
+        # attention (PERF #34: cuDNN then skips its KV-head gradient reduction, and the op sums the copies' and XSA's
+        # gradients in one pass); v itself still goes to XSA
+        rep = H // Hkv if KV_REP and self.xsa and ve is None and norm_rope is not qkv_norm_rope_ref \
+            and torch.is_grad_enabled() and flash_attn_3_func is None and flash_attn_2_func is None else 1
+        q, k, v, v_rep = norm_rope(qkv, *rope, self.q_gain, H, Hkv, rep)
         if ve is not None:
             v = v + ve.view(B, T, Hkv, D)
-        y = causal_attention(q, k, v)
+        y = causal_attention(q, k, v_rep if rep > 1 else v)
         if self.xsa:  # the Triton op where the q/k op runs (PERF #18), else torch ops with a hand-written backward
             xsa = _QK_KERNELS.get("xsa") if norm_rope is not qkv_norm_rope_ref else None
             y = xsa(y, v) if xsa else exclusive_self_attention(y, v)

@@ -271,14 +271,16 @@ def apply_variant(tg, variant: str) -> None:
     BENCH_DGRAD_TILE, a Python tuple of 8 integers as in train_gpt.py, e.g. (128, 128, 64, 5, 8, 2, 152, 2048)),
     uptile (the same for the forward's kernel: MLP_TILES["up"] = BENCH_UP_TILE; uptile+dgtile sets both),
     ballastcopy / ballastgemm (the same training, with extra memory-bound or tensor-core work before every
-    micro-batch: with_ballast).
+    micro-batch: with_ballast), kvgqa (K/V reach the attention at their own 4 heads, cuDNN summing the query heads'
+    K/V gradients: the form before PERF #34, KV_REP off).
     #29's form of the Gluon kernels, the epilogue in the consumer warps (mlpov here until PERF #31 removed it from
     train_gpt.py), runs in both directions with TRAIN_GPT = a train_gpt.py from before #30, and in the backward alone
     with TRAIN_GPT = one from #30 (commit 25890d9) and dgtile, BENCH_DGRAD_TILE = (128, 256, 64, 3, 8, 0, 0, 8192)."""
     flags = set(variant.split("+"))
     unknown = flags - {"base", "expand", "xsatorch", "xsaref", "qkref", "vsplit", "aggr", "autotune", "pdl", "split128",
                        "split32", "stages", "maxreads6", "autosplit", "nomix", "mix", "combo", "ceref",
-                       "qatgraph", "nocg", "pwtune", "mlpref", "dgtile", "uptile", "ballastcopy", "ballastgemm"}
+                       "qatgraph", "nocg", "pwtune", "mlpref", "dgtile", "uptile", "ballastcopy", "ballastgemm",
+                       "kvgqa"}
     if unknown:
         raise ValueError(f"BENCH_VARIANTS: unknown flags {sorted(unknown)}")
     if not ORIGINALS:
@@ -327,6 +329,11 @@ def apply_variant(tg, variant: str) -> None:
                          "the loss runs through torch ops anyway")
     tg.CausalSelfAttention.forward = (lambda self, *a: attn_v_apart(tg, self, *a)) if "vsplit" in flags \
         else ORIGINALS["attn"]
+    if hasattr(tg, "KV_REP"):
+        tg.KV_REP = "kvgqa" not in flags
+    elif "kvgqa" in flags:
+        raise ValueError("BENCH_VARIANTS: kvgqa needs a train_gpt.py with KV_REP (PERF #34 on); before it K/V reach "
+                         "the attention at their own heads anyway")
     if ORIGINALS["qk"] is not None:  # GPT.__init__ asks qk_norm_rope_op() whether the Triton op is there
         tg.qk_norm_rope_op = (lambda: None) if "qkref" in flags else ORIGINALS["qk"]
     tg.exclusive_self_attention = xsa_autograd if "xsaref" in flags else ORIGINALS["xsa"]
@@ -436,13 +443,18 @@ def attn_v_apart(tg, self, h, wq, wk, wv, wo, rope, ve, store, prefix):
     norm_rope = tg._QK_KERNELS["op"] if self.fused_qk and h.device.type in tg.FUSED_QK_DEVICES \
         else tg.qkv_norm_rope_ref
     qk = torch.nn.functional.linear(h, torch.cat((wq, wk))).view(B, T, H + Hkv, D)
-    q, k, _ = norm_rope(qk, *rope, self.q_gain, H, Hkv)
+    q, k, *_ = norm_rope(qk, *rope, self.q_gain, H, Hkv, *rep_arg(tg))
     v = torch.nn.functional.linear(h, wv)
     v = (v if ve is None else v + ve).view(B, T, Hkv, D)
     y = tg.causal_attention(q, k, v)
     if self.xsa:
         y = tg.exclusive_self_attention(y, v)
     return torch.nn.functional.linear(y.reshape(B, T, H * D), wo)
+
+
+def rep_arg(tg) -> tuple:
+    """The q/k op's rep argument (K/V repeat, PERF #34) where the train_gpt.py has it: (1,), else ()."""
+    return (1,) if hasattr(tg, "KV_REP") else ()
 
 
 def expand_kv(q, k, v):
@@ -470,6 +482,7 @@ def bench_kernels(tg, device) -> None:
     against the torch reference compiled as the training step compiles it."""
     import triton.testing
     op = tg.qk_norm_rope_op()
+    ra = rep_arg(tg)
     for B, T, heads, D, half in ((3, 100, (8, 4, 4), 64, 8), (2, 77, (4, 2, 2), 64, 0), (1, 130, (3, 1, 1), 32, 16)):
         x = torch.randn(B, T, sum(heads), D, device=device) * 3
         cos, sin = tg.rope_tables(T, 2 * half, 10000.0, device)
@@ -477,12 +490,12 @@ def bench_kernels(tg, device) -> None:
         ups = [torch.randn(B, T, n, D, device=device) for n in heads]
         for g in (gain, None):
             x64, g64 = x.double().requires_grad_(), g.double().requires_grad_() if g is not None else None
-            ref = tg.qkv_norm_rope_ref(x64, cos.double(), sin.double(), g64, *heads[:2])
+            ref = tg.qkv_norm_rope_ref(x64, cos.double(), sin.double(), g64, *heads[:2])[:3]
             sum((r * u.double()).sum() for r, u in zip(ref, ups)).backward()
             for name, fn in (("triton", op), ("torch", tg.qkv_norm_rope_ref)):
                 xb = x.bfloat16().requires_grad_()
                 gb = g.clone().requires_grad_() if g is not None else None
-                out = fn(xb, cos.bfloat16(), sin.bfloat16(), gb, *heads[:2])  # bf16 tables, as in training
+                out = fn(xb, cos.bfloat16(), sin.bfloat16(), gb, *heads[:2], *ra)[:3]  # bf16 tables, as in training
                 sum((o * u.bfloat16()).sum() for o, u in zip(out, ups)).backward()
                 errs = [rel_err(o, r) for o, r in zip(out, ref)] + [rel_err(xb.grad, x64.grad)]
                 errs += [rel_err(gb.grad, g64.grad)] if g is not None else []
@@ -494,6 +507,7 @@ def bench_kernels(tg, device) -> None:
     gain = torch.full((8,), 1.5, device=device)
     x = torch.randn(B, T, sum(heads), D, device=device, dtype=torch.bfloat16)
     ups = [torch.randn(B, T, n, D, device=device, dtype=torch.bfloat16) for n in heads]
+    ups += [x.new_empty(B, T, 0, D)] if ra else []  # v_rep's gradient (no heads at rep 1)
     bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
     # Launch shape sweep (fwd bytes: read x, write q, k, v; bwd: read gq, gk, gv and the q/k part of x, write dx).
     nb, nqk = x.numel() * 2, x.numel() * 2 * 12 // 16
@@ -502,7 +516,7 @@ def bench_kernels(tg, device) -> None:
         for warps in (1, 2, 4, 8):
             tg.QK_BLOCK_ROWS, tg.QK_WARPS = rows, warps
             t_f = bench(lambda: tg._qk_launch(x, cb, sb, gain, 8, 4))
-            t_b = bench(lambda: tg._qk_launch(x, cb, sb, gain, 8, 4, ups))
+            t_b = bench(lambda: tg._qk_launch(x, cb, sb, gain, 8, 4, grads=ups))
             print(f"bench_kernels sweep rows:{rows} warps:{warps} fwd+bwd:{1000 * (t_f + t_b):.1f}us "
                   f"fwd:{1000 * t_f:.1f}us({2 * nb / t_f / 1e9:.2f}TB/s) "
                   f"bwd:{1000 * t_b:.1f}us({(2 * nb + nqk) / t_b / 1e9:.2f}TB/s)")
@@ -518,11 +532,13 @@ def bench_kernels(tg, device) -> None:
               ("no RoPE, no gain", cb[:, :0], sb[:, :0], None)]
     for name, c_, s_, g_ in probes:
         t_f = bench(lambda: tg._qk_launch(x, c_, s_, g_, 8, 4))
-        t_b = bench(lambda: tg._qk_launch(x, c_, s_, g_, 8, 4, ups))
+        t_b = bench(lambda: tg._qk_launch(x, c_, s_, g_, 8, 4, grads=ups))
         print(f"bench_kernels probe {name}: fwd:{1000 * t_f:.1f}us({2 * nb / t_f / 1e9:.2f}TB/s) "
               f"bwd:{1000 * t_b:.1f}us({(2 * nb + nqk) / t_b / 1e9:.2f}TB/s)")
     t_copy = bench(lambda: x.clone())
     print(f"bench_kernels probe copy of x: {1000 * t_copy:.1f}us ({2 * nb / t_copy / 1e9:.2f}TB/s)")
+    if ra:
+        bench_kv_rep(tg, x, cb, sb, gain, ups, bench)
     if tg._QK_KERNELS.get("xsa") is not None:
         bench_xsa(tg, device, bench)
     # The op through autograd against the torch-ops reference compiled as the training step compiles it.
@@ -531,9 +547,32 @@ def bench_kernels(tg, device) -> None:
     g = gain.clone().requires_grad_()
     for name, fn in (("triton", op), ("torch_compiled", ref_c)):
         with torch.no_grad():
-            t_f = bench(lambda: fn(x, cb, sb, g, 8, 4))
-        t_fb = bench(lambda: torch.autograd.grad(fn(x, cb, sb, g, 8, 4), [x, g], ups))
+            t_f = bench(lambda: fn(x, cb, sb, g, 8, 4, *ra))
+        t_fb = bench(lambda: torch.autograd.grad(fn(x, cb, sb, g, 8, 4, *ra)[:3], [x, g], ups[:3]))
         print(f"bench_kernels autograd {name} fwd:{1000 * t_f:.1f}us fwd+bwd:{1000 * t_fb:.1f}us")
+
+
+def bench_kv_rep(tg, x, cos, sin, gain, ups, bench) -> None:
+    """The q/k op with K/V repeated to the 8 query heads (PERF #34) at the record shape: its outputs against the
+    rep-1 outputs repeated (bit-exact: the same rows written twice), dx against the rep-1 dx of the summed
+    gradients (bf16 rounding once instead of per sum), and forward / backward time against rep 1."""
+    B, T, _, D = x.shape
+    g = torch.Generator(device=x.device).manual_seed(0)
+    gk, gvr = (torch.randn(B, T, 8, D, device=x.device, generator=g, dtype=x.dtype) for _ in range(2))
+    grads2 = (ups[0], gk, ups[2], gvr)
+    out1, out2 = tg._qk_launch(x, cos, sin, gain, 8, 4), tg._qk_launch(x, cos, sin, gain, 8, 4, 2)
+    same = all(torch.equal(a, b) for a, b in ((out2[0], out1[0]), (out2[1], out1[1].repeat_interleave(2, 2)),
+                                              (out2[2], out1[2]), (out2[3], out1[2].repeat_interleave(2, 2))))
+    pairs = lambda t: t.view(B, T, 4, 2, D).float().sum(3)
+    summed = (ups[0], pairs(gk), ups[2].float() + pairs(gvr), ups[3])
+    dx1 = tg._qk_launch(x, cos, sin, gain, 8, 4, grads=tuple(t.to(x.dtype) for t in summed))[0]
+    dx2 = tg._qk_launch(x, cos, sin, gain, 8, 4, 2, grads2)[0]
+    t = [bench(lambda: tg._qk_launch(x, cos, sin, gain, 8, 4, r)) for r in (1, 2)]
+    t += [bench(lambda: tg._qk_launch(x, cos, sin, gain, 8, 4, grads=ups)),
+          bench(lambda: tg._qk_launch(x, cos, sin, gain, 8, 4, 2, grads2))]
+    print(f"bench_kernels kv_rep outputs bit-exact:{same} dx rel_err vs rep 1 of the summed gradients "
+          f"{rel_err(dx2, dx1):.2e}; fwd rep1 {1000 * t[0]:.1f}us rep2 {1000 * t[1]:.1f}us, bwd rep1 "
+          f"{1000 * t[2]:.1f}us rep2 {1000 * t[3]:.1f}us")
 
 
 def bench_xsa(tg, device, bench) -> None:

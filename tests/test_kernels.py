@@ -19,13 +19,15 @@ def _rel_err(a, ref) -> float:
     return ((a.double() - ref).norm() / ref.norm()).item()
 
 
-def _case(tg, B, T, heads, D, rope_dims, seed, dtype=torch.float32, scale=3.0):
-    """x of the fused Q|K|V projection with heads = (n_q, n_k, n_v), RoPE tables, a q gain, output gradients."""
+def _case(tg, B, T, heads, D, rope_dims, seed, dtype=torch.float32, scale=3.0, rep=1):
+    """x of the fused Q|K|V projection with heads = (n_q, n_k, n_v), RoPE tables, a q gain, and gradients of the
+    op's four outputs (q, k at n_k * rep heads, v, v_rep at n_v * rep heads or none for rep 1)."""
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(B, T, sum(heads), D, generator=g) * scale).to(dtype)
     cos, sin = tg.rope_tables(T, rope_dims, 10000.0, torch.device("cpu"))
     gain = torch.randn(heads[0], generator=g)
-    ups = [torch.randn(B, T, n, D, generator=g) for n in heads]
+    n_q, n_k, n_v = heads
+    ups = [torch.randn(B, T, n, D, generator=g) for n in (n_q, n_k * rep, n_v, n_v * rep if rep > 1 else 0)]
     return x, cos, sin, gain, ups
 
 
@@ -33,9 +35,11 @@ def _loss(outs, ups):
     return sum((o * u.to(o.dtype)).sum() for o, u in zip(outs, ups))
 
 
-@pytest.mark.parametrize("shape", [(2, 9, (4, 2, 2), 16, 8), (1, 70, (3, 1, 0), 16, 0), (2, 5, (2, 2, 2), 16, 16),
-                                   (1, 66, (2, 1, 1), 64, 16), (1, 3, (2, 2, 1), 24, 8), (1, 17, (0, 2, 1), 16, 8),
-                                   (1, 9, (2, 1, 1), 64, 24), (2, 5, (2, 1, 1), 20, 12), (1, 7, (1, 1, 1), 33, 0)])
+@pytest.mark.parametrize("shape", [(2, 9, (4, 2, 2), 16, 8, 1), (1, 70, (3, 1, 0), 16, 0, 3),
+                                   (2, 5, (2, 2, 2), 16, 16, 1), (1, 66, (2, 1, 1), 64, 16, 2),
+                                   (1, 3, (2, 2, 1), 24, 8, 1), (1, 17, (0, 2, 1), 16, 8, 2),
+                                   (1, 9, (2, 1, 1), 64, 24, 1), (2, 5, (2, 1, 1), 20, 12, 1),
+                                   (1, 7, (1, 1, 1), 33, 0, 1), (2, 9, (4, 2, 2), 16, 8, 2)])
 @pytest.mark.parametrize("with_gain", [True, False])
 @pytest.mark.parametrize("scale", [3.0, 3e-4])
 def test_qk_norm_rope_op_matches_reference(tg, shape, with_gain, scale):
@@ -44,19 +48,20 @@ def test_qk_norm_rope_op_matches_reference(tg, shape, with_gain, scale):
     row counts that are not a multiple of the block, rope_dims 0 / partial / full, head dims that are not powers of
     two (24, 20, 33), RoPE halves that are not (12, 6) or do not divide the head dim (64 / 24: the last group of the
     two tiles is cut by the row's end), head groups with no v or no q heads, and inputs so small (3e-4) that the eps
-    changes the result."""
-    B, T, heads, D, R = shape
+    changes the result; and with K and V repeated (rep 2 or 3, PERF #34: k written at each of its rep heads, v also
+    repeated into v_rep, and the gradients of the copies summed with v's own into dx)."""
+    B, T, heads, D, R, rep = shape
     op = tg.qk_norm_rope_op()
     assert op is not None
-    x, cos, sin, gain, ups = _case(tg, B, T, heads, D, R, seed=B * T + D + R, scale=scale)
+    x, cos, sin, gain, ups = _case(tg, B, T, heads, D, R, seed=B * T + D + R, scale=scale, rep=rep)
     g = gain if with_gain else None  # heads[0] == 0 with a gain: a (0,) gain
     x64 = x.double().requires_grad_()
     g64 = g.double().requires_grad_() if g is not None else None
-    ref = tg.qkv_norm_rope_ref(x64, cos.double(), sin.double(), g64, *heads[:2])
+    ref = tg.qkv_norm_rope_ref(x64, cos.double(), sin.double(), g64, *heads[:2], rep)
     _loss(ref, [u.double() for u in ups]).backward()
     x32 = x.clone().requires_grad_()
     g32 = g.clone().requires_grad_() if g is not None else None
-    out = op(x32, cos, sin, g32, *heads[:2])
+    out = op(x32, cos, sin, g32, *heads[:2], rep)
     _loss(out, ups).backward()
     assert [o.shape for o in out] == [r.shape for r in ref] and all(o.is_contiguous() for o in out)
     assert all(o.dtype == torch.float32 for o in out)
@@ -76,9 +81,9 @@ def test_qk_norm_rope_op_bf16_in_bf16_out(tg):
     heads = (4, 2, 2)
     x, cos, sin, gain, ups = _case(tg, 2, 10, heads, 16, 8, seed=3, dtype=torch.bfloat16)
     xb, gb = x.clone().requires_grad_(), gain.clone().requires_grad_()
-    out = op(xb, cos.bfloat16(), sin.bfloat16(), gb, 4, 2)
+    out = op(xb, cos.bfloat16(), sin.bfloat16(), gb, 4, 2, 1)
     with torch.inference_mode():
-        for a, b in zip(op(x, cos.bfloat16(), sin.bfloat16(), gain, 4, 2), out):
+        for a, b in zip(op(x, cos.bfloat16(), sin.bfloat16(), gain, 4, 2, 1), out):
             torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
     _loss(out, ups).backward()
     assert all(o.dtype == torch.bfloat16 for o in out) and xb.grad.dtype == torch.bfloat16
@@ -88,21 +93,22 @@ def test_qk_norm_rope_op_bf16_in_bf16_out(tg):
     x64, g64 = x.double().requires_grad_(), gain.double().requires_grad_()
     ref = tg.qkv_norm_rope_ref(x64, cos.double(), sin.double(), g64, 4, 2)
     _loss(ref, [u.bfloat16().double() for u in ups]).backward()
-    for a, b in list(zip(out, ref)) + [(xb.grad, x64.grad), (gb.grad, g64.grad)]:
+    for a, b in list(zip(out[:3], ref)) + [(xb.grad, x64.grad), (gb.grad, g64.grad)]:
         assert _rel_err(a, b) < 1e-2
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_qk_norm_rope_op_with_unused_outputs_and_strided_gain(tg, compiled):
+@pytest.mark.parametrize("rep", [1, 2])
+def test_qk_norm_rope_op_with_unused_outputs_and_strided_gain(tg, compiled, rep):
     """Guards the backward when some outputs take no gradient (a loss over q and k only, as with V's GEMM apart; the
-    v part of dx must then be zero) and a non-contiguous gain (the kernel reads it with stride 1), eager and through
-    a fullgraph compile (aot_eager)."""
+    v part of dx must then be zero; with K/V repeated, neither v nor v_rep takes one) and a non-contiguous gain (the
+    kernel reads it with stride 1), eager and through a fullgraph compile (aot_eager)."""
     op = tg.qk_norm_rope_op()
-    x, cos, sin, _, ups = _case(tg, 2, 9, (4, 2, 2), 16, 8, seed=11)
+    x, cos, sin, _, ups = _case(tg, 2, 9, (4, 2, 2), 16, 8, seed=11, rep=rep)
     base = torch.randn(8, generator=torch.Generator().manual_seed(12))
 
     def qk_loss(fn, x, gain, cos, sin):
-        q, k, _ = fn(x, cos, sin, gain, 4, 2)
+        q, k, *_ = fn(x, cos, sin, gain, 4, 2, rep)
         return (q * ups[0].to(q.dtype)).sum() + (k * ups[1].to(k.dtype)).sum()
 
     x64, b64 = x.double().requires_grad_(), base.double().requires_grad_()
@@ -125,7 +131,7 @@ def test_qk_norm_rope_op_copies_v_in_its_own_dtype(tg):
     g = torch.Generator().manual_seed(8)
     x, up_v = (torch.randn(1, 5, n, 16, generator=g, dtype=torch.float64) for n in (5, 2))  # not fp32-representable
     x = x.requires_grad_()
-    q, k, v = op(x, cos, sin, gain.double(), 2, 1)
+    q, k, v, _ = op(x, cos, sin, gain.double(), 2, 1, 1)
     torch.testing.assert_close(v, x[:, :, 3:].detach(), rtol=0, atol=0)
     ((q.sum() + k.sum()) + (v * up_v).sum()).backward()
     torch.testing.assert_close(x.grad[:, :, 3:], up_v, rtol=0, atol=0)
@@ -136,8 +142,9 @@ def test_qk_norm_rope_op_registration(tg):
     pass torch.library.opcheck, with and without the gain."""
     op = tg.qk_norm_rope_op()
     x, cos, sin, gain, _ = _case(tg, 1, 6, (2, 1, 1), 16, 8, seed=5)
-    torch.library.opcheck(op, (x.requires_grad_(), cos, sin, gain.requires_grad_(), 2, 1))
-    torch.library.opcheck(op, (x.detach(), cos, sin, None, 2, 1))
+    torch.library.opcheck(op, (x.requires_grad_(), cos, sin, gain.requires_grad_(), 2, 1, 1))
+    torch.library.opcheck(op, (x.detach(), cos, sin, None, 2, 1, 1))
+    torch.library.opcheck(op, (x, cos, sin, gain, 2, 1, 2))  # K/V repeated (PERF #34)
 
 
 def _xsa_case(B, T, H, Hkv, D, seed, dtype=torch.float32, v_scale=1.0):
@@ -265,10 +272,17 @@ def test_softcap_ce_in_bf16_registration_and_errors(tg):
             tg._softcap_ce_launch(z, bad, 30.0)
 
 
-def test_model_with_fused_qk_matches_torch_ops_and_compiles(tg, monkeypatch):
+@pytest.mark.parametrize("kv_rep", [True, False])
+def test_model_with_fused_qk_matches_torch_ops_and_compiles(tg, monkeypatch, kv_rep):
     """Guards the model wiring: with the ops switched on (q/k, XSA and the loss), the loss and every parameter
     gradient equal those of the torch-ops path, and the training forward + backward still traces as one graph
-    (fullgraph, aot_eager)."""
+    (fullgraph, aot_eager).  K/V go to the attention repeated to the query heads (PERF #34) in the training forward
+    of exactly the layers with XSA and no value embedding (layer 0 of the tiny config; KV_REP off: none), and in no
+    forward without autograd."""
+    monkeypatch.setattr(tg, "KV_REP", kv_rep)
+    reps = []
+    qk_launch = tg._qk_launch
+    monkeypatch.setattr(tg, "_qk_launch", lambda *a: reps.append(a[6]) or qk_launch(*a))
     monkeypatch.setattr(tg, "FUSED_QK_DEVICES", ("cuda", "cpu"))
     h = tiny_config(tg)
     torch.manual_seed(0)
@@ -286,8 +300,9 @@ def test_model_with_fused_qk_matches_torch_ops_and_compiles(tg, monkeypatch):
     launch = tg._softcap_ce_launch
     monkeypatch.setattr(tg, "_softcap_ce_launch", lambda *a: calls.append(1) or launch(*a))
     loss = model(ids, tgt)
-    assert calls == [1]
+    assert calls == [1] and reps == ([2, 1, 1] if kv_rep else [1, 1, 1])
     loss.backward()
+    assert reps[3:] == reps[2::-1]  # the backward kernels, last layer first, with the same rep
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     for n, p in model.named_parameters():
         if p.grad.dtype == torch.float32:
@@ -303,6 +318,10 @@ def test_model_with_fused_qk_matches_torch_ops_and_compiles(tg, monkeypatch):
     assert calls == [1, 1]  # the compiled graph calls the loss kernel too (the torch loss would give the same value)
     torch.testing.assert_close(closs, ref_loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model.blocks[1].attn.q_gain.grad, ref_grads["blocks.1.attn.q_gain"], rtol=1e-4, atol=1e-5)
+    reps.clear()
+    with torch.no_grad():  # evaluation: K/V at their own heads (the copies would only cost bytes there)
+        torch.testing.assert_close(model(ids, tgt), ref_loss, rtol=1e-5, atol=1e-5)
+    assert reps == [1, 1, 1]
 
 
 _BUILD_CHECK = r"""
@@ -315,21 +334,21 @@ tg = importlib.util.module_from_spec(spec)
 sys.modules["tg_build_check"] = tg
 spec.loader.exec_module(tg)
 ns = tg._load_triton_source(tg._QK_TRITON_SRC, "qk_norm_rope_triton")
-scalars, consts = {"M", "T", "NQ", "NK", "NV"}, {"D", "W", "HALF", "BM", "BG", "BH", "HAS_GAIN"}
+scalars, consts = {"M", "T", "NQ", "NK", "NV"}, {"D", "W", "HALF", "BM", "BG", "BH", "HAS_GAIN", "REP"}
 for name in ("qk_fwd", "qk_bwd"):
     fn = ns[name]
-    for half, has_gain in ((8, True), (0, False)):
+    for half, has_gain, rep in ((8, True, 1), (0, False, 1), (8, True, 2)):
         sig = {a: "constexpr" if a in consts else "i32" if a in scalars else
                "*fp32" if a in ("GAIN", "PART") else "*bf16" for a in fn.arg_names}
         # 16-byte-aligned pointers, as Triton specialises real launches on aligned tensors.
         attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")}
-        meta = tg._qk_meta(64, half, has_gain)
+        meta = dict(tg._qk_meta(64, half, has_gain), REP=rep)
         k = triton_compile(ASTSource(fn, sig, meta, attrs), target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": tg.QK_WARPS})
         ptx = k.asm["ptx"]
         ok = ".target sm_90" in ptx and len(k.asm["cubin"]) > 0 and "ld.global.v4" in ptx and "st.global.v4" in ptx
         scalar = "ld.global.b16" in ptx or "st.global.b16" in ptx
-        print(f"{name} half={half} gain={has_gain} built={ok} scalar_2byte_access={scalar}")
+        print(f"{name} half={half} gain={has_gain} rep={rep} built={ok} scalar_2byte_access={scalar}")
 for name in ("xsa_fwd", "xsa_bwd"):
     fn = ns[name]
     sig = {a: "constexpr" if a in ("G", "D", "BD", "BM") else "i32" if a in ("M", "HKV") else "*bf16"
@@ -358,7 +377,8 @@ print(f"softcap_ce built={ok} scalar_2byte_access={ptx.count('ld.global.b16') > 
 def test_qk_kernels_compile_for_hopper_with_vector_loads(tg):
     """Guards the real (non-interpreted) build, which the CPU tests above do not exercise: the q/k kernels compile to
     sm_90 machine code with Triton's own ptxas, for the record shape (bf16 q/k and RoPE tables, D 64, 16 RoPE dims)
-    and with RoPE off, and their row loads and stores are 16-byte vector accesses, none 2-byte; so do the XSA kernels
+    and with RoPE off, and with K/V repeated twice (PERF #34), and their row loads and stores are 16-byte vector
+    accesses, none 2-byte; so do the XSA kernels
     (2 query heads per KV head, D 64), with no barrier (PERF #18), and the softcapped cross-entropy (vocabulary 1024,
     PERF #24).  In a fresh process:
     the interpreter the other tests ran patches triton.language in this one."""
@@ -370,10 +390,10 @@ def test_qk_kernels_compile_for_hopper_with_vector_loads(tg):
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
-    assert len(lines) == 7, res.stdout
+    assert len(lines) == 9, res.stdout
     for line in lines:
         assert "built=True" in line and "scalar_2byte_access=False" in line, line
-    assert all("barrier=False" in line for line in lines[4:6]), lines[4:6]
+    assert all("barrier=False" in line for line in lines[6:8]), lines[6:8]
 
 
 def test_fused_qk_only_for_inputs_on_its_devices(tg, monkeypatch):
@@ -436,12 +456,16 @@ def test_qk_launch_rejects_tables_and_heads_that_do_not_fit(tg):
         with pytest.raises(ValueError, match="RoPE tables"):
             tg._qk_launch(x, cos, sin, None, 2, 1)
     cos, sin = tg.rope_tables(8, 8, 10000.0, torch.device("cpu"))
-    for gain, n_q, n_k in ((None, 3, 2), (None, -1, 2), (torch.ones(3), 2, 1)):
+    for gain, n_q, n_k, rep in ((None, 3, 2, 1), (None, -1, 2, 1), (torch.ones(3), 2, 1, 1), (None, 2, 1, 0)):
         with pytest.raises(ValueError, match="heads"):
-            tg._qk_launch(x, cos, sin, gain, n_q, n_k)
-    grads = (torch.ones(1, 8, 2, 16), torch.ones(1, 8, 1, 16), torch.ones(1, 8, 0, 16))  # v has 1 head, not 0
-    with pytest.raises(ValueError, match="gradients"):
-        tg._qk_launch(x, cos, sin, None, 2, 1, grads)
+            tg._qk_launch(x, cos, sin, gain, n_q, n_k, rep)
+    g1, g2, g0 = (torch.ones(1, 8, n, 16) for n in (1, 2, 0))
+    for rep, grads in ((1, (g2, g1, g0, g0)),  # v has 1 head, not 0
+                       (1, (g2, g1, g1)),  # v_rep's gradient missing
+                       (2, (g2, g1, g1, g2)),  # k at 2 heads when repeated
+                       (2, (g2, g2, g1, g1))):  # v_rep at 2 heads
+        with pytest.raises(ValueError, match="gradients"):
+            tg._qk_launch(x, cos, sin, None, 2, 1, rep, grads)
 
 
 # The Gluon MLP kernels (PERF #29): Hopper-only, so on CPU they are cross-compiled, and checked against torch on a GPU.

@@ -141,6 +141,11 @@ def test_gpu_bench_variants_switch_the_training_options(gpu_bench, monkeypatch):
     assert tg.mlp_gluon_op is not gpu_bench.ORIGINALS["mlp"] and tg.mlp_gluon_op() is None
     gpu_bench.apply_variant(tg, "base")
     assert tg.mlp_gluon_op is gpu_bench.ORIGINALS["mlp"]
+    assert tg.KV_REP is True
+    gpu_bench.apply_variant(tg, "kvgqa")  # K/V to the attention at their own heads (before PERF #34)
+    assert tg.KV_REP is False
+    gpu_bench.apply_variant(tg, "base")
+    assert tg.KV_REP is True
     shipped_tiles = tg.MLP_TILES
     monkeypatch.setenv("BENCH_DGRAD_TILE", "(128, 128, 64, 5, 8, 2, 152, 2048)")  # another backward tile alone
     gpu_bench.apply_variant(tg, "dgtile")
