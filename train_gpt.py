@@ -723,8 +723,10 @@ RMS_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default eps: that of it
 # fastest.  q heads [0, NQ) and k heads [NQ, NQ+NK): fp32 per row of D, n = x * rsqrt(mean(x^2) + eps); rotate the
 # first 2*HALF dims of n by (cos, sin) of the row's position; q heads times gain[head].  v heads are copied out (the
 # gradient copied back), so one GEMM feeds q, k and v and one backward writes the whole Q|K|V gradient.  The backward
-# recomputes n from x.  REP > 1 (PERF #34): each k head is written REP times and each v head also REP times into VR,
-# for an attention that reads K/V at the query heads; the backward sums the copies' gradients (and v's own) in fp32.  xsa_*: one program per BM tokens x one KV head and the G query heads that read it.
+# recomputes n from x.  REP > 1 (PERF #34): k head j is written at heads j*REP .. j*REP+REP-1 (the query heads that
+# read it) and v head j, besides its own copy (XSA's), likewise into VR; the backward sums the gradients of k's copies,
+# and v's own with its copies', in fp32 (so v's gradient is rounded once, in its dtype; fp64 inputs lose precision).
+# xsa_*: one program per BM tokens x one KV head and the G query heads that read it.
 # softcap_ce (PERF #24): one program per BM rows of the logits z (M, V); s = CAP * tanh(z / CAP), the row's loss
 # logsumexp(s) - s[y], and dz = (softmax(s) - onehot(y)) * (1 - tanh^2) * INV_N, the gradient of the mean loss, written
 # while z is in registers (padded columns out; rows past M computed, not stored; a target outside [0, V) reads
@@ -795,10 +797,10 @@ def qk_fwd(X, Q, K, V, VR, COS, SIN, GAIN, M, T, NQ, NK, NV, D: tl.constexpr, W:
                 gain = tl.load(GAIN + h).to(tl.float32)
                 a, b = a * gain, b * gain
             _store2(Q + (m2 * NQ + h) * D, col, ma, mb, W, a, b)
-        else:  # k head j written at heads j*REP .. j*REP+REP-1 (the query heads that read it)
+        else:
             for i in tl.static_range(REP):
                 _store2(K + (m2 * (NK * REP) + (h - NQ) * REP + i) * D, col, ma, mb, W, a, b)
-    else:  # v heads: copied in their own dtype (REP > 1: also REP times into VR)
+    else:
         va, vb = _load2(src, col, ma, mb, W)
         _store2(V + (m2 * NV + h - NQ - NK) * D, col, ma, mb, W, va, vb)
         if REP > 1:
@@ -820,7 +822,7 @@ def qk_bwd(GQ, GK, GV, GVR, X, DX, COS, SIN, GAIN, PART, M, T, NQ, NK, NV, D: tl
         else:
             ga, gb = _load2(GK + (m2 * (NK * REP) + (h - NQ) * REP) * D, col, ma, mb, W)
         ga, gb = ga.to(tl.float32), gb.to(tl.float32)
-        if h >= NQ:  # the gradients of k's REP copies summed
+        if h >= NQ:
             for i in tl.static_range(1, REP):
                 ea, eb = _load2(GK + (m2 * (NK * REP) + (h - NQ) * REP + i) * D, col, ma, mb, W)
                 ga, gb = ga + ea.to(tl.float32), gb + eb.to(tl.float32)
@@ -838,7 +840,7 @@ def qk_bwd(GQ, GK, GV, GVR, X, DX, COS, SIN, GAIN, PART, M, T, NQ, NK, NV, D: tl
         _store2(DX + row, col, ma, mb, W, (ga - a * dot) * r, (gb - b * dot) * r)
     else:
         va, vb = _load2(GV + (m2 * NV + h - NQ - NK) * D, col, ma, mb, W)
-        if REP > 1:  # v's own gradient (XSA's) plus those of its REP copies, in fp32
+        if REP > 1:
             va, vb = va.to(tl.float32), vb.to(tl.float32)
             for i in tl.static_range(REP):
                 ea, eb = _load2(GVR + (m2 * (NV * REP) + (h - NQ - NK) * REP + i) * D, col, ma, mb, W)
@@ -938,7 +940,7 @@ def _qk_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: in
     """Forward (grads None) or backward kernel on x (B, T, n_q+n_k+n_v, D).  Returns (q, k, v, v_rep), contiguous,
     or (dx, d_gain or an empty tensor) for the output gradients grads = (gq, gk, gv, gv_rep).  rep > 1: k comes out
     with each head repeated rep times (n_k * rep heads, head h read by query head h) and v_rep is v so repeated, v
-    itself as it is (for XSA); rep == 1: v_rep has no heads."""
+    itself as it is (for XSA); rep == 1: v_rep has no heads.  At rep > 1 the copies' gradients are summed in fp32."""
     k = _QK_KERNELS["ns"]
     B, T, HX, D = x.shape
     if cos.shape != sin.shape or cos.dim() != 2 or cos.size(0) < T or 2 * cos.size(-1) > D or cos.device != x.device:

@@ -242,7 +242,7 @@ def mlp_tile_from_env(var: str) -> tuple:
 
 def apply_variant(tg, variant: str) -> None:
     """BENCH_VARIANTS entries: '+'-joined flags among base (train_gpt as is), expand (K/V expanded to H heads
-    before cuDNN, the form before grouped heads), xsatorch (XSA through the torch-ops autograd.Function instead of
+    before cuDNN by torch ops, the form before grouped heads: implies kvgqa), xsatorch (XSA through the torch-ops autograd.Function instead of
     the Triton op), xsaref (XSA through autograd of F.normalize), qkref (q/k norm + RoPE, and XSA, through torch ops
     instead of the Triton ops), vsplit (one GEMM for Q|K, V's GEMM apart), aggr (inductor aggressive_fusion),
     autotune (torch.compile mode max-autotune-no-cudagraphs's options, under the training model's own: with CUDA
@@ -329,8 +329,8 @@ def apply_variant(tg, variant: str) -> None:
                          "the loss runs through torch ops anyway")
     tg.CausalSelfAttention.forward = (lambda self, *a: attn_v_apart(tg, self, *a)) if "vsplit" in flags \
         else ORIGINALS["attn"]
-    if hasattr(tg, "KV_REP"):
-        tg.KV_REP = "kvgqa" not in flags
+    if hasattr(tg, "KV_REP"):  # expand: K/V to the attention at 4 heads, expanded there (else it would find 8)
+        tg.KV_REP = not flags & {"kvgqa", "expand"}
     elif "kvgqa" in flags:
         raise ValueError("BENCH_VARIANTS: kvgqa needs a train_gpt.py with KV_REP (PERF #34 on); before it K/V reach "
                          "the attention at their own heads anyway")

@@ -313,14 +313,21 @@ def test_model_with_fused_qk_matches_torch_ops_and_compiles(tg, monkeypatch, kv_
     model.zero_grad(set_to_none=True)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
+    reps.clear()
     closs = compiled(ids, tgt)
     closs.backward()
     assert calls == [1, 1]  # the compiled graph calls the loss kernel too (the torch loss would give the same value)
+    assert reps == ([2, 1, 1, 1, 1, 2] if kv_rep else [1] * 6)  # and the q/k op at the same rep, forward and backward
     torch.testing.assert_close(closs, ref_loss, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(model.blocks[1].attn.q_gain.grad, ref_grads["blocks.1.attn.q_gain"], rtol=1e-4, atol=1e-5)
+    for n in ("blocks.0.attn.q_gain", "blocks.1.attn.q_gain", "kv_bank", "qo_bank"):  # layer 0: rep 2's backward
+        torch.testing.assert_close(dict(model.named_parameters())[n].grad, ref_grads[n], rtol=1e-4, atol=1e-5, msg=n)
     reps.clear()
     with torch.no_grad():  # evaluation: K/V at their own heads (the copies would only cost bytes there)
         torch.testing.assert_close(model(ids, tgt), ref_loss, rtol=1e-5, atol=1e-5)
+    assert reps == [1, 1, 1]
+    reps.clear()
+    monkeypatch.setattr(tg, "flash_attn_2_func", lambda q, k, v, causal: tg.sdpa_attention(q, k, v, False))
+    model(ids, tgt)  # FlashAttention (on CUDA) reads grouped KV heads itself: no copies for it
     assert reps == [1, 1, 1]
 
 

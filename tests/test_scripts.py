@@ -145,6 +145,9 @@ def test_gpu_bench_variants_switch_the_training_options(gpu_bench, monkeypatch):
     gpu_bench.apply_variant(tg, "kvgqa")  # K/V to the attention at their own heads (before PERF #34)
     assert tg.KV_REP is False
     gpu_bench.apply_variant(tg, "base")
+    gpu_bench.apply_variant(tg, "expand")  # expanded by torch ops before the attention: from 4 heads, not the op's 8
+    assert tg.KV_REP is False
+    gpu_bench.apply_variant(tg, "base")
     assert tg.KV_REP is True
     shipped_tiles = tg.MLP_TILES
     monkeypatch.setenv("BENCH_DGRAD_TILE", "(128, 128, 64, 5, 8, 2, 152, 2048)")  # another backward tile alone
