@@ -241,41 +241,42 @@ def mlp_tile_from_env(var: str) -> tuple:
 
 
 def apply_variant(tg, variant: str) -> None:
-    """BENCH_VARIANTS entries: '+'-joined flags among base (train_gpt as is), expand (K/V expanded to H heads
-    before cuDNN by torch ops, the form before grouped heads: implies kvgqa), xsatorch (XSA through the torch-ops autograd.Function instead of
-    the Triton op), xsaref (XSA through autograd of F.normalize), qkref (q/k norm + RoPE, and XSA, through torch ops
-    instead of the Triton ops), vsplit (one GEMM for Q|K, V's GEMM apart), aggr (inductor aggressive_fusion),
-    autotune (torch.compile mode max-autotune-no-cudagraphs's options, under the training model's own: with CUDA
-    graphs there from PERF #27 on), pdl (inductor's Programmatic Dependent Launch for its
-    Triton kernels, config.triton.enable_pdl), split128 / split32 (inductor's mix-order reductions, the per-channel
-    parameter gradients, in blocks of 128 / 32 rows instead of its 64 here: half / twice the partial sums left to one
-    aten.sum each), stages (mix-order reduction kernels may software-pipeline their loads,
+    """BENCH_VARIANTS entries: '+'-joined flags among base (train_gpt as is), expand (K/V expanded to H heads before
+    cuDNN by torch ops, the form before grouped heads: implies kvgqa), xsatorch (XSA through the torch-ops
+    autograd.Function instead of the Triton op), xsaref (XSA through autograd of F.normalize), qkref (q/k norm +
+    RoPE, and XSA, through torch ops instead of the Triton ops), vsplit (one GEMM for Q|K, V's GEMM apart), aggr
+    (inductor aggressive_fusion), autotune (torch.compile mode max-autotune-no-cudagraphs's options, under the
+    training model's own: with CUDA graphs there from PERF #27 on), pdl (inductor's Programmatic Dependent Launch
+    for its Triton kernels, config.triton.enable_pdl), split128 / split32 (inductor's mix-order reductions, the
+    per-channel parameter gradients, in blocks of 128 / 32 rows instead of its 64 here: half / twice the partial
+    sums left to one aten.sum each), stages (mix-order reduction kernels may software-pipeline their loads,
     config.triton.mix_order_reduction_allow_multi_stages: off in torch 2.11, on by default in later versions; the
     widest of them, 14 row loads and 8 per-channel sums, ran at 1.7 TB/s, PERF "What is left"; measured +3.7 to +6.0
     ms/step, PERF #23), maxreads6 (at most 6 external reads per mix-order reduction kernel,
-    config.triton.mix_order_reduction_max_reads: absent in torch 2.11, the device image's, present in 2.13), autosplit
-    (inductor autotunes the block of rows per mix-order reduction kernel, config.triton.
+    config.triton.mix_order_reduction_max_reads: absent in torch 2.11, the device image's, present in 2.13),
+    autosplit (inductor autotunes the block of rows per mix-order reduction kernel, config.triton.
     mix_order_reduction_autotune_split_size), nomix (no mix-order reductions: the per-channel gradients summed by
     reductions of their own, config.triton.mix_order_reduction off: what train_gpt.py's training options do from
     PERF #23 on, so this flag matters only for a TRAIN_GPT from before), mix (the training model compiled with
     mix-order reductions again: the form before PERF #23, against the shipped one; split128, split32, stages and
     autosplit act on the training model only together with mix from then on), combo (inductor's combo kernels:
-    independent kernels of a graph launched as one, config.combo_kernels), ceref (the training loss through torch ops:
-    softcap, log-softmax and their backward compiled by inductor, the form before PERF #24), qatgraph (the QAT ops
-    in the training graph while QAT is off, computed and discarded by torch.where: the one-graph form before
-    PERF #25), nocg (the training model compiled without CUDA graphs, the gradients set to None after each step:
-    the form before PERF #27), pwtune (inductor benchmarks several launch configs of each
-    pointwise and reduction kernel and keeps the fastest, config.max_autotune_pointwise), mlpref (the MLP through
-    torch ops, cuBLAS + inductor's LeakyReLU² kernels, instead of the Gluon GEMMs with the activation in their
-    epilogues: the form before PERF #29), dgtile (the backward's dgrad kernel with another tile: MLP_TILES["dgrad"] =
-    BENCH_DGRAD_TILE, a Python tuple of 8 integers as in train_gpt.py, e.g. (128, 128, 64, 5, 8, 2, 152, 2048)),
-    uptile (the same for the forward's kernel: MLP_TILES["up"] = BENCH_UP_TILE; uptile+dgtile sets both),
-    ballastcopy / ballastgemm (the same training, with extra memory-bound or tensor-core work before every
-    micro-batch: with_ballast), kvgqa (K/V reach the attention at their own 4 heads, cuDNN summing the query heads'
-    K/V gradients: the form before PERF #34, KV_REP off).
+    independent kernels of a graph launched as one, config.combo_kernels), ceref (the training loss through torch
+    ops: softcap, log-softmax and their backward compiled by inductor, the form before PERF #24), qatgraph (the QAT
+    ops in the training graph while QAT is off, computed and discarded by torch.where: the one-graph form before
+    PERF #25), nocg (the training model compiled without CUDA graphs, the gradients set to None after each step: the
+    form before PERF #27), pwtune (inductor benchmarks several launch configs of each pointwise and reduction kernel
+    and keeps the fastest, config.max_autotune_pointwise), mlpref (the MLP through torch ops, cuBLAS + inductor's
+    LeakyReLU² kernels, instead of the Gluon GEMMs with the activation in their epilogues: the form before PERF
+    #29), dgtile (the backward's dgrad kernel with another tile: MLP_TILES["dgrad"] = BENCH_DGRAD_TILE, a Python
+    tuple of 8 integers as in train_gpt.py, e.g. (128, 128, 64, 5, 8, 2, 152, 2048)), uptile (the same for the
+    forward's kernel: MLP_TILES["up"] = BENCH_UP_TILE; uptile+dgtile sets both), ballastcopy / ballastgemm (the same
+    training, with extra memory-bound or tensor-core work before every micro-batch: with_ballast), kvgqa (K/V reach
+    the attention at their own 4 heads, cuDNN summing the query heads' K/V gradients: the form before PERF #34,
+    KV_REP off).
     #29's form of the Gluon kernels, the epilogue in the consumer warps (mlpov here until PERF #31 removed it from
-    train_gpt.py), runs in both directions with TRAIN_GPT = a train_gpt.py from before #30, and in the backward alone
-    with TRAIN_GPT = one from #30 (commit 25890d9) and dgtile, BENCH_DGRAD_TILE = (128, 256, 64, 3, 8, 0, 0, 8192)."""
+    train_gpt.py), runs in both directions with TRAIN_GPT = a train_gpt.py from before #30, and in the backward
+    alone with TRAIN_GPT = one from #30 (commit 25890d9) and dgtile, BENCH_DGRAD_TILE = (128, 256, 64, 3, 8, 0, 0,
+    8192)."""
     flags = set(variant.split("+"))
     unknown = flags - {"base", "expand", "xsatorch", "xsaref", "qkref", "vsplit", "aggr", "autotune", "pdl", "split128",
                        "split32", "stages", "maxreads6", "autosplit", "nomix", "mix", "combo", "ceref",
