@@ -1466,10 +1466,8 @@ def qkv_norm_rope_ref(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, 
     H, D), heads [0, n_q) q (with gain), [n_q, n_q + n_k) k, the rest v (untouched); rep > 1: k with each head
     repeated rep times, and v_rep v so repeated (v_rep has no heads for rep 1)."""
     k, v = qk_norm_rope_ref(x[:, :, n_q:n_q + n_k], cos, sin, None), x[:, :, n_q + n_k:]
-    if rep > 1:
-        return qk_norm_rope_ref(x[:, :, :n_q], cos, sin, gain), k.repeat_interleave(rep, 2), v, \
-            v.repeat_interleave(rep, 2)
-    return qk_norm_rope_ref(x[:, :, :n_q], cos, sin, gain), k, v, v[:, :, :0]
+    k, v_rep = (k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)) if rep > 1 else (k, v[:, :, :0])
+    return qk_norm_rope_ref(x[:, :, :n_q], cos, sin, gain), k, v, v_rep
 
 
 def attention_backend_name(device: torch.device) -> str:
