@@ -1,6 +1,7 @@
 """GPU micro-benchmarks of the record config, one process, one GPU: training ms/step (with a torch-profiler table of
-the top CUDA kernels), peak memory, sliding-eval throughput per SLOT mode with the projection to the full FineWeb val
-on 8 GPUs, and GPTQ calibration / quantisation / compression times.
+the top CUDA kernels, and the train loop's per-step sync and EMA update in four orders), peak memory, sliding-eval
+throughput per SLOT mode with the projection to the full FineWeb val on 8 GPUs, and GPTQ calibration / quantisation /
+compression times.
 
     DATA_PATH=data/datasets/proxy_sp1024 python3 scripts/gpu_bench.py [kernels] [ce] [power] [train] [eval] [gptq]
 
@@ -192,9 +193,40 @@ def bench_train(tg, h, d, device, base, model, tag: str = ""):
     print(f"bench_train{tag} ms/step:{ms:.1f} tok/s:{h.train_batch_tokens / (ms / 1000):.0f} "
           f"peak_alloc:{torch.cuda.max_memory_allocated(device) // 2**20}MiB")
     print(f"bench_train{tag} gpu while timed: {clocks.summary()}")
+    if hasattr(tg, "_agree_step"):  # train_model's loop: a host sync per step (the agreed clock) and the EMA update
+        ema, order_ms = tg.EMA(base), {}
+
+        def loop_step(i, order, prev):
+            loss = step(i)
+            if order == "ema_first":  # the EMA issued before the sync, so the host has less to do after it
+                ema.update(i + 1)
+            if order in ("loop", "ema_first"):
+                tg._agree_step(0.0, loss, device)
+            if order in ("loop", "nosync", "lag"):
+                ema.update(i + 1)
+            if order == "lag":  # the sync one step late: the previous step's flag, read once this step is issued
+                if prev:
+                    prev.pop().tolist()
+                prev.append((~torch.isfinite(loss.detach())).float())
+
+        k = 3 + n
+        for _ in range(2):  # alternating, twice, against drift
+            for order in ("loop", "ema_first", "lag", "nosync"):
+                prev = []
+                _, t = timed(lambda: [loop_step(i, order, prev) for i in range(k, k + n)], device)
+                order_ms.setdefault(order, []).append(1000 * t / n)
+                k += n
+        print(f"bench_train{tag} loop ms/step: " + " ".join(
+            f"{o}:{'/'.join(f'{x:.1f}' for x in v)}" for o, v in order_ms.items())
+            + " (loop: synced each step then the EMA, as train_model; ema_first: the EMA before the sync; lag: the "
+              "sync a step late; nosync: none)")
+        n_loop = k - 3 - n
+    else:
+        n_loop = 0
     base.set_qat(1.0)
-    _, t_qc = timed(lambda: step(3 + n), device)  # the QAT graph's compile (PERF #25 on), as in the warm-up
-    _, t = timed(lambda: [step(i) for i in range(4 + n, 4 + 2 * n)], device)
+    k = 3 + n + n_loop
+    _, t_qc = timed(lambda: step(k), device)  # the QAT graph's compile (PERF #25 on), as in the warm-up
+    _, t = timed(lambda: [step(i) for i in range(k + 1, k + 1 + n)], device)
     base.set_qat(0.0)
     print(f"bench_train{tag} qat_on ms/step:{1000 * t / n:.1f} (its first step, compile included: {t_qc:.1f}s)")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

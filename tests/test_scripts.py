@@ -293,3 +293,36 @@ def test_gpu_bench_mix_needs_the_training_options(gpu_bench, tmp_path, monkeypat
     assert not hasattr(tg, "train_compile_options")
     with pytest.raises(ValueError, match="mix needs a train_gpt.py with train_compile_options"):
         gpu_bench.apply_variant(tg, "mix")
+
+
+@pytest.mark.slow
+def test_dist_bench_times_the_optimizer_step_and_its_collectives(tmp_path):
+    """scripts/dist_bench.py on CPU (gloo): two ranks report the whole optimizer step plus each bank's reduce-scatter
+    and all-gather and the replicated all-reduce, with their sizes; one process reports the step alone."""
+    import re
+    import shutil
+    import subprocess
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not on PATH")
+    env = {**os.environ, "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+           "BIGRAM_VOCAB_SIZE": "64", "BIGRAM_DIM": "16", "VE_DIM": "16", "VE_LAYERS": "1", "XSA_LAST_N": "2",
+           "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "4096", "BENCH_REPS": "2", "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    script = str(ROOT / "scripts" / "dist_bench.py")
+    runs = {}
+    for world, cmd in ((2, [torchrun, "--standalone", "--nproc_per_node=2", script]), (1, [sys.executable, script])):
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("dist_bench ")]
+        assert len(lines) == 1, proc.stdout  # rank 0 alone prints
+        runs[world] = lines[0]
+    m = re.fullmatch(r"dist_bench world:1 optimizer_step:(\d+\.\d+)ms", runs[1])
+    assert m and float(m.group(1)) > 0, runs[1]
+    banks = re.findall(r"(\w+_bank):(\d+\.\d+)MB rs:(\d+\.\d+)ms\(\d+GB/s\) ag:(\d+\.\d+)ms\(\d+GB/s\)", runs[2])
+    assert sorted(b[0] for b in banks) == ["kv_bank", "mlp_down_bank", "mlp_up_bank", "qo_bank"], runs[2]
+    # [2L, d, d] bf16 padded to a multiple of 2 slots: 4 x 64 x 64 x 2 bytes
+    assert dict((b[0], float(b[1])) for b in banks)["qo_bank"] == pytest.approx(4 * 64 * 64 * 2 / 1e6, abs=0.005)
+    assert runs[2].startswith("dist_bench world:2 optimizer_step:") and re.search(
+        r" replicated:\d+\.\d+MB all_reduce:\d+\.\d+ms\(\d+GB/s\)$", runs[2]), runs[2]
