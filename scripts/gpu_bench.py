@@ -204,10 +204,17 @@ def bench_train(tg, h, d, device, base, model, tag: str = ""):
                 tg._agree_step(0.0, loss, device)
             if order in ("loop", "nosync", "lag"):
                 ema.update(i + 1)
-            if order == "lag":  # the sync one step late: the previous step's flag, read once this step is issued
+            if order == "lag":  # the sync a step late: the flag goes to pinned host memory behind an event, and the
+                # host waits for the previous step's event only once this step is issued, so the GPU never drains
                 if prev:
-                    prev.pop().tolist()
-                prev.append((~torch.isfinite(loss.detach())).float())
+                    event, flag = prev.pop()
+                    event.synchronize()
+                    float(flag)
+                flag = torch.empty((), dtype=torch.float32, pin_memory=True)
+                flag.copy_((~torch.isfinite(loss.detach())).float(), non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                prev.append((event, flag))
 
         k = 3 + n
         for _ in range(2):  # alternating, twice, against drift
@@ -229,9 +236,10 @@ def bench_train(tg, h, d, device, base, model, tag: str = ""):
     _, t = timed(lambda: [step(i) for i in range(k + 1, k + 1 + n)], device)
     base.set_qat(0.0)
     print(f"bench_train{tag} qat_on ms/step:{1000 * t / n:.1f} (its first step, compile included: {t_qc:.1f}s)")
+    k += 1 + n  # the profiled steps continue the count
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for i in range(2):
-            step(100 + i)
+            step(k + i)
         torch.cuda.synchronize(device)
     out, name = os.environ.get("OUT"), tag.strip(" []").replace("+", "-") or "base"
     profile_summary(prof, 2, os.path.join(out, f"profile_{name}.txt") if out else None)
@@ -239,7 +247,7 @@ def bench_train(tg, h, d, device, base, model, tag: str = ""):
         acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
             for i in range(2):
-                step(102 + i)
+                step(k + 2 + i)
             torch.cuda.synchronize(device)
         Path(out, f"profile_ops_{name}.txt").write_text(prof.key_averages(group_by_input_shape=True).table(
             sort_by="cuda_time_total", row_limit=150, max_name_column_width=100, max_shapes_column_width=120))

@@ -308,8 +308,10 @@ def test_dist_bench_times_the_optimizer_step_and_its_collectives(tmp_path):
         pytest.skip("torchrun not on PATH")
     env = {**os.environ, "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
            "BIGRAM_VOCAB_SIZE": "64", "BIGRAM_DIM": "16", "VE_DIM": "16", "VE_LAYERS": "1", "XSA_LAST_N": "2",
-           "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "4096", "BENCH_REPS": "2", "OMP_NUM_THREADS": "1"}
-    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+           "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "4096", "BENCH_REPS": "2", "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPU even on a GPU machine
+    for var in ("RANK", "WORLD_SIZE"):
+        env.pop(var, None)
     script = str(ROOT / "scripts" / "dist_bench.py")
     runs = {}
     for world, cmd in ((2, [torchrun, "--standalone", "--nproc_per_node=2", script]), (1, [sys.executable, script])):
