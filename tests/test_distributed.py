@@ -3,6 +3,7 @@ and a single-process `python train_gpt.py` run of the same config lands close to
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -53,3 +54,19 @@ def test_torchrun_two_ranks_end_to_end(tmp_path):
     assert "world_size:1 grad_accum_steps:8" in one
     # Same global batch size and schedule; the sample streams differ with grad_accum (SPEC §1.5), so close, not equal.
     assert abs(_score(one) - _score(two)) < 0.15, (_score(one), _score(two))
+
+
+@pytest.mark.slow
+def test_torchrun_eight_ranks_end_to_end(tmp_path):
+    """The record's launch shape, `--nproc_per_node=8` (gloo): one micro-batch a step (grad_accum 1), Muon banks of
+    2 and 4 slots padded to 8, so most ranks orthogonalise only zero padding, and a sliding eval split eight ways.
+    The whole pipeline must finish with the score line and the artifact, on every rank, with no deadlock."""
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not on PATH")
+    eight = _run([torchrun, "--standalone", "--nproc_per_node=8", str(SOURCE)], tmp_path, "eight")
+    assert "world_size:8 grad_accum_steps:1" in eight
+    assert (tmp_path / "final_model.int6.ptz").is_file() and (tmp_path / "final_model.pt").is_file()
+    assert sum(l.startswith("step:") and "train_loss:" in l for l in eight) == int(TINY_ENV["ITERATIONS"])
+    assert eight[-1].startswith("final_int8_zlib_roundtrip_exact")
+    assert math.isfinite(_score(eight)) and _score(eight) > 0, eight[-1]
