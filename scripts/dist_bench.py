@@ -1,4 +1,6 @@
-"""What a training step's optimizer costs at this world size: the whole Optimizers.step of the record config (gradient
+"""Two measurements at this world size (`optimizer`, `train`; both without an argument).
+
+optimizer: what a training step's optimizer costs: the whole Optimizers.step of the record config (gradient
 clipping, the banks' bf16 reduce-scatter, the fp32 all-reduce of the replicated parameters, AdamW, Newton-Schulz on
 this rank's share of the matrices, the all-gather of the updates) and its collectives alone, with the bytes each
 moves (each bank padded to a multiple of the world size, as the optimizer pads it) and the bus bandwidth (NCCL's
@@ -9,8 +11,14 @@ copies and memsets); at more than one rank that includes NCCL's kernels, waiting
     torchrun --standalone --nproc_per_node=2 scripts/dist_bench.py
     NCCL_DEBUG=INFO torchrun ... 2>&1 | grep -E "dist_bench| via "   # which transport NCCL picked (P2P, SHM, NET)
 
-One process (plain `python3 scripts/dist_bench.py`) times the same step with no collectives, for the difference.
-Env: BENCH_REPS (timed repetitions, default 20) and every train_gpt.py env var for the model shape.
+train: whole training steps as train_model runs them (run_train_step, the per-step sync, the EMA update) with the
+compiled model, BENCH_STEPS timed after 3 warm-up steps, then a CUDA profile of 2 steps: the wall time per step
+against the time the GPU's compute kernels are busy and NCCL's kernels are busy (`idle` = wall - compute: what the
+GPU spends waiting for the host, for other ranks, or for collectives it cannot overlap).  Needs DATA_PATH's shards.
+
+One process (plain `python3 scripts/dist_bench.py`) times the same with no collectives, for the difference.
+Env: BENCH_REPS (timed optimizer steps, default 20), BENCH_STEPS (timed training steps, default 8), OUT (the rank-0
+profile tables) and every train_gpt.py env var (model shape, data).
 Not counted code: loads train_gpt.py (or the file named by TRAIN_GPT) by path.
 """
 
@@ -18,12 +26,13 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-from gpu_bench import load_train_gpt
+from gpu_bench import load_train_gpt, train_compile
 
 
 def median_ms(tg, fn, reps: int, device) -> float:
@@ -37,11 +46,7 @@ def median_ms(tg, fn, reps: int, device) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    tg = load_train_gpt()
-    h = tg.Hyperparameters.from_env()
-    d = tg.dist_info()
-    device = tg.setup_runtime(h, d)
+def bench_optimizer(tg, h, d, device) -> str:
     reps = int(os.environ.get("BENCH_REPS", "20"))
     if reps < 1:
         raise ValueError(f"BENCH_REPS={reps} must be at least 1")
@@ -86,11 +91,79 @@ def main() -> None:
         mb = flat.numel() * 4 / 1e6
         parts.append(f"replicated:{mb:.2f}MB all_reduce:{ar:.3f}ms({2 * mb * (world - 1) / world / ar:.0f}GB/s)")
         line += " " + " ".join(parts)
-    if d.is_main:
-        print(line, flush=True)
-    if tg.is_distributed():
-        dist.barrier()
-        dist.destroy_process_group()
+    return line
+
+
+def bench_train_loop(tg, h, d, device) -> str:
+    n = int(os.environ.get("BENCH_STEPS", "8"))
+    if n < 1:
+        raise ValueError(f"BENCH_STEPS={n} must be at least 1")
+    torch.manual_seed(h.seed)
+    base = tg.build_model(h, device)
+    model = train_compile(tg, base, device)
+    opt = tg.build_optimizers(h, base, d)
+    loader = tg.TrainLoader(tg.list_shards(h.train_files), h.seed, d.rank, d.world_size, device)
+    ema = tg.EMA(base)
+    base.set_qat(0.0)
+    count = [0]
+
+    def step():  # train_model's loop body, less the logging and the stop test
+        loss = tg.run_train_step(model, opt, loader, h, d, device, count[0], 1.0)
+        tg._agree_step(0.0, loss, device)
+        ema.update(count[0] + 1)
+        count[0] += 1
+
+    for _ in range(3):  # compile; CUDA graphs record at the second call
+        step()
+    tg.cuda_sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    tg.cuda_sync(device)
+    ms = 1000.0 * (time.perf_counter() - t0) / n
+    line = (f"dist_bench_train world:{d.world_size} grad_accum:{d.grad_accum_steps} ms/step:{ms:.1f} "
+            f"tok/s:{h.train_batch_tokens / (ms / 1000):.0f}")
+    if device.type == "cuda":
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(2):
+                step()
+            torch.cuda.synchronize(device)
+            wall = 1000.0 * (time.perf_counter() - t0) / 2
+        busy = {"compute": 0.0, "nccl": 0.0}
+        for e in prof.key_averages():
+            us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+            busy["nccl" if "nccl" in e.key.lower() else "compute"] += us / 1000 / 2
+        line += (f" profiled:{wall:.1f}ms compute:{busy['compute']:.1f}ms nccl:{busy['nccl']:.1f}ms "
+                 f"idle:{wall - busy['compute']:.1f}ms")
+        out = os.environ.get("OUT")
+        if out and d.is_main:
+            with open(os.path.join(out, f"profile_train_world{d.world_size}.txt"), "w") as f:
+                f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=80,
+                                                  max_name_column_width=100))
+    return line
+
+
+def main() -> None:
+    modes = ("optimizer", "train")
+    what = sys.argv[1:] or list(modes)
+    if set(what) - set(modes):
+        raise ValueError(f"dist_bench.py: unknown modes {sorted(set(what) - set(modes))}; it has {', '.join(modes)}")
+    tg = load_train_gpt()
+    h = tg.Hyperparameters.from_env()
+    d = tg.dist_info()
+    device = tg.setup_runtime(h, d)
+    try:
+        for mode in modes:
+            if mode in what:
+                line = (bench_optimizer if mode == "optimizer" else bench_train_loop)(tg, h, d, device)
+                if d.is_main:
+                    print(line, flush=True)
+        if tg.is_distributed():
+            dist.barrier()  # every rank past its last collective before the group goes
+    finally:
+        if tg.is_distributed():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

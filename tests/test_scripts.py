@@ -296,9 +296,10 @@ def test_gpu_bench_mix_needs_the_training_options(gpu_bench, tmp_path, monkeypat
 
 
 @pytest.mark.slow
-def test_dist_bench_times_the_optimizer_step_and_its_collectives(tmp_path):
+def test_dist_bench_times_the_optimizer_step_its_collectives_and_training_steps(tmp_path):
     """scripts/dist_bench.py on CPU (gloo): two ranks report the whole optimizer step plus each bank's reduce-scatter
-    and all-gather and the replicated all-reduce, with their sizes; one process reports the step alone."""
+    and all-gather and the replicated all-reduce, with their sizes; one process reports the step alone.  Both report
+    whole training steps (train_model's loop body) with the grad_accum of their world size."""
     import re
     import shutil
     import subprocess
@@ -308,7 +309,8 @@ def test_dist_bench_times_the_optimizer_step_and_its_collectives(tmp_path):
         pytest.skip("torchrun not on PATH")
     env = {**os.environ, "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
            "BIGRAM_VOCAB_SIZE": "64", "BIGRAM_DIM": "16", "VE_DIM": "16", "VE_LAYERS": "1", "XSA_LAST_N": "2",
-           "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "4096", "BENCH_REPS": "2", "OMP_NUM_THREADS": "1",
+           "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "4096", "BENCH_REPS": "2", "BENCH_STEPS": "2",
+           "OMP_NUM_THREADS": "1", "DATA_PATH": str(ROOT / "data" / "sample"),
            "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPU even on a GPU machine
     for var in ("RANK", "WORLD_SIZE"):
         env.pop(var, None)
@@ -317,9 +319,12 @@ def test_dist_bench_times_the_optimizer_step_and_its_collectives(tmp_path):
     for world, cmd in ((2, [torchrun, "--standalone", "--nproc_per_node=2", script]), (1, [sys.executable, script])):
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("dist_bench ")]
-        assert len(lines) == 1, proc.stdout  # rank 0 alone prints
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("dist_bench")]
+        assert len(lines) == 2, proc.stdout  # rank 0 alone prints, one line per mode
         runs[world] = lines[0]
+        m = re.fullmatch(rf"dist_bench_train world:{world} grad_accum:{8 // world} ms/step:(\d+\.\d) tok/s:(\d+)",
+                         lines[1])
+        assert m and float(m.group(1)) > 0 and int(m.group(2)) > 0, lines[1]
     m = re.fullmatch(r"dist_bench world:1 optimizer_step:(\d+\.\d+)ms", runs[1])
     assert m and float(m.group(1)) > 0, runs[1]
     banks = re.findall(r"(\w+_bank):(\d+\.\d+)MB rs:(\d+\.\d+)ms\(\d+GB/s\) ag:(\d+\.\d+)ms\(\d+GB/s\)", runs[2])
@@ -328,3 +333,11 @@ def test_dist_bench_times_the_optimizer_step_and_its_collectives(tmp_path):
     assert dict((b[0], float(b[1])) for b in banks)["qo_bank"] == pytest.approx(4 * 64 * 64 * 2 / 1e6, abs=0.005)
     assert runs[2].startswith("dist_bench world:2 optimizer_step:") and re.search(
         r" replicated:\d+\.\d+MB all_reduce:\d+\.\d+ms\(\d+GB/s\)$", runs[2]), runs[2]
+
+
+def test_dist_bench_refuses_an_unknown_mode(tmp_path):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "dist_bench.py"), "trian"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode != 0 and "unknown modes ['trian']" in proc.stderr, proc.stderr[-1000:]
