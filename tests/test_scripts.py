@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -300,10 +303,6 @@ def test_dist_bench_times_the_optimizer_step_its_collectives_and_training_steps(
     """scripts/dist_bench.py on CPU (gloo): two ranks report the whole optimizer step plus each bank's reduce-scatter
     and all-gather and the replicated all-reduce, with their sizes; one process reports the step alone.  Both report
     whole training steps (train_model's loop body) with the grad_accum of their world size."""
-    import re
-    import shutil
-    import subprocess
-
     torchrun = shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun not on PATH")
@@ -336,8 +335,6 @@ def test_dist_bench_times_the_optimizer_step_its_collectives_and_training_steps(
 
 
 def test_dist_bench_refuses_an_unknown_mode(tmp_path):
-    import subprocess
-
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "dist_bench.py"), "trian"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode != 0 and "unknown modes ['trian']" in proc.stderr, proc.stderr[-1000:]
