@@ -151,6 +151,7 @@ def main() -> None:
         raise ValueError(f"dist_bench.py: unknown modes {sorted(set(what) - set(modes))}; it has {', '.join(modes)}")
     tg = load_train_gpt()
     h = tg.Hyperparameters.from_env()
+    h.validate()
     d = tg.dist_info()
     device = tg.setup_runtime(h, d)
     try:
