@@ -32,7 +32,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from gpu_bench import load_train_gpt, train_compile
+from gpu_bench import load_train_gpt, self_device_us, train_compile
 
 
 def median_ms(tg, fn, reps: int, device) -> float:
@@ -63,8 +63,7 @@ def bench_optimizer(tg, h, d, device) -> str:
             for _ in range(5):
                 opt.step(100, 1.0)
             torch.cuda.synchronize(device)
-        events = [(e.count, getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
-                  for e in prof.key_averages()]  # CUDA activity only: kernels, memsets and copies
+        events = [(e.count, self_device_us(e)) for e in prof.key_averages()]  # CUDA activity: kernels, memsets, copies
         events = [(n, us) for n, us in events if us > 0]
         busy = sum(us for _, us in events) / 5 / 1000
         line += f" gpu_busy:{busy:.3f}ms gpu_ops:{sum(n for n, _ in events) // 5}"
@@ -132,8 +131,7 @@ def bench_train_loop(tg, h, d, device) -> str:
             wall = 1000.0 * (time.perf_counter() - t0) / 2
         busy = {"compute": 0.0, "nccl": 0.0}
         for e in prof.key_averages():
-            us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-            busy["nccl" if "nccl" in e.key.lower() else "compute"] += us / 1000 / 2
+            busy["nccl" if "nccl" in e.key.lower() else "compute"] += self_device_us(e) / 1000 / 2
         line += (f" profiled:{wall:.1f}ms compute:{busy['compute']:.1f}ms nccl:{busy['nccl']:.1f}ms "
                  f"idle:{wall - busy['compute']:.1f}ms")
         out = os.environ.get("OUT")

@@ -54,11 +54,16 @@ KERNEL_KINDS = (("triton", ("triton_", "qk_fwd", "qk_bwd", "xsa_fwd", "xsa_bwd")
                 ("gemm", ("nvjet", "gemm", "sm90_xmma", "cutlass")))
 
 
+def self_device_us(event) -> float:
+    """A profiler event's own device time in µs (self_cuda_time_total in torch versions before the rename)."""
+    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+
 def profile_summary(prof, steps: int, out_path: str | None) -> None:
     """Self CUDA ms per step by kernel kind (attention / GEMM / Triton / other); the full table to out_path."""
     kinds: dict[str, float] = {}
     for e in prof.key_averages():
-        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+        us = self_device_us(e)
         kind = next((k for k, keys in KERNEL_KINDS if any(x in e.key for x in keys)), "other")
         kinds[kind] = kinds.get(kind, 0.0) + us
     print("bench_profile ms/step " + " ".join(f"{k}:{v / 1000 / steps:.1f}" for k, v in sorted(kinds.items()))

@@ -31,6 +31,13 @@ def _run(cmd, cwd, run_id):
     return (cwd / "logs" / f"{run_id}.txt").read_text().splitlines()
 
 
+def _torchrun(nproc, cwd, run_id):
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not on PATH")
+    return _run([torchrun, "--standalone", f"--nproc_per_node={nproc}", str(SOURCE)], cwd, run_id)
+
+
 def _score(lines):
     return float(re.match(r"final_int8_zlib_roundtrip_exact val_loss:\S+ val_bpb:(\S+)", lines[-1]).group(1))
 
@@ -40,10 +47,7 @@ def test_torchrun_two_ranks_end_to_end(tmp_path):
     """Guards the distributed path end to end (gloo): Parallel Muon's sharded step, the rank-sliced loader, the
     all-reduced stop flag and Hessians, rank-0-only export followed by every rank reloading the artifact, the
     rank-split sliding eval.  A deadlock, a rank mismatch or a missing final line fails it."""
-    torchrun = shutil.which("torchrun")
-    if torchrun is None:
-        pytest.skip("torchrun not on PATH")
-    two = _run([torchrun, "--standalone", "--nproc_per_node=2", str(SOURCE)], tmp_path, "two")
+    two = _torchrun(2, tmp_path, "two")
     assert "world_size:2 grad_accum_steps:4" in two
     assert (tmp_path / "final_model.int6.ptz").is_file() and (tmp_path / "final_model.pt").is_file()
     assert any(l.startswith("Total submission size int6+brotli: ") for l in two)
@@ -61,10 +65,7 @@ def test_torchrun_eight_ranks_end_to_end(tmp_path):
     """The record's launch shape, `--nproc_per_node=8` (gloo): one micro-batch a step (grad_accum 1), Muon banks of
     2 and 4 slots padded to 8, so most ranks orthogonalise only zero padding, and a sliding eval split eight ways.
     The whole pipeline must finish with the score line and the artifact, on every rank, with no deadlock."""
-    torchrun = shutil.which("torchrun")
-    if torchrun is None:
-        pytest.skip("torchrun not on PATH")
-    eight = _run([torchrun, "--standalone", "--nproc_per_node=8", str(SOURCE)], tmp_path, "eight")
+    eight = _torchrun(8, tmp_path, "eight")
     assert "world_size:8 grad_accum_steps:1" in eight
     assert (tmp_path / "final_model.int6.ptz").is_file() and (tmp_path / "final_model.pt").is_file()
     assert sum(l.startswith("step:") and "train_loss:" in l for l in eight) == int(TINY_ENV["ITERATIONS"])
