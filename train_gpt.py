@@ -503,6 +503,7 @@ class TrainLoader:
         self.cursors: dict[int, _ShardCursor] = {}
         self.seq_len = 0
         self.batches_built = 0
+        self.ready = None  # (arguments, batch) built ahead by prefetch()
 
     def _plan_windows(self, gns: int, T: int) -> list[tuple[int, int]]:
         """The global batch as (shard, offset) windows, in the interleaved order all ranks agree on."""
@@ -535,7 +536,23 @@ class TrainLoader:
                 windows.append(live[j].pop())
         return windows
 
+    def prefetch(self, global_tokens: int, seq_len: int, grad_accum: int) -> None:
+        """Build the next batch now (its copy to the device queued) for next_batch to hand over: train_model calls
+        this before its per-step host sync, so the host's share of the next step's first micro-batch is done while
+        the GPU still runs this step.  Same batches in the same order."""
+        if self.ready is None:
+            self.ready = ((global_tokens, seq_len, grad_accum), self._build(global_tokens, seq_len, grad_accum))
+
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[Tensor, Tensor]:
+        ready, self.ready = self.ready, None
+        if ready is None:
+            return self._build(global_tokens, seq_len, grad_accum)
+        if ready[0] != (global_tokens, seq_len, grad_accum):
+            raise ValueError(f"TrainLoader: batch prefetched for (tokens, seq_len, grad_accum) = {ready[0]}, asked "
+                             f"for {(global_tokens, seq_len, grad_accum)}")
+        return ready[1]
+
+    def _build(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[Tensor, Tensor]:
         if seq_len < 1 or grad_accum < 1 or global_tokens % (self.world_size * grad_accum * seq_len) != 0:
             raise ValueError(f"TRAIN_BATCH_TOKENS={global_tokens} must be a multiple of world_size*grad_accum*"
                              f"TRAIN_SEQ_LEN = {self.world_size}*{grad_accum}*{seq_len}")
@@ -3014,6 +3031,8 @@ def train_model(h: Hyperparameters, d: DistInfo, device, base: nn.Module, model,
             base.set_qat(qat_alpha(step, qat_start))
         loss = run_train_step(model, opt, loader, h, d, device, step, scale)
         step += 1
+        if step < h.iterations:  # the next batch built while the GPU runs this step, not after the sync below
+            loader.prefetch(h.train_batch_tokens, h.train_seq_len, d.grad_accum_steps)
         train_ms, bad = _agree_step(1000.0 * (time.perf_counter() - t0), loss, device)
         capped = budget_ms > 0 and train_ms >= budget_ms
         if bad:

@@ -11,10 +11,12 @@ copies and memsets); at more than one rank that includes NCCL's kernels, waiting
     torchrun --standalone --nproc_per_node=2 scripts/dist_bench.py
     NCCL_DEBUG=INFO torchrun ... 2>&1 | grep -E "dist_bench| via "   # which transport NCCL picked (P2P, SHM, NET)
 
-train: whole training steps as train_model runs them (run_train_step, the per-step sync, the EMA update) with the
-compiled model, BENCH_STEPS timed after 3 warm-up steps, then a CUDA profile of 2 steps: the wall time per step
-against the time the GPU's compute kernels are busy and NCCL's kernels are busy (`idle` = wall - compute: what the
-GPU spends waiting for the host, for other ranks, or for collectives it cannot overlap).  Needs DATA_PATH's shards.
+train: whole training steps as train_model runs them (run_train_step, the next batch prefetched, the per-step sync,
+the EMA update) with the compiled model: after 3 warm-up steps, BENCH_STEPS timed as shipped (`prefetch`) and with
+the next batch built after the sync instead (`noprefetch`, the form before), alternating, twice; then per form a
+CUDA profile of 2 steps: the wall time per step against the time the GPU's compute kernels are busy and NCCL's
+kernels are busy (`idle` = wall - compute: what the GPU spends waiting for the host, for other ranks, or for
+collectives it cannot overlap).  Needs DATA_PATH's shards.
 
 One process (plain `python3 scripts/dist_bench.py`) times the same with no collectives, for the difference.
 Env: BENCH_REPS (timed optimizer steps, default 20), BENCH_STEPS (timed training steps, default 8), OUT (the rank-0
@@ -105,40 +107,51 @@ def bench_train_loop(tg, h, d, device) -> str:
     ema = tg.EMA(base)
     base.set_qat(0.0)
     count = [0]
+    # prefetch: train_model as shipped, the next batch built before the per-step sync; noprefetch: built after it,
+    # at the next step's start (the form before; the only one of a train_gpt.py without TrainLoader.prefetch)
+    forms = ("prefetch", "noprefetch") if hasattr(loader, "prefetch") else ("noprefetch",)
 
-    def step():  # train_model's loop body, less the logging and the stop test
+    def step(form):  # train_model's loop body, less the logging and the stop test
         loss = tg.run_train_step(model, opt, loader, h, d, device, count[0], 1.0)
-        tg._agree_step(0.0, loss, device)
-        ema.update(count[0] + 1)
         count[0] += 1
+        if form == "prefetch":
+            loader.prefetch(h.train_batch_tokens, h.train_seq_len, d.grad_accum_steps)
+        tg._agree_step(0.0, loss, device)
+        ema.update(count[0])
 
     for _ in range(3):  # compile; CUDA graphs record at the second call
-        step()
-    tg.cuda_sync(device)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    tg.cuda_sync(device)
-    ms = 1000.0 * (time.perf_counter() - t0) / n
-    line = (f"dist_bench_train world:{d.world_size} grad_accum:{d.grad_accum_steps} ms/step:{ms:.1f} "
-            f"tok/s:{h.train_batch_tokens / (ms / 1000):.0f}")
-    if device.type == "cuda":
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step(forms[0])
+    runs = {f: [] for f in forms}
+    for _ in range(2):  # alternating, twice, against drift
+        for form in forms:
+            tg.cuda_sync(device)
             t0 = time.perf_counter()
-            for _ in range(2):
-                step()
-            torch.cuda.synchronize(device)
-            wall = 1000.0 * (time.perf_counter() - t0) / 2
-        busy = {"compute": 0.0, "nccl": 0.0}
-        for e in prof.key_averages():
-            busy["nccl" if "nccl" in e.key.lower() else "compute"] += self_device_us(e) / 1000 / 2
-        line += (f" profiled:{wall:.1f}ms compute:{busy['compute']:.1f}ms nccl:{busy['nccl']:.1f}ms "
-                 f"idle:{wall - busy['compute']:.1f}ms")
-        out = os.environ.get("OUT")
-        if out and d.is_main:
-            with open(os.path.join(out, f"profile_train_world{d.world_size}.txt"), "w") as f:
-                f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=80,
-                                                  max_name_column_width=100))
+            for _ in range(n):
+                step(form)
+            tg.cuda_sync(device)
+            runs[form].append(1000.0 * (time.perf_counter() - t0) / n)
+    ms = statistics.mean(runs[forms[0]])
+    line = (f"dist_bench_train world:{d.world_size} grad_accum:{d.grad_accum_steps} ms/step:{ms:.1f} "
+            f"tok/s:{h.train_batch_tokens / (ms / 1000):.0f} " + " ".join(
+                f"{f}:{'/'.join(f'{x:.1f}' for x in v)}" for f, v in runs.items()))
+    if device.type == "cuda":
+        for form in forms:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                t0 = time.perf_counter()
+                for _ in range(2):
+                    step(form)
+                torch.cuda.synchronize(device)
+                wall = 1000.0 * (time.perf_counter() - t0) / 2
+            busy = {"compute": 0.0, "nccl": 0.0}
+            for e in prof.key_averages():
+                busy["nccl" if "nccl" in e.key.lower() else "compute"] += self_device_us(e) / 1000 / 2
+            line += (f" profiled[{form}]:{wall:.1f}ms compute:{busy['compute']:.1f}ms nccl:{busy['nccl']:.1f}ms "
+                     f"idle:{wall - busy['compute']:.1f}ms")
+            out = os.environ.get("OUT")
+            if out and d.is_main:
+                with open(os.path.join(out, f"profile_train_world{d.world_size}_{form}.txt"), "w") as f:
+                    f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=80,
+                                                      max_name_column_width=100))
     return line
 
 

@@ -203,11 +203,13 @@ def bench_train(tg, h, d, device, base, model, tag: str = ""):
 
         def loop_step(i, order, prev):
             loss = step(i)
+            if order == "prefetch":  # as train_model from PERF #36: the next batch built before the sync
+                loader.prefetch(h.train_batch_tokens, h.train_seq_len, d.grad_accum_steps)
             if order == "ema_first":  # the EMA issued before the sync, so the host has less to do after it
                 ema.update(i + 1)
-            if order in ("loop", "ema_first"):
+            if order in ("loop", "ema_first", "prefetch"):
                 tg._agree_step(0.0, loss, device)
-            if order in ("loop", "nosync", "lag"):
+            if order in ("loop", "nosync", "lag", "prefetch"):
                 ema.update(i + 1)
             if order == "lag":  # the sync a step late: the flag goes to pinned host memory behind an event, and the
                 # host waits for the previous step's event only once this step is issued, so the GPU never drains
@@ -222,16 +224,18 @@ def bench_train(tg, h, d, device, base, model, tag: str = ""):
                 prev.append((event, flag))
 
         k = 3 + n
+        orders = ("loop", "ema_first", "lag", "nosync") + (("prefetch",) if hasattr(loader, "prefetch") else ())
         for _ in range(2):  # alternating, twice, against drift
-            for order in ("loop", "ema_first", "lag", "nosync"):
+            for order in orders:
                 prev = []
                 _, t = timed(lambda: [loop_step(i, order, prev) for i in range(k, k + n)], device)
                 order_ms.setdefault(order, []).append(1000 * t / n)
                 k += n
         print(f"bench_train{tag} loop ms/step: " + " ".join(
             f"{o}:{'/'.join(f'{x:.1f}' for x in v)}" for o, v in order_ms.items())
-            + " (loop: synced each step then the EMA, as train_model; ema_first: the EMA before the sync; lag: the "
-              "sync a step late; nosync: none)")
+            + " (loop: synced each step then the EMA, as train_model before PERF #36; ema_first: the EMA before the "
+              "sync; lag: the sync a step late; nosync: none; prefetch: loop with the next batch built before the "
+              "sync, as train_model)")
         n_loop = k - 3 - n
     else:
         n_loop = 0
@@ -317,7 +321,10 @@ def apply_variant(tg, variant: str) -> None:
     forward's kernel: MLP_TILES["up"] = BENCH_UP_TILE; uptile+dgtile sets both), ballastcopy / ballastgemm (the same
     training, with extra memory-bound or tensor-core work before every micro-batch: with_ballast), kvgqa (K/V reach
     the attention at their own 4 heads, cuDNN summing the query heads' K/V gradients: the form before PERF #34,
-    KV_REP off).
+    KV_REP off), tilered (inductor tiles reductions in two dimensions, config.triton.tile_reductions: the
+    per-channel parameter-gradient sums reduce over the token rows of [tokens, 512] tensors, i.e. not along the
+    contiguous dimension), ndtile (inductor prefers N-dimensional tiling where it can, config.triton.
+    prefer_nd_tiling).
     #29's form of the Gluon kernels, the epilogue in the consumer warps (mlpov here until PERF #31 removed it from
     train_gpt.py), runs in both directions with TRAIN_GPT = a train_gpt.py from before #30, and in the backward
     alone with TRAIN_GPT = one from #30 (commit 25890d9) and dgtile, BENCH_DGRAD_TILE = (128, 256, 64, 3, 8, 0, 0,
@@ -326,7 +333,7 @@ def apply_variant(tg, variant: str) -> None:
     unknown = flags - {"base", "expand", "xsatorch", "xsaref", "qkref", "vsplit", "aggr", "autotune", "pdl", "split128",
                        "split32", "stages", "maxreads6", "autosplit", "nomix", "mix", "combo", "ceref",
                        "qatgraph", "nocg", "pwtune", "mlpref", "dgtile", "uptile", "ballastcopy", "ballastgemm",
-                       "kvgqa"}
+                       "kvgqa", "tilered", "ndtile"}
     if unknown:
         raise ValueError(f"BENCH_VARIANTS: unknown flags {sorted(unknown)}")
     if not ORIGINALS:
@@ -399,7 +406,8 @@ def apply_variant(tg, variant: str) -> None:
              ("split32", "mix_order_reduction_split_size", 32),
              ("stages", "mix_order_reduction_allow_multi_stages", True),
              ("maxreads6", "mix_order_reduction_max_reads", 6),
-             ("autosplit", "mix_order_reduction_autotune_split_size", True), ("nomix", "mix_order_reduction", False))
+             ("autosplit", "mix_order_reduction_autotune_split_size", True), ("nomix", "mix_order_reduction", False),
+             ("tilered", "tile_reductions", True), ("ndtile", "prefer_nd_tiling", True))
     cfg = torch._inductor.config.triton
     for flag, name, _ in knobs:
         if not hasattr(cfg, name):
@@ -555,23 +563,30 @@ def bench_kernels(tg, device) -> None:
     ups = [torch.randn(B, T, n, D, device=device, dtype=torch.bfloat16) for n in heads]
     ups += [x.new_empty(B, T, 0, D)] if ra else []  # v_rep's gradient (no heads at rep 1)
     bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-    # Launch shape sweep (fwd bytes: read x, write q, k, v; bwd: read gq, gk, gv and the q/k part of x, write dx).
-    nb, nqk = x.numel() * 2, x.numel() * 2 * 12 // 16
-    best, shipped = None, (tg.QK_BLOCK_ROWS, tg.QK_WARPS)
-    for rows in (8, 16, 32, 64) if os.environ.get("BENCH_QK_SWEEP", "1") != "0" else ():
-        for warps in (1, 2, 4, 8):
-            tg.QK_BLOCK_ROWS, tg.QK_WARPS = rows, warps
-            t_f = bench(lambda: tg._qk_launch(x, cb, sb, gain, 8, 4))
-            t_b = bench(lambda: tg._qk_launch(x, cb, sb, gain, 8, 4, grads=ups))
-            print(f"bench_kernels sweep rows:{rows} warps:{warps} fwd+bwd:{1000 * (t_f + t_b):.1f}us "
-                  f"fwd:{1000 * t_f:.1f}us({2 * nb / t_f / 1e9:.2f}TB/s) "
-                  f"bwd:{1000 * t_b:.1f}us({(2 * nb + nqk) / t_b / 1e9:.2f}TB/s)")
-            if best is None or t_f + t_b < best[0]:
-                best = (t_f + t_b, rows, warps)
-    if best:
-        print(f"bench_kernels best rows:{best[1]} warps:{best[2]} fwd+bwd:{1000 * best[0]:.1f}us "
-              f"(train_gpt.py ships rows:{shipped[0]} warps:{shipped[1]}, used from here on)")
-    tg.QK_BLOCK_ROWS, tg.QK_WARPS = shipped
+    # Launch shape sweep, at rep 1 and (where the op has it, PERF #34) at rep 2, the form 9 of the 11 training
+    # layers run.  Bytes, rep 1: fwd reads x, writes q, k, v; bwd reads gq, gk, gv and the q/k part of x, writes dx.
+    # rep 2 adds 12 heads' worth each way (fwd writes k at 8 heads and v_rep; bwd reads their gradients).
+    nb, nqk, nh = x.numel() * 2, x.numel() * 2 * 12 // 16, x.numel() * 2 // 16
+    g = torch.Generator(device=device).manual_seed(0)
+    ups2 = (ups[0], *(torch.randn(B, T, n, D, device=device, generator=g, dtype=torch.bfloat16) for n in (8, 4, 8)))
+    shipped = (tg.QK_BLOCK_ROWS, tg.QK_WARPS)
+    sweep = os.environ.get("BENCH_QK_SWEEP", "1") != "0"
+    for rep, grads, extra in ((1, ups, 0), (2, ups2, 12 * nh)) if ra else ((1, ups, 0),):
+        best = None
+        for rows in (8, 16, 32, 64) if sweep else ():
+            for warps in (1, 2, 4, 8):
+                tg.QK_BLOCK_ROWS, tg.QK_WARPS = rows, warps
+                t_f = bench(lambda: tg._qk_launch(x, cb, sb, gain, 8, 4, *((rep,) if ra else ())))
+                t_b = bench(lambda: tg._qk_launch(x, cb, sb, gain, 8, 4, *((rep,) if ra else ()), grads=grads))
+                print(f"bench_kernels sweep rep:{rep} rows:{rows} warps:{warps} fwd+bwd:{1000 * (t_f + t_b):.1f}us "
+                      f"fwd:{1000 * t_f:.1f}us({(2 * nb + extra) / t_f / 1e9:.2f}TB/s) "
+                      f"bwd:{1000 * t_b:.1f}us({(2 * nb + nqk + extra) / t_b / 1e9:.2f}TB/s)")
+                if best is None or t_f + t_b < best[0]:
+                    best = (t_f + t_b, rows, warps)
+        if best:
+            print(f"bench_kernels best rep:{rep} rows:{best[1]} warps:{best[2]} fwd+bwd:{1000 * best[0]:.1f}us "
+                  f"(train_gpt.py ships rows:{shipped[0]} warps:{shipped[1]}, used from here on)")
+        tg.QK_BLOCK_ROWS, tg.QK_WARPS = shipped
     # Where the kernels' time goes (timing only; some of these compute other math): without RoPE (no trig loads),
     # without the gain (no q_gain gradient), and both, against a plain copy of x (the forward's bytes).
     probes = [("as shipped", cb, sb, gain), ("no RoPE", cb[:, :0], sb[:, :0], gain), ("no gain", cb, sb, None),

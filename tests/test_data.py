@@ -136,6 +136,26 @@ def test_loader_deterministic_and_seeded(tg, tmp_path):
     assert not all(torch.equal(p[0], q[0]) for p, q in zip(a, c))
 
 
+def test_loader_prefetch_keeps_the_batches_and_their_order(tg, tmp_path):
+    """train_model builds each next batch before its per-step sync (TrainLoader.prefetch): the batches and their order
+    are those of plain next_batch calls, a second prefetch before the batch is taken builds nothing, and a batch
+    asked for with other arguments than it was built with is refused (the RNG has moved on)."""
+    files = _shards(tg, tmp_path, [3000] * 6)
+    plain = _batches(tg.TrainLoader(files, 5, 0, 1, CPU), 6, 8 * 32, 32, 2)
+    ld = tg.TrainLoader(files, 5, 0, 1, CPU)
+    got = []
+    for i in range(6):
+        if i % 2:
+            ld.prefetch(8 * 32, 32, 2)
+            ld.prefetch(8 * 32, 32, 2)
+        got.append(ld.next_batch(8 * 32, 32, 2))
+    assert ld.batches_built == 6
+    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(plain, got))
+    ld.prefetch(8 * 32, 32, 2)
+    with pytest.raises(ValueError, match=r"TrainLoader: batch prefetched for .*\(256, 32, 2\).*\(256, 32, 1\)"):
+        ld.next_batch(8 * 32, 32, 1)
+
+
 def test_loader_depends_on_file_names_not_paths(tg, tmp_path):
     """Guards the seed's bug (SPEC §12.17): data order must not change when the shards are moved or DATA_PATH is
     written differently; it follows the file names."""

@@ -113,6 +113,11 @@ def test_gpu_bench_variants_switch_the_training_options(gpu_bench, monkeypatch):
     assert cfg.mix_order_reduction_split_size == before[1]  # every knob back to torch's value before a variant's own
     gpu_bench.apply_variant(tg, "base")
     assert (cfg.mix_order_reduction, cfg.mix_order_reduction_split_size) == before
+    tiling = (cfg.tile_reductions, cfg.prefer_nd_tiling)
+    gpu_bench.apply_variant(tg, "tilered+ndtile")  # inductor's 2-D reduction tiling and N-D tiling preference
+    assert cfg.tile_reductions is True and cfg.prefer_nd_tiling is True
+    gpu_bench.apply_variant(tg, "base")
+    assert (cfg.tile_reductions, cfg.prefer_nd_tiling) == tiling
     ce = tg._QK_KERNELS["ce"]
     assert ce is not None
     gpu_bench.apply_variant(tg, "ceref")  # the training loss through torch ops (GPT.forward reads _QK_KERNELS)
@@ -302,7 +307,8 @@ def test_gpu_bench_mix_needs_the_training_options(gpu_bench, tmp_path, monkeypat
 def test_dist_bench_times_the_optimizer_step_its_collectives_and_training_steps(tmp_path):
     """scripts/dist_bench.py on CPU (gloo): two ranks report the whole optimizer step plus each bank's reduce-scatter
     and all-gather and the replicated all-reduce, with their sizes; one process reports the step alone.  Both report
-    whole training steps (train_model's loop body) with the grad_accum of their world size."""
+    whole training steps (train_model's loop body) with the grad_accum of their world size, with the next batch
+    prefetched before the per-step sync (as shipped) and built after it."""
     torchrun = shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun not on PATH")
@@ -321,9 +327,10 @@ def test_dist_bench_times_the_optimizer_step_its_collectives_and_training_steps(
         lines = [l for l in proc.stdout.splitlines() if l.startswith("dist_bench")]
         assert len(lines) == 2, proc.stdout  # rank 0 alone prints, one line per mode
         runs[world] = lines[0]
-        m = re.fullmatch(rf"dist_bench_train world:{world} grad_accum:{8 // world} ms/step:(\d+\.\d) tok/s:(\d+)",
-                         lines[1])
-        assert m and float(m.group(1)) > 0 and int(m.group(2)) > 0, lines[1]
+        m = re.fullmatch(rf"dist_bench_train world:{world} grad_accum:{8 // world} ms/step:(\d+\.\d) tok/s:(\d+) "
+                         r"prefetch:(\d+\.\d)/(\d+\.\d) noprefetch:(\d+\.\d)/(\d+\.\d)", lines[1])
+        assert m and int(m.group(2)) > 0 and all(float(x) > 0 for x in m.groups()), lines[1]
+        assert float(m.group(1)) == pytest.approx((float(m.group(3)) + float(m.group(4))) / 2, abs=0.06)
     m = re.fullmatch(r"dist_bench world:1 optimizer_step:(\d+\.\d+)ms", runs[1])
     assert m and float(m.group(1)) > 0, runs[1]
     banks = re.findall(r"(\w+_bank):(\d+\.\d+)MB rs:(\d+\.\d+)ms\(\d+GB/s\) ag:(\d+\.\d+)ms\(\d+GB/s\)", runs[2])
