@@ -537,9 +537,9 @@ class TrainLoader:
         return windows
 
     def prefetch(self, global_tokens: int, seq_len: int, grad_accum: int) -> None:
-        """Build the next batch now (its copy to the device queued) for next_batch to hand over: train_model calls
-        this before its per-step host sync, so the host's share of the next step's first micro-batch is done while
-        the GPU still runs this step.  Same batches in the same order."""
+        """Build the next batch now (its copy to the device queued) for next_batch to hand over: the training loop
+        calls this once a step's last backward is queued, so the host's share of the next step's first micro-batch
+        is done while the GPU still runs this step, not after the per-step sync.  Same batches in the same order."""
         if self.ready is None:
             self.ready = ((global_tokens, seq_len, grad_accum), self._build(global_tokens, seq_len, grad_accum))
 
@@ -2952,8 +2952,12 @@ def save_state(state: dict, path: str, d: DistInfo) -> None:
         os.replace(tmp, path)
 
 
-def run_train_step(model, opt, loader, h: Hyperparameters, d: DistInfo, device, step: int, scale: float) -> Tensor:
-    """One optimizer step over grad_accum micro-batches; returns the mean loss as a device tensor (no host sync)."""
+def run_train_step(model, opt, loader, h: Hyperparameters, d: DistInfo, device, step: int, scale: float,
+                   prefetch: bool = False) -> Tensor:
+    """One optimizer step over grad_accum micro-batches; returns the mean loss as a device tensor (no host sync).
+    prefetch: the next step's first batch is built once the last backward is queued (PERF #36): the host is then far
+    ahead of the GPU, while after the optimizer's many small launches it is behind, and after the per-step sync the
+    GPU has nothing queued at all."""
     ga = d.grad_accum_steps
     total = torch.zeros((), device=device)
     for _ in range(ga):
@@ -2962,6 +2966,8 @@ def run_train_step(model, opt, loader, h: Hyperparameters, d: DistInfo, device, 
             loss = model(x, y)
         (loss / ga).backward()
         total += loss.detach()
+    if prefetch:
+        loader.prefetch(h.train_batch_tokens, h.train_seq_len, ga)
     opt.step(step, scale)
     opt.zero_grad()
     return total / ga
@@ -3029,10 +3035,8 @@ def train_model(h: Hyperparameters, d: DistInfo, device, base: nn.Module, model,
             log0(f"late_qat:enabled step:{step} scale:{scale:.4f}")
         if qat_start is not None:
             base.set_qat(qat_alpha(step, qat_start))
-        loss = run_train_step(model, opt, loader, h, d, device, step, scale)
+        loss = run_train_step(model, opt, loader, h, d, device, step, scale, prefetch=step + 1 < h.iterations)
         step += 1
-        if step < h.iterations:  # the next batch built while the GPU runs this step, not after the sync below
-            loader.prefetch(h.train_batch_tokens, h.train_seq_len, d.grad_accum_steps)
         train_ms, bad = _agree_step(1000.0 * (time.perf_counter() - t0), loss, device)
         capped = budget_ms > 0 and train_ms >= budget_ms
         if bad:

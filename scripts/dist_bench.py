@@ -12,11 +12,14 @@ copies and memsets); at more than one rank that includes NCCL's kernels, waiting
     NCCL_DEBUG=INFO torchrun ... 2>&1 | grep -E "dist_bench| via "   # which transport NCCL picked (P2P, SHM, NET)
 
 train: whole training steps as train_model runs them (run_train_step, the next batch prefetched, the per-step sync,
-the EMA update) with the compiled model: after 3 warm-up steps, BENCH_STEPS timed as shipped (`prefetch`) and with
-the next batch built after the sync instead (`noprefetch`, the form before), alternating, twice; then per form a
+the EMA update) with the compiled model: after 3 warm-up steps, BENCH_STEPS timed as shipped (`prefetch`: the next
+batch built once the last backward is queued) and with it built after the sync instead (`noprefetch`, the form
+before), alternating, twice; then per form a
 CUDA profile of 2 steps: the wall time per step against the time the GPU's compute kernels are busy and NCCL's
 kernels are busy (`idle` = wall - compute: what the GPU spends waiting for the host, for other ranks, or for
-collectives it cannot overlap).  Needs DATA_PATH's shards.
+collectives it cannot overlap), and from the profile's timeline the GPU's idle gaps between its first and last op
+(`gaps`: all of them, and those of at least 20 us; OUT gets each such gap with the ops on either side).  Needs
+DATA_PATH's shards.
 
 One process (plain `python3 scripts/dist_bench.py`) times the same with no collectives, for the difference.
 Env: BENCH_REPS (timed optimizer steps, default 20), BENCH_STEPS (timed training steps, default 8), OUT (the rank-0
@@ -26,9 +29,11 @@ Not counted code: loads train_gpt.py (or the file named by TRAIN_GPT) by path.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -95,6 +100,25 @@ def bench_optimizer(tg, h, d, device) -> str:
     return line
 
 
+def gpu_gaps(trace: dict, min_us: float = 20.0) -> tuple[float, list[tuple[float, str, str]]]:
+    """From a torch-profiler chrome trace: the GPU's idle time between its first and last op (kernels, copies, memsets
+    merged into busy intervals) and each gap of at least min_us as (µs, the op before, the op after), longest first."""
+    ops = sorted((e["ts"], e["ts"] + e.get("dur", 0.0), e.get("name", "?")) for e in trace.get("traceEvents", [])
+                 if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    idle, gaps = 0.0, []
+    if not ops:
+        return idle, gaps
+    end, last = ops[0][1], ops[0][2]
+    for start, stop, name in ops[1:]:
+        if start > end:
+            idle += start - end
+            if start - end >= min_us:
+                gaps.append((start - end, last, name))
+        if stop >= end:
+            end, last = stop, name
+    return idle, sorted(gaps, reverse=True)
+
+
 def bench_train_loop(tg, h, d, device) -> str:
     n = int(os.environ.get("BENCH_STEPS", "8"))
     if n < 1:
@@ -107,15 +131,15 @@ def bench_train_loop(tg, h, d, device) -> str:
     ema = tg.EMA(base)
     base.set_qat(0.0)
     count = [0]
-    # prefetch: train_model as shipped, the next batch built before the per-step sync; noprefetch: built after it,
-    # at the next step's start (the form before; the only one of a train_gpt.py without TrainLoader.prefetch)
+    # prefetch: train_model as shipped, the next batch built once the step's last backward is queued; noprefetch:
+    # built at the next step's start, after the sync (the form before; the only one of a train_gpt.py without
+    # TrainLoader.prefetch)
     forms = ("prefetch", "noprefetch") if hasattr(loader, "prefetch") else ("noprefetch",)
 
     def step(form):  # train_model's loop body, less the logging and the stop test
-        loss = tg.run_train_step(model, opt, loader, h, d, device, count[0], 1.0)
+        loss = tg.run_train_step(model, opt, loader, h, d, device, count[0], 1.0,
+                                 **({"prefetch": True} if form == "prefetch" else {}))
         count[0] += 1
-        if form == "prefetch":
-            loader.prefetch(h.train_batch_tokens, h.train_seq_len, d.grad_accum_steps)
         tg._agree_step(0.0, loss, device)
         ema.update(count[0])
 
@@ -145,13 +169,20 @@ def bench_train_loop(tg, h, d, device) -> str:
             busy = {"compute": 0.0, "nccl": 0.0}
             for e in prof.key_averages():
                 busy["nccl" if "nccl" in e.key.lower() else "compute"] += self_device_us(e) / 1000 / 2
+            with tempfile.TemporaryDirectory() as tmp:  # the trace's timeline: where between its ops the GPU waits
+                prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
+                with open(os.path.join(tmp, "trace.json")) as f:
+                    idle_us, gaps = gpu_gaps(json.load(f))
             line += (f" profiled[{form}]:{wall:.1f}ms compute:{busy['compute']:.1f}ms nccl:{busy['nccl']:.1f}ms "
-                     f"idle:{wall - busy['compute']:.1f}ms")
+                     f"idle:{wall - busy['compute']:.1f}ms gaps:{idle_us / 1000 / 2:.2f}ms/step"
+                     f"({len(gaps)} of >=20us, {sum(g[0] for g in gaps) / 1000 / 2:.2f}ms/step)")
             out = os.environ.get("OUT")
             if out and d.is_main:
                 with open(os.path.join(out, f"profile_train_world{d.world_size}_{form}.txt"), "w") as f:
                     f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=80,
                                                       max_name_column_width=100))
+                    f.write("\nGPU idle gaps of >= 20 us over the 2 profiled steps, longest first (us, op before, "
+                            "op after):\n" + "".join(f"{us:9.1f}  {a[:90]}  ->  {b[:90]}\n" for us, a, b in gaps))
     return line
 
 

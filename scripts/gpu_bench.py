@@ -202,9 +202,9 @@ def bench_train(tg, h, d, device, base, model, tag: str = ""):
         ema, order_ms = tg.EMA(base), {}
 
         def loop_step(i, order, prev):
-            loss = step(i)
-            if order == "prefetch":  # as train_model from PERF #36: the next batch built before the sync
-                loader.prefetch(h.train_batch_tokens, h.train_seq_len, d.grad_accum_steps)
+            # prefetch: as train_model from PERF #36, the next batch built once the last backward is queued
+            loss = tg.run_train_step(model, opt, loader, h, d, device, i, 1.0, prefetch=True) \
+                if order == "prefetch" else step(i)
             if order == "ema_first":  # the EMA issued before the sync, so the host has less to do after it
                 ema.update(i + 1)
             if order in ("loop", "ema_first", "prefetch"):
@@ -234,8 +234,8 @@ def bench_train(tg, h, d, device, base, model, tag: str = ""):
         print(f"bench_train{tag} loop ms/step: " + " ".join(
             f"{o}:{'/'.join(f'{x:.1f}' for x in v)}" for o, v in order_ms.items())
             + " (loop: synced each step then the EMA, as train_model before PERF #36; ema_first: the EMA before the "
-              "sync; lag: the sync a step late; nosync: none; prefetch: loop with the next batch built before the "
-              "sync, as train_model)")
+              "sync; lag: the sync a step late; nosync: none; prefetch: loop with the next batch built once the last "
+              "backward is queued, as train_model)")
         n_loop = k - 3 - n
     else:
         n_loop = 0

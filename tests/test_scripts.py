@@ -345,3 +345,25 @@ def test_dist_bench_refuses_an_unknown_mode(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "dist_bench.py"), "trian"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode != 0 and "unknown modes ['trian']" in proc.stderr, proc.stderr[-1000:]
+
+
+def test_dist_bench_gpu_gaps_reads_the_idle_time_off_a_trace(monkeypatch):
+    """dist_bench's gap finder on a hand-made chrome trace: overlapping ops merge into one busy interval, CPU-side
+    events are not GPU work, idle counts between the first and the last op only, and each gap of at least 20 us is
+    named by the op that ended last before it and the op after it."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # dist_bench imports gpu_bench by name
+    db = load_module(ROOT / "scripts" / "dist_bench.py", "dist_bench_for_tests")
+    ev = lambda cat, name, ts, dur: {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}  # noqa: E731
+    trace = {"traceEvents": [
+        ev("kernel", "gemm", 100.0, 50.0),  # busy 100-150
+        ev("kernel", "norm", 120.0, 10.0),  # inside gemm: no gap, gemm stays the op before the next gap
+        ev("cpu_op", "aten::mm", 150.0, 500.0),  # host time: not GPU work
+        ev("gpu_memcpy", "Memcpy HtoD", 160.0, 5.0),  # 10 us gap: counted, not listed
+        ev("kernel", "attn", 215.0, 100.0),  # 50 us gap after the copy
+        ev("gpu_memset", "Memset", 415.0, 1.0),  # 100 us gap
+        {"ph": "i", "cat": "kernel", "name": "marker", "ts": 10.0},  # not a complete event
+    ]}
+    idle, gaps = db.gpu_gaps(trace)
+    assert idle == pytest.approx(10.0 + 50.0 + 100.0)
+    assert gaps == [(100.0, "attn", "Memset"), (50.0, "Memcpy HtoD", "attn")]
+    assert db.gpu_gaps({"traceEvents": []}) == (0.0, [])
