@@ -30,6 +30,7 @@ Not counted code: loads train_gpt.py (or the file named by TRAIN_GPT) by path.
 from __future__ import annotations
 
 import json
+import inspect
 import os
 import statistics
 import sys
@@ -133,8 +134,9 @@ def bench_train_loop(tg, h, d, device) -> str:
     count = [0]
     # prefetch: train_model as shipped, the next batch built once the step's last backward is queued; noprefetch:
     # built at the next step's start, after the sync (the form before; the only one of a train_gpt.py without
-    # TrainLoader.prefetch)
-    forms = ("prefetch", "noprefetch") if hasattr(loader, "prefetch") else ("noprefetch",)
+    # run_train_step(prefetch=...))
+    forms = ("prefetch", "noprefetch") if "prefetch" in inspect.signature(tg.run_train_step).parameters \
+        else ("noprefetch",)
 
     def step(form):  # train_model's loop body, less the logging and the stop test
         loss = tg.run_train_step(model, opt, loader, h, d, device, count[0], 1.0,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import inspect
 import os
 import subprocess
 import sys
@@ -224,7 +225,8 @@ def bench_train(tg, h, d, device, base, model, tag: str = ""):
                 prev.append((event, flag))
 
         k = 3 + n
-        orders = ("loop", "ema_first", "lag", "nosync") + (("prefetch",) if hasattr(loader, "prefetch") else ())
+        prefetch = "prefetch" in inspect.signature(tg.run_train_step).parameters  # PERF #36 on
+        orders = ("loop", "ema_first", "lag", "nosync") + (("prefetch",) if prefetch else ())
         for _ in range(2):  # alternating, twice, against drift
             for order in orders:
                 prev = []
