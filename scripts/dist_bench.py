@@ -14,12 +14,11 @@ copies and memsets); at more than one rank that includes NCCL's kernels, waiting
 train: whole training steps as train_model runs them (run_train_step, the next batch prefetched, the per-step sync,
 the EMA update) with the compiled model: after 3 warm-up steps, BENCH_STEPS timed as shipped (`prefetch`: the next
 batch built once the last backward is queued) and with it built after the sync instead (`noprefetch`, the form
-before), alternating, twice; then per form a
-CUDA profile of 2 steps: the wall time per step against the time the GPU's compute kernels are busy and NCCL's
-kernels are busy (`idle` = wall - compute: what the GPU spends waiting for the host, for other ranks, or for
-collectives it cannot overlap), and from the profile's timeline the GPU's idle gaps between its first and last op
-(`gaps`: all of them, and those of at least 20 us; OUT gets each such gap with the ops on either side).  Needs
-DATA_PATH's shards.
+before), alternating, twice; then per form a CUDA profile of 2 steps: the wall time per step against the time the
+GPU's compute kernels are busy and NCCL's kernels are busy (`idle` = wall - compute: what the GPU spends waiting for
+the host, for other ranks, or for collectives it cannot overlap), and from the profile's timeline the GPU's idle
+gaps between its first and last op (`gaps`: all of them, and those of at least 20 us; OUT gets each such gap with
+the ops on either side).  Needs DATA_PATH's shards.
 
 One process (plain `python3 scripts/dist_bench.py`) times the same with no collectives, for the difference.
 Env: BENCH_REPS (timed optimizer steps, default 20), BENCH_STEPS (timed training steps, default 8), OUT (the rank-0
@@ -29,8 +28,8 @@ Not counted code: loads train_gpt.py (or the file named by TRAIN_GPT) by path.
 
 from __future__ import annotations
 
-import json
 import inspect
+import json
 import os
 import statistics
 import sys

@@ -137,8 +137,8 @@ def test_loader_deterministic_and_seeded(tg, tmp_path):
 
 
 def test_loader_prefetch_keeps_the_batches_and_their_order(tg, tmp_path):
-    """train_model builds each next batch before its per-step sync (TrainLoader.prefetch): the batches and their order
-    are those of plain next_batch calls, a second prefetch before the batch is taken builds nothing, and a batch
+    """The training loop builds each next step's first batch ahead (TrainLoader.prefetch, PERF #36): the batches and
+    their order are those of plain next_batch calls, a second prefetch before the batch is taken builds nothing, and a batch
     asked for with other arguments than it was built with is refused (the RNG has moved on)."""
     files = _shards(tg, tmp_path, [3000] * 6)
     plain = _batches(tg.TrainLoader(files, 5, 0, 1, CPU), 6, 8 * 32, 32, 2)
