@@ -952,6 +952,11 @@ def _qk_meta(D: int, half: int, has_gain: bool) -> dict:
     return dict(D=D, W=w, HALF=half, BM=QK_BLOCK_ROWS, BG=_pow2(-(-D // (2 * w))), BH=_pow2(w), HAS_GAIN=has_gain)
 
 
+def _qkv_out_heads(n_q: int, n_k: int, n_v: int, rep: int) -> tuple[int, int, int, int]:
+    """Heads of the q/k op's outputs (q, k, v, v_rep): k and v_rep repeated rep times, v_rep empty at rep 1."""
+    return n_q, n_k * rep, n_v, n_v * rep if rep > 1 else 0
+
+
 def _qk_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int, n_k: int, rep: int = 1,
                grads: tuple[Tensor, ...] | None = None):
     """Forward (grads None) or backward kernel on x (B, T, n_q+n_k+n_v, D).  Returns (q, k, v, v_rep), contiguous,
@@ -967,7 +972,7 @@ def _qk_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: in
     if min(n_q, n_k, n_v) < 0 or rep < 1 or (gain is not None and (gain.shape != (n_q,) or gain.device != x.device)):
         raise ValueError(f"qk_norm_rope: {n_q} q + {n_k} k heads repeated {rep} times (gain "
                          f"{None if gain is None else tuple(gain.shape)}) do not fit the {HX} heads of x on {x.device}")
-    heads = (n_q, n_k * rep, n_v, n_v * rep if rep > 1 else 0)
+    heads = _qkv_out_heads(n_q, n_k, n_v, rep)
     if grads is not None and [tuple(g.shape) for g in grads] != [(B, T, n, D) for n in heads]:
         raise ValueError(f"qk_norm_rope: gradients {[tuple(g.shape) for g in grads]} do not match the q/k/v/v_rep "
                          f"heads {heads} of x {tuple(x.shape)} repeated {rep} times")
@@ -1070,8 +1075,7 @@ def qk_norm_rope_op():
     @fwd.register_fake
     def _(x, cos, sin, gain, n_q, n_k, rep):
         B, T, HX, D = x.shape
-        n_v = HX - n_q - n_k
-        return tuple(x.new_empty(B, T, n, D) for n in (n_q, n_k * rep, n_v, n_v * rep if rep > 1 else 0))
+        return tuple(x.new_empty(B, T, n, D) for n in _qkv_out_heads(n_q, n_k, HX - n_q - n_k, rep))
 
     @torch.library.custom_op(f"{lib}::qkv_norm_rope_backward", mutates_args=(),
                              schema=f"(Tensor gq, Tensor gk, Tensor gv, Tensor gvr, {args}) -> (Tensor, Tensor)")
@@ -1094,9 +1098,8 @@ def qk_norm_rope_op():
         x, cos, sin, gain = ctx.saved_tensors
         B, T, HX, D = x.shape
         n_q, n_k, rep = ctx.heads
-        n_v = HX - n_q - n_k
         grads = [x.new_zeros(B, T, n, D) if g is None else g
-                 for g, n in zip(grads, (n_q, n_k * rep, n_v, n_v * rep if rep > 1 else 0))]
+                 for g, n in zip(grads, _qkv_out_heads(n_q, n_k, HX - n_q - n_k, rep))]
         dx, dgain = bwd(*grads, x, cos, sin, gain, n_q, n_k, rep)
         return dx, None, None, dgain if gain is not None else None, None, None, None
 

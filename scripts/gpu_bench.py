@@ -1,7 +1,7 @@
 """GPU micro-benchmarks of the record config, one process, one GPU: training ms/step (with a torch-profiler table of
-the top CUDA kernels, and the train loop's per-step sync and EMA update in four orders), peak memory, sliding-eval
-throughput per SLOT mode with the projection to the full FineWeb val on 8 GPUs, and GPTQ calibration / quantisation /
-compression times.
+the top CUDA kernels, and the train loop's per-step sync, EMA update and batch prefetch in five orders), peak memory,
+sliding-eval throughput per SLOT mode with the projection to the full FineWeb val on 8 GPUs, and GPTQ calibration /
+quantisation / compression times.
 
     DATA_PATH=data/datasets/proxy_sp1024 python3 scripts/gpu_bench.py [kernels] [ce] [power] [train] [eval] [gptq]
 
@@ -574,12 +574,12 @@ def bench_kernels(tg, device) -> None:
     shipped = (tg.QK_BLOCK_ROWS, tg.QK_WARPS)
     sweep = os.environ.get("BENCH_QK_SWEEP", "1") != "0"
     for rep, grads, extra in ((1, ups, 0), (2, ups2, 12 * nh)) if ra else ((1, ups, 0),):
-        best = None
+        best, rep_a = None, (rep,) if ra else ()
         for rows in (8, 16, 32, 64) if sweep else ():
             for warps in (1, 2, 4, 8):
                 tg.QK_BLOCK_ROWS, tg.QK_WARPS = rows, warps
-                t_f = bench(lambda: tg._qk_launch(x, cb, sb, gain, 8, 4, *((rep,) if ra else ())))
-                t_b = bench(lambda: tg._qk_launch(x, cb, sb, gain, 8, 4, *((rep,) if ra else ()), grads=grads))
+                t_f = bench(lambda: tg._qk_launch(x, cb, sb, gain, 8, 4, *rep_a))
+                t_b = bench(lambda: tg._qk_launch(x, cb, sb, gain, 8, 4, *rep_a, grads=grads))
                 print(f"bench_kernels sweep rep:{rep} rows:{rows} warps:{warps} fwd+bwd:{1000 * (t_f + t_b):.1f}us "
                       f"fwd:{1000 * t_f:.1f}us({(2 * nb + extra) / t_f / 1e9:.2f}TB/s) "
                       f"bwd:{1000 * t_b:.1f}us({(2 * nb + nqk + extra) / t_b / 1e9:.2f}TB/s)")
