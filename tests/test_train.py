@@ -53,6 +53,27 @@ def test_ema_update_is_a_lerp_and_keeps_the_previous_average(tg):
     assert m.weight.dtype == torch.bfloat16
 
 
+def test_ema_follows_parameters_updated_in_place_or_replaced(tg):
+    """EMA.update takes the fp32 parameters' lerp sources once (aliases, updated in place by the optimizers) and
+    takes them again where a parameter's data was replaced: the average follows the weights either way, bit for bit
+    the lerp towards p.float()."""
+    m = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
+    m[1].weight.data = m[1].weight.data.to(torch.bfloat16)
+    ema = tg.EMA(m)
+    for step, change in ((3, "in place"), (4, "replaced"), (5, "in place")):
+        before = [t.clone() for t in ema.shadow]
+        with torch.no_grad():
+            for p in m.parameters():
+                if change == "in place":
+                    p.mul_(1.5).add_(0.25)
+                else:
+                    p.data = p.data * 2.0 + 1.0
+        ema.update(step)
+        w = 1.0 - tg.ema_decay(step)
+        for s0, s1, p in zip(before, ema.shadow, m.parameters()):
+            assert torch.equal(s1, s0.lerp(p.detach().float(), w)), change
+
+
 def _agree_worker(rank: int, world: int, store: str, out: str) -> None:
     import torch.distributed as dist
     from conftest import SOURCE, load_module
