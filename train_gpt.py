@@ -2114,16 +2114,44 @@ class Optimizers:
                 if opt is self.muon:
                     group["momentum"] = mu
         if self.h.grad_clip_norm > 0:  # each rank clips its own local grads, before any reduction (SPEC §12.7)
-            torch.nn.utils.clip_grad_norm_(self.params, self.h.grad_clip_norm)
+            self.clip_grads(self.h.grad_clip_norm)
         self.muon.launch_reduce_scatters()
         self._all_reduce_replicated()
         for opt in self.adams:
             opt.step()
         self.muon.step()
 
+    def _grad_groups(self) -> list[list[Tensor]]:
+        """The grads grouped by (device, dtype), groups and members in first-seen order, as torch's foreach
+        utilities group them."""
+        groups: dict = {}
+        for p in self.params:
+            if p.grad is not None:
+                groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+        return list(groups.values())
+
+    @torch.no_grad()
+    def clip_grads(self, max_norm: float) -> Tensor:
+        """torch.nn.utils.clip_grad_norm_ (its foreach form: the same ops in the same order, so the same bits) in
+        ~10 host calls, not ~75: torch moves each of the 60 per-tensor norms to the first one's device, one call per
+        norm even where they are all on one device, while the host is already behind the GPU's optimizer kernels
+        (PERF #37).  Returns the total norm."""
+        groups = self._grad_groups()
+        norms = [n for g in groups for n in torch._foreach_norm(g, 2.0)]
+        if not norms:
+            return torch.zeros(())
+        first = norms[0].device
+        total = torch.linalg.vector_norm(torch.stack([n if n.device == first else n.to(first) for n in norms]), 2.0)
+        coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
+        for g in groups:
+            torch._foreach_mul_(g, coef if g[0].device == first else coef.to(g[0].device))
+        return total
+
     def zero_grad(self) -> None:
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=False)
+        """Each optimizer's zero_grad(set_to_none=False), as one foreach zero per dtype (Muon's own zeroes each
+        bank with its own call)."""
+        for g in self._grad_groups():
+            torch._foreach_zero_(g)
 
     def state_dict(self) -> dict:
         """A deep copy, so later steps cannot mutate a saved snapshot (compile warm-up restore, SPEC §3.4)."""
@@ -2963,19 +2991,23 @@ def save_state(state: dict, path: str, d: DistInfo) -> None:
 
 
 def run_train_step(model, opt, loader, h: Hyperparameters, d: DistInfo, device, step: int, scale: float,
-                   prefetch: bool = False) -> Tensor:
+                   prefetch: bool = False, agree: "StepAgreement | None" = None) -> Tensor:
     """One optimizer step over grad_accum micro-batches; returns the mean loss as a device tensor (no host sync).
     prefetch: the next step's first batch is built once the last backward is queued (PERF #36): the host is then far
     ahead of the GPU, while after the optimizer's many small launches it is behind, and after the per-step sync the
-    GPU has nothing queued at all."""
+    GPU has nothing queued at all.  agree: started on the step's summed loss once its last forward is queued, before
+    that micro-batch's backward (PERF #38): the caller's wait for it then ends while the GPU still has the backward
+    and the optimizer to run, instead of draining the GPU at every step's end."""
     ga = d.grad_accum_steps
     total = torch.zeros((), device=device)
-    for _ in range(ga):
+    for i in range(ga):
         x, y = loader.next_batch(h.train_batch_tokens, h.train_seq_len, ga)
         with autocast_ctx(device):
             loss = model(x, y)
-        (loss / ga).backward()
         total += loss.detach()
+        if agree is not None and i == ga - 1:
+            agree.start(total)
+        (loss / ga).backward()
     if prefetch:
         loader.prefetch(h.train_batch_tokens, h.train_seq_len, ga)
     opt.step(step, scale)
@@ -2983,14 +3015,56 @@ def run_train_step(model, opt, loader, h: Hyperparameters, d: DistInfo, device, 
     return total / ga
 
 
+class StepAgreement:
+    """Every rank's agreement on (elapsed ms, the step's loss is non-finite): the all-reduced MAX of both, so that
+    every rank uses the same clock for the LR schedule, the QAT start and the stop, and the replicated weights never
+    drift apart; a NaN on one rank stops them all.  start() reads the clock and queues it all without waiting: the
+    clock goes up from pinned memory (a pageable copy makes the host wait for the GPU to drain first), one process
+    needs no clock on the GPU, and the answer comes back to pinned memory behind an event.  result() waits for that
+    event alone: the one host sync per step (PERF #37, #38)."""
+
+    def __init__(self, clock, device):
+        self.clock, self.device = clock, device
+        self._host: Tensor | None = None
+        self._event = None
+        self._ms: float | None = None
+
+    def start(self, loss: Tensor) -> None:
+        ms, dev = float(self.clock()), self.device
+        bad = (~torch.isfinite(loss.detach())).reshape(1).to(torch.float32)
+        if is_distributed() and dist.get_world_size() > 1:
+            t = torch.tensor([ms], dtype=torch.float32)
+            if dev.type == "cuda":
+                t = t.pin_memory().to(dev, non_blocking=True)
+            t = torch.cat([t.to(dev), bad.to(dev)])
+            all_reduce_(t, dist.ReduceOp.MAX)
+            self._ms = None
+        else:
+            t, self._ms = bad, ms
+        self._event = None
+        if t.is_cuda:
+            self._host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self._host.copy_(t, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = t
+
+    def result(self) -> tuple[float, bool]:
+        """(agreed elapsed ms, any rank's loss non-finite)."""
+        if self._host is None:
+            raise RuntimeError("StepAgreement.result() called before start(): run_train_step was not given it")
+        if self._event is not None:
+            self._event.synchronize()
+        values = self._host.tolist()
+        return (self._ms, bool(values[0])) if self._ms is not None else (values[0], bool(values[1]))
+
+
 def _agree_step(train_ms: float, loss: Tensor, device) -> tuple[float, bool]:
-    """All-reduce(MAX) of (elapsed ms, loss is non-finite), one host sync per step: every rank then uses the same
-    clock for the LR schedule, the QAT start and the stop, so the replicated weights never drift apart."""
-    t = torch.stack([torch.tensor(train_ms, device=device, dtype=torch.float32),
-                     (~torch.isfinite(loss.detach())).to(device=device, dtype=torch.float32).reshape(())])
-    all_reduce_(t, dist.ReduceOp.MAX)
-    agreed_ms, bad = t.tolist()
-    return agreed_ms, bool(bad)
+    """StepAgreement started and read at once (after the step: waits for the GPU to finish it)."""
+    agree = StepAgreement(lambda: train_ms, device)
+    agree.start(loss)
+    return agree.result()
 
 
 def _timed_val(h, model, d, device, val_data, step: int, train_ms: float) -> None:
@@ -3045,9 +3119,11 @@ def train_model(h: Hyperparameters, d: DistInfo, device, base: nn.Module, model,
             log0(f"late_qat:enabled step:{step} scale:{scale:.4f}")
         if qat_start is not None:
             base.set_qat(qat_alpha(step, qat_start))
-        loss = run_train_step(model, opt, loader, h, d, device, step, scale, prefetch=step + 1 < h.iterations)
+        agree = StepAgreement(lambda: 1000.0 * (time.perf_counter() - t0), device)
+        loss = run_train_step(model, opt, loader, h, d, device, step, scale, prefetch=step + 1 < h.iterations,
+                              agree=agree)
         step += 1
-        train_ms, bad = _agree_step(1000.0 * (time.perf_counter() - t0), loss, device)
+        train_ms, bad = agree.result()
         capped = budget_ms > 0 and train_ms >= budget_ms
         if bad:
             save_state(ema.last_finite_state(), "final_model.pt", d)

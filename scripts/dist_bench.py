@@ -12,13 +12,17 @@ copies and memsets); at more than one rank that includes NCCL's kernels, waiting
     NCCL_DEBUG=INFO torchrun ... 2>&1 | grep -E "dist_bench| via "   # which transport NCCL picked (P2P, SHM, NET)
 
 train: whole training steps as train_model runs them (run_train_step, the next batch prefetched, the per-step sync,
-the EMA update) with the compiled model: after 3 warm-up steps, BENCH_STEPS timed as shipped (`prefetch`: the next
-batch built once the last backward is queued) and with it built after the sync instead (`noprefetch`, the form
-before), alternating, twice; then per form a CUDA profile of 2 steps: the wall time per step against the time the
-GPU's compute kernels are busy and NCCL's kernels are busy (`idle` = wall - compute: what the GPU spends waiting for
-the host, for other ranks, or for collectives it cannot overlap), and from the profile's timeline the GPU's idle
-gaps between its first and last op (`gaps`: all of them, and those of at least 20 us; OUT gets each such gap with
-the ops on either side).  Needs DATA_PATH's shards.
+the EMA update) with the compiled model: after 3 warm-up steps, BENCH_STEPS timed in each form, alternating, twice:
+as shipped (`shipped`), with the per-step sync waited for after the whole step, which drains the GPU at every step's
+end (`latesync`, before PERF #38), and that with the host-side ops as before PERF #37 too (`hostbefore`: torch's
+clip_grad_norm_, each optimizer's own zero_grad, the EMA's lerp sources rebuilt each step, the clock sent up from
+pageable memory).  Then per form a CUDA profile of 2 steps: the wall time per step against the time the GPU's
+compute kernels are busy and NCCL's kernels are busy (`idle` = wall - compute: what the GPU spends waiting for the
+host, for other ranks, or for collectives it cannot overlap), and from the profile's timeline the GPU's idle gaps
+between its first and last op (`gaps`: all of them, and those of at least 20 us; OUT gets each such gap with the ops
+on either side).  Last, 2 shipped steps traced with the host too: each gap of at least 20 us is put on the part of
+the step that launched the op after it (`gaps_by_launcher`, ms/step: run_train_step, agree_step, ema_update; the
+host runs slower when traced); OUT gets each gap with the launching host events.  Needs DATA_PATH's shards.
 
 One process (plain `python3 scripts/dist_bench.py`) times the same with no collectives, for the difference.
 Env: BENCH_REPS (timed optimizer steps, default 20), BENCH_STEPS (timed training steps, default 8), OUT (the rank-0
@@ -100,23 +104,94 @@ def bench_optimizer(tg, h, d, device) -> str:
     return line
 
 
-def gpu_gaps(trace: dict, min_us: float = 20.0) -> tuple[float, list[tuple[float, str, str]]]:
-    """From a torch-profiler chrome trace: the GPU's idle time between its first and last op (kernels, copies, memsets
-    merged into busy intervals) and each gap of at least min_us as (µs, the op before, the op after), longest first."""
-    ops = sorted((e["ts"], e["ts"] + e.get("dur", 0.0), e.get("name", "?")) for e in trace.get("traceEvents", [])
-                 if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+HOST_CATS = ("cpu_op", "user_annotation")
+LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
+
+
+def _gaps(trace: dict, min_us: float) -> tuple[float, list[tuple[float, dict, dict]]]:
+    """The GPU's idle time between its first and last op, and each gap of at least min_us as (µs, the event that ended
+    last before it, the event after it), longest first."""
+    ops = sorted((e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and e.get("cat") in GPU_CATS),
+                 key=lambda e: (e["ts"], e["ts"] + e.get("dur", 0.0)))
     idle, gaps = 0.0, []
     if not ops:
         return idle, gaps
-    end, last = ops[0][1], ops[0][2]
-    for start, stop, name in ops[1:]:
+    end, last = ops[0]["ts"] + ops[0].get("dur", 0.0), ops[0]
+    for e in ops[1:]:
+        start, stop = e["ts"], e["ts"] + e.get("dur", 0.0)
         if start > end:
             idle += start - end
             if start - end >= min_us:
-                gaps.append((start - end, last, name))
+                gaps.append((start - end, last, e))
         if stop >= end:
-            end, last = stop, name
-    return idle, sorted(gaps, reverse=True)
+            end, last = stop, e
+    return idle, sorted(gaps, key=lambda g: -g[0])
+
+
+def gpu_gaps(trace: dict, min_us: float = 20.0) -> tuple[float, list[tuple[float, str, str]]]:
+    """From a torch-profiler chrome trace: the GPU's idle time between its first and last op (kernels, copies, memsets
+    merged into busy intervals) and each gap of at least min_us as (µs, the op before, the op after), longest first."""
+    idle, gaps = _gaps(trace, min_us)
+    return idle, [(us, a.get("name", "?"), b.get("name", "?")) for us, a, b in gaps]
+
+
+def gap_launchers(trace: dict, min_us: float = 20.0) -> list[tuple[float, float, str, list[str]]]:
+    """For a trace with CPU activity too: each GPU gap of at least min_us as (µs, lag µs, the op after it, the host
+    events that launched that op, outermost first).  The launch call (cuda_runtime / cuda_driver event) is found by
+    the op's correlation id; the host events are the cpu_op and user_annotation events of its thread whose span holds
+    it.  lag = the op's GPU start - the launch call's start: a few µs means the GPU waited for the host to launch it
+    (the gap is host time); a long lag means the op was queued early and waited for something else."""
+    events = trace.get("traceEvents", [])
+    launches = {e["args"]["correlation"]: e for e in events if e.get("ph") == "X" and e.get("cat") in LAUNCH_CATS
+                and "correlation" in e.get("args", {})}
+    host: dict = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in HOST_CATS:
+            host.setdefault((e.get("pid"), e.get("tid")), []).append(e)
+    out = []
+    for us, _, op in _gaps(trace, min_us)[1]:
+        launch = launches.get(op.get("args", {}).get("correlation"))
+        if launch is None:
+            out.append((us, float("nan"), op.get("name", "?"), ["(launch not traced)"]))
+            continue
+        t = launch["ts"]
+        chain = sorted((e for e in host.get((launch.get("pid"), launch.get("tid")), [])
+                        if e["ts"] <= t <= e["ts"] + e.get("dur", 0.0)), key=lambda e: (e["ts"], -e.get("dur", 0.0)))
+        out.append((us, op["ts"] - t, op.get("name", "?"), [e.get("name", "?") for e in chain] or ["(no host op)"]))
+    return out
+
+
+def _before_host_ops(tg, opt, ema):
+    """The host side of a step as it was before PERF #37, on these objects: torch's clip_grad_norm_, each
+    optimizer's own zero_grad, the EMA's lerp sources rebuilt each update, the clock sent up from pageable memory.
+    Returns the per-step sync to use (None where this train_gpt.py has no PERF #37: nothing to undo)."""
+    if not hasattr(tg.Optimizers, "clip_grads"):
+        return None
+    opt.clip_grads = lambda max_norm: torch.nn.utils.clip_grad_norm_(opt.params, max_norm)
+    opt.zero_grad = lambda: [o.zero_grad(set_to_none=False) for o in opt.optimizers]
+
+    def ema_update(step):
+        with torch.no_grad():
+            torch._foreach_copy_(ema.previous, ema.shadow)
+            torch._foreach_lerp_(ema.shadow, [p.detach().float() for p in ema.params], 1.0 - tg.ema_decay(step))
+
+    ema.update = ema_update
+
+    def agree(train_ms, loss, device):
+        t = torch.stack([torch.tensor(train_ms, device=device, dtype=torch.float32),
+                         (~torch.isfinite(loss.detach())).to(device=device, dtype=torch.float32).reshape(())])
+        tg.all_reduce_(t, dist.ReduceOp.MAX)
+        agreed_ms, bad = t.tolist()
+        return agreed_ms, bool(bad)
+
+    return agree
+
+
+def _undo(*objs) -> None:
+    for o in objs:
+        for name in ("clip_grads", "zero_grad", "update"):
+            o.__dict__.pop(name, None)
 
 
 def bench_train_loop(tg, h, d, device) -> str:
@@ -131,18 +206,28 @@ def bench_train_loop(tg, h, d, device) -> str:
     ema = tg.EMA(base)
     base.set_qat(0.0)
     count = [0]
-    # prefetch: train_model as shipped, the next batch built once the step's last backward is queued; noprefetch:
-    # built at the next step's start, after the sync (the form before; the only one of a train_gpt.py without
-    # run_train_step(prefetch=...))
-    forms = ("prefetch", "noprefetch") if "prefetch" in inspect.signature(tg.run_train_step).parameters \
-        else ("noprefetch",)
+    # shipped: train_model's loop as it is; latesync: the per-step sync after the step, which drains the GPU (before
+    # PERF #38); hostbefore: latesync with the host-side ops as before PERF #37 (_before_host_ops).  A train_gpt.py
+    # from before either runs only the forms it has.
+    has_agree = hasattr(tg, "StepAgreement")
+    prefetch = {"prefetch": True} if "prefetch" in inspect.signature(tg.run_train_step).parameters else {}
+    forms = ("shipped", *(("latesync",) if has_agree else ()),
+             *(("hostbefore",) if hasattr(tg.Optimizers, "clip_grads") else ()))
 
     def step(form):  # train_model's loop body, less the logging and the stop test
-        loss = tg.run_train_step(model, opt, loader, h, d, device, count[0], 1.0,
-                                 **({"prefetch": True} if form == "prefetch" else {}))
-        count[0] += 1
-        tg._agree_step(0.0, loss, device)
-        ema.update(count[0])
+        agree = tg.StepAgreement(lambda: 0.0, device) if form == "shipped" and has_agree else None
+        late = _before_host_ops(tg, opt, ema) if form == "hostbefore" else tg._agree_step
+        try:
+            with torch.profiler.record_function("bench:run_train_step"):
+                loss = tg.run_train_step(model, opt, loader, h, d, device, count[0], 1.0, **prefetch,
+                                         **({"agree": agree} if agree is not None else {}))
+            count[0] += 1
+            with torch.profiler.record_function("bench:agree_step"):
+                agree.result() if agree is not None else late(0.0, loss, device)
+            with torch.profiler.record_function("bench:ema_update"):
+                ema.update(count[0])
+        finally:
+            _undo(opt, ema)
 
     for _ in range(3):  # compile; CUDA graphs record at the second call
         step(forms[0])
@@ -160,6 +245,7 @@ def bench_train_loop(tg, h, d, device) -> str:
             f"tok/s:{h.train_batch_tokens / (ms / 1000):.0f} " + " ".join(
                 f"{f}:{'/'.join(f'{x:.1f}' for x in v)}" for f, v in runs.items()))
     if device.type == "cuda":
+        out = os.environ.get("OUT") if d.is_main else None
         for form in forms:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 t0 = time.perf_counter()
@@ -177,13 +263,33 @@ def bench_train_loop(tg, h, d, device) -> str:
             line += (f" profiled[{form}]:{wall:.1f}ms compute:{busy['compute']:.1f}ms nccl:{busy['nccl']:.1f}ms "
                      f"idle:{wall - busy['compute']:.1f}ms gaps:{idle_us / 1000 / 2:.2f}ms/step"
                      f"({len(gaps)} of >=20us, {sum(g[0] for g in gaps) / 1000 / 2:.2f}ms/step)")
-            out = os.environ.get("OUT")
-            if out and d.is_main:
+            if out:
                 with open(os.path.join(out, f"profile_train_world{d.world_size}_{form}.txt"), "w") as f:
                     f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=80,
                                                       max_name_column_width=100))
                     f.write("\nGPU idle gaps of >= 20 us over the 2 profiled steps, longest first (us, op before, "
                             "op after):\n" + "".join(f"{us:9.1f}  {a[:90]}  ->  {b[:90]}\n" for us, a, b in gaps))
+        # who launched the op after each gap (host activity traced too, so the host runs slower than untraced)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                step(forms[0])
+            torch.cuda.synchronize(device)
+        with tempfile.TemporaryDirectory() as tmp:
+            prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
+            with open(os.path.join(tmp, "trace.json")) as f:
+                found = gap_launchers(json.load(f))
+        by_part: dict[str, float] = {}
+        for us, _, _, chain in found:
+            part = next((c[len("bench:"):] for c in chain if c.startswith("bench:")), "other")
+            by_part[part] = by_part.get(part, 0.0) + us / 1000 / 2
+        line += f" gaps_by_launcher[{forms[0]}]:" + ",".join(f"{k}={v:.2f}" for k, v in sorted(by_part.items()))
+        if out:
+            with open(os.path.join(out, f"gap_launchers_world{d.world_size}.txt"), "w") as f:
+                f.write("GPU idle gaps of >= 20 us over 2 traced steps, longest first: gap us, lag us (op start - "
+                        "launch call), the op after the gap, the host events that launched it (outermost first)\n")
+                f.write("".join(f"{us:9.1f} {lag:9.1f}  {op[:70]}  <-  {' > '.join(c[:60] for c in chain)}\n"
+                                for us, lag, op, chain in found))
     return line
 
 

@@ -204,6 +204,12 @@ def bench_train(tg, h, d, device, base, model, tag: str = ""):
 
         def loop_step(i, order, prev):
             # prefetch: as train_model from PERF #36, the next batch built once the last backward is queued
+            if order == "agree":  # as train_model from PERF #38: the sync waits only for the last forward
+                agree = tg.StepAgreement(lambda: 0.0, device)
+                tg.run_train_step(model, opt, loader, h, d, device, i, 1.0, prefetch=True, agree=agree)
+                agree.result()
+                ema.update(i + 1)
+                return
             loss = tg.run_train_step(model, opt, loader, h, d, device, i, 1.0, prefetch=True) \
                 if order == "prefetch" else step(i)
             if order == "ema_first":  # the EMA issued before the sync, so the host has less to do after it
@@ -226,7 +232,8 @@ def bench_train(tg, h, d, device, base, model, tag: str = ""):
 
         k = 3 + n
         prefetch = "prefetch" in inspect.signature(tg.run_train_step).parameters  # PERF #36 on
-        orders = ("loop", "ema_first", "lag", "nosync") + (("prefetch",) if prefetch else ())
+        orders = ("loop", "ema_first", "lag", "nosync") + (("prefetch",) if prefetch else ()) \
+            + (("agree",) if hasattr(tg, "StepAgreement") else ())  # PERF #38 on
         for _ in range(2):  # alternating, twice, against drift
             for order in orders:
                 prev = []
@@ -237,7 +244,8 @@ def bench_train(tg, h, d, device, base, model, tag: str = ""):
             f"{o}:{'/'.join(f'{x:.1f}' for x in v)}" for o, v in order_ms.items())
             + " (loop: synced each step then the EMA, as train_model before PERF #36; ema_first: the EMA before the "
               "sync; lag: the sync a step late; nosync: none; prefetch: loop with the next batch built once the last "
-              "backward is queued, as train_model)")
+              "backward is queued, as train_model from PERF #36; agree: prefetch with the sync's flag queued at the "
+              "last forward and only that waited for, as train_model from PERF #38)")
         n_loop = k - 3 - n
     else:
         n_loop = 0

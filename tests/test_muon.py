@@ -256,6 +256,33 @@ def test_clipping_bounds_local_grads_and_sets_lr_and_momentum(tgc):
     assert opts.adams[1].param_groups[0]["lr"] == pytest.approx(h.scalar_lr * 0.25)
 
 
+def test_clip_grads_matches_torch_bit_for_bit(tgc):
+    """Guards PERF #37's clip: Optimizers.clip_grads must give torch.nn.utils.clip_grad_norm_'s total norm and clipped
+    grads exactly (same grouping, same op order), with grads of two dtypes (fp32 and a bf16 bank), clipping or not;
+    and zero_grad must zero every grad in place, of either dtype."""
+    h = tiny_config(tgc, grad_clip_norm=0.3)
+    for mult, clips in ((100.0, True), (1e-4, False)):
+        model = ToyBanked()
+        (model(*toy_batch(3)) * mult).backward()
+        model.kv_bank.data = model.kv_bank.data.bfloat16()  # a bf16 parameter, as the real model's are
+        model.kv_bank.grad = model.kv_bank.grad.bfloat16()
+        opts = tgc.build_optimizers(h, model, tgc.DistInfo())
+        grads = [p.grad.clone() for p in opts.params]
+        assert {g.dtype for g in grads} == {torch.float32, torch.bfloat16}
+        ref = [nn.Parameter(torch.zeros_like(g)) for g in grads]
+        for r, g in zip(ref, grads):
+            r.grad = g.clone()
+        want = torch.nn.utils.clip_grad_norm_(ref, 0.3)
+        got = opts.clip_grads(0.3)
+        assert torch.equal(got, want) and (want > 0.3) == clips
+        for p, r, g in zip(opts.params, ref, grads):
+            assert torch.equal(p.grad, r.grad) and p.grad.dtype == g.dtype
+            assert torch.equal(p.grad, g) != clips
+        bufs = [p.grad for p in opts.params]
+        opts.zero_grad()
+        assert all(p.grad is b and not b.any() for p, b in zip(opts.params, bufs))
+
+
 def test_state_dict_round_trip_restores_exact_state(tgc):
     """Guards the compile warm-up restore (SPEC §3.4): a snapshot must not alias live state, and reloading it must
     make the following steps bitwise identical to the first time they ran."""

@@ -307,8 +307,9 @@ def test_gpu_bench_mix_needs_the_training_options(gpu_bench, tmp_path, monkeypat
 def test_dist_bench_times_the_optimizer_step_its_collectives_and_training_steps(tmp_path):
     """scripts/dist_bench.py on CPU (gloo): two ranks report the whole optimizer step plus each bank's reduce-scatter
     and all-gather and the replicated all-reduce, with their sizes; one process reports the step alone.  Both report
-    whole training steps (train_model's loop body) with the grad_accum of their world size, with the next batch
-    prefetched before the per-step sync (as shipped) and built after it."""
+    whole training steps (train_model's loop body) with the grad_accum of their world size: as shipped, with the
+    per-step sync waited for after the whole step (before PERF #38), and that with the host-side ops from before
+    PERF #37 too."""
     torchrun = shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun not on PATH")
@@ -328,7 +329,8 @@ def test_dist_bench_times_the_optimizer_step_its_collectives_and_training_steps(
         assert len(lines) == 2, proc.stdout  # rank 0 alone prints, one line per mode
         runs[world] = lines[0]
         m = re.fullmatch(rf"dist_bench_train world:{world} grad_accum:{8 // world} ms/step:(\d+\.\d) tok/s:(\d+) "
-                         r"prefetch:(\d+\.\d)/(\d+\.\d) noprefetch:(\d+\.\d)/(\d+\.\d)", lines[1])
+                         r"shipped:(\d+\.\d)/(\d+\.\d) latesync:(\d+\.\d)/(\d+\.\d) "
+                         r"hostbefore:(\d+\.\d)/(\d+\.\d)", lines[1])
         assert m and int(m.group(2)) > 0 and all(float(x) > 0 for x in m.groups()), lines[1]
         assert float(m.group(1)) == pytest.approx((float(m.group(3)) + float(m.group(4))) / 2, abs=0.06)
     m = re.fullmatch(r"dist_bench world:1 optimizer_step:(\d+\.\d+)ms", runs[1])
@@ -367,3 +369,34 @@ def test_dist_bench_gpu_gaps_reads_the_idle_time_off_a_trace(monkeypatch):
     assert idle == pytest.approx(10.0 + 50.0 + 100.0)
     assert gaps == [(100.0, "attn", "Memset"), (50.0, "Memcpy HtoD", "attn")]
     assert db.gpu_gaps({"traceEvents": []}) == (0.0, [])
+
+
+def test_dist_bench_gap_launchers_names_the_host_code_behind_each_gap(monkeypatch):
+    """The op after each GPU gap is traced back, by its correlation id, to its launch call and the host events around
+    that call on the same thread (outermost first); lag = op start - launch call start."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    db = load_module(ROOT / "scripts" / "dist_bench.py", "dist_bench_for_tests")
+
+    def ev(cat, name, ts, dur, tid=1, corr=None):
+        e = {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": tid}
+        if corr is not None:
+            e["args"] = {"correlation": corr}
+        return e
+
+    trace = {"traceEvents": [
+        ev("kernel", "gemm", 100.0, 50.0, tid=7, corr=1),
+        ev("kernel", "lerp", 300.0, 10.0, tid=7, corr=2),  # 150 us gap, launched at 290: host-bound
+        ev("gpu_memcpy", "Memcpy DtoH", 400.0, 5.0, tid=7, corr=3),  # 90 us gap, queued at 120: waited elsewhere
+        ev("kernel", "fill", 430.0, 1.0, tid=7, corr=4),  # 25 us gap, its launch not traced
+        ev("user_annotation", "bench:ema_update", 250.0, 100.0),
+        ev("cpu_op", "aten::_foreach_lerp_", 280.0, 20.0),
+        ev("cuda_runtime", "cudaLaunchKernel", 290.0, 5.0, corr=2),
+        ev("cpu_op", "aten::copy_", 110.0, 20.0),
+        ev("cuda_runtime", "cudaMemcpyAsync", 120.0, 3.0, corr=3),
+        ev("cpu_op", "aten::other_thread", 100.0, 500.0, tid=2),  # another thread: not the launcher
+    ]}
+    assert db.gap_launchers(trace) == [
+        (150.0, 10.0, "lerp", ["bench:ema_update", "aten::_foreach_lerp_"]),
+        (90.0, 280.0, "Memcpy DtoH", ["aten::copy_"]),
+        (25.0, pytest.approx(float("nan"), nan_ok=True), "fill", ["(launch not traced)"]),
+    ]

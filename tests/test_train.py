@@ -99,6 +99,13 @@ def test_ranks_agree_on_clock_and_nonfinite_loss(tmp_path):
         assert torch.load(tmp_path / f"rank{r}.pt") == (107.0, True)
 
 
+def test_one_process_agrees_with_itself(tg):
+    """One process: the clock is its own (no collective, no float32 round trip) and the flag is the loss's."""
+    assert tg._agree_step(123.456789, torch.tensor(2.5), torch.device("cpu")) == (123.456789, False)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        assert tg._agree_step(1.0, torch.tensor(bad), torch.device("cpu")) == (1.0, True)
+
+
 def test_short_window_uses_the_training_length_rope_base(tg):
     """Guards GPTQ_CALIB=selfgen: its 256-token sampling windows must see the RoPE base of the 2048-token training
     length (~22,082), not 10,000, or the sampled text is off-distribution.  With rope_ntk_len set, a causal model's
@@ -254,3 +261,43 @@ def test_prefetched_batches_train_the_same_steps(tg, tmp_path):
         runs.append((torch.stack(losses), {k: v.clone() for k, v in model.state_dict().items()}))
     assert torch.equal(runs[0][0], runs[1][0])
     assert all(torch.equal(v, runs[1][1][k]) for k, v in runs[0][1].items())
+
+
+def test_step_agreement_starts_at_the_last_forward_and_changes_no_step(tg, tmp_path):
+    """PERF #38: run_train_step starts the step's StepAgreement once the last micro-batch's forward is done and before
+    its backward (its clock is read with 8 batches built and 7 backwards run), once per step; the steps' losses and
+    weights are those of a run without it, result() gives the clock and the flag, and a NaN loss sets the flag."""
+    import numpy as np
+
+    from conftest import tiny_config
+
+    rng = np.random.default_rng(1)
+    files = [str(tmp_path / "fineweb_train_000000.bin")]
+    tg.write_shard(files[0], rng.integers(0, 64, size=6000))
+    h = tiny_config(tg, train_batch_tokens=8 * 2 * 32)
+    d, cpu = tg.DistInfo(), torch.device("cpu")
+    runs = []
+    for with_agree in (False, True):
+        torch.manual_seed(0)
+        model = tg.build_model(h, cpu)
+        opt = tg.build_optimizers(h, model, d)
+        loader = tg.TrainLoader(files, h.seed, 0, 1, cpu)
+        backwards, seen, losses = [0], [], []
+        next(model.parameters()).register_hook(lambda g: backwards.__setitem__(0, backwards[0] + 1))
+        for s in range(2):
+            agree = tg.StepAgreement(lambda: seen.append((loader.batches_built, backwards[0])) or 10.0 * len(seen),
+                                     cpu) if with_agree else None
+            losses.append(tg.run_train_step(model, opt, loader, h, d, cpu, s, 1.0, agree=agree))
+            if with_agree:
+                assert agree.result() == (10.0 * (s + 1), False)
+        runs.append((torch.stack(losses), {k: v.clone() for k, v in model.state_dict().items()}))
+    assert seen == [(8, 7), (16, 15)]
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(v, runs[1][1][k]) for k, v in runs[0][1].items())
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    agree = tg.StepAgreement(lambda: 5.0, cpu)
+    tg.run_train_step(model, opt, loader, h, d, cpu, 2, 1.0, agree=agree)
+    assert agree.result() == (5.0, True)
+    with pytest.raises(RuntimeError, match="before start"):
+        tg.StepAgreement(lambda: 0.0, cpu).result()
