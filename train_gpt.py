@@ -3067,6 +3067,18 @@ def _agree_step(train_ms: float, loss: Tensor, device) -> tuple[float, bool]:
     return agree.result()
 
 
+def _synced_clock(t0: float, device) -> float:
+    """The training clock once the GPU has finished every queued step (the MAX over ranks): the per-step clock is
+    read before the GPU has run the step's last backward and optimizer (StepAgreement), so the time reported at a stop
+    or a validation, and the time excluded for a validation, are taken here instead."""
+    cuda_sync(device)
+    ms = 1000.0 * (time.perf_counter() - t0)
+    if is_distributed() and dist.get_world_size() > 1:
+        t = all_reduce_(torch.tensor([ms], dtype=torch.float64, device=device), dist.ReduceOp.MAX)
+        ms = float(t.item())
+    return ms
+
+
 def _timed_val(h, model, d, device, val_data, step: int, train_ms: float) -> None:
     cuda_sync(device)
     val_loss, val_bpb = eval_val(h, model, d, device, val_data)
@@ -3105,7 +3117,7 @@ def train_model(h: Hyperparameters, d: DistInfo, device, base: nn.Module, model,
     loader = TrainLoader(list_shards(h.train_files), h.seed, d.rank, d.world_size, device)
     ema = EMA(base)
     base.set_qat(0.0)
-    qat_start, train_ms, step = None, 0.0, 0
+    qat_start, train_ms, step, capped = None, 0.0, 0, False
     if h.val_loss_every > 0:
         _timed_val(h, model, d, device, val_data, 0, 0.0)
     cuda_sync(device)
@@ -3135,11 +3147,15 @@ def train_model(h: Hyperparameters, d: DistInfo, device, base: nn.Module, model,
             log0(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{train_ms:.0f}ms "
                  f"step_avg:{train_ms / step:.2f}ms tok/s:{tok_s:.0f}")
         if capped:
+            train_ms = _synced_clock(t0, device)
             log0(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
             break
         if h.val_loss_every > 0 and step % h.val_loss_every == 0 and step < h.iterations:
+            train_ms = _synced_clock(t0, device)
             _timed_val(h, model, d, device, val_data, step, train_ms)
             t0 = time.perf_counter() - train_ms / 1000.0  # validation is excluded from the clock
+    if not capped:
+        train_ms = _synced_clock(t0, device)
     base.set_qat(0.0)
     save_state(ema.last_finite_state(), "final_model.pt", d)  # the trained weights reach disk before any eval
     _timed_val(h, model, d, device, val_data, step, train_ms)

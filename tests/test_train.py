@@ -83,7 +83,8 @@ def _agree_worker(rank: int, world: int, store: str, out: str) -> None:
     try:
         loss = torch.tensor(float("nan") if rank == 1 else 2.5)
         ms, bad = tg._agree_step(100.0 + 7.0 * rank, loss, torch.device("cpu"))
-        torch.save((ms, bad), f"{out}/rank{rank}.pt")
+        synced = tg._synced_clock(tg.time.perf_counter() - 10.0 - 5.0 * rank, torch.device("cpu"))  # rank 1: ~15 s
+        torch.save((ms, bad, synced), f"{out}/rank{rank}.pt")
         dist.barrier()  # both ranks done before gloo tears down
     finally:
         dist.destroy_process_group()
@@ -91,12 +92,14 @@ def _agree_worker(rank: int, world: int, store: str, out: str) -> None:
 
 def test_ranks_agree_on_clock_and_nonfinite_loss(tmp_path):
     """Guards rank divergence: each rank's own clock would give each a different LR scale and QAT start step, and a
-    NaN on one rank must stop every rank.  Both must be the all-reduced MAX."""
+    NaN on one rank must stop every rank.  Both must be the all-reduced MAX, and so must the clock read at a stop or
+    a validation (_synced_clock)."""
     import torch.multiprocessing as mp
 
     mp.spawn(_agree_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
-    for r in range(2):
-        assert torch.load(tmp_path / f"rank{r}.pt") == (107.0, True)
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [g[:2] for g in got] == [(107.0, True)] * 2
+    assert got[0][2] == got[1][2] and 15000.0 <= got[0][2] < 15000.0 + 60000.0  # the synced clock: MAX too
 
 
 def test_one_process_agrees_with_itself(tg):
@@ -104,6 +107,55 @@ def test_one_process_agrees_with_itself(tg):
     assert tg._agree_step(123.456789, torch.tensor(2.5), torch.device("cpu")) == (123.456789, False)
     for bad in (float("nan"), float("inf"), -float("inf")):
         assert tg._agree_step(1.0, torch.tensor(bad), torch.device("cpu")) == (1.0, True)
+
+
+def test_stop_and_validation_report_the_clock_once_the_gpu_is_done(tg, monkeypatch):
+    """PERF #38 reads each step's clock at its last forward, before the GPU has run that step's backward and optimizer;
+    the time reported at the wallclock stop, at a validation and at the end, and the time a validation leaves off the
+    clock, must be read once every queued step is done (_synced_clock), not that early reading.  A fake clock that
+    advances 100 ms per reading tells the readings apart."""
+    import types
+
+    from conftest import tiny_config
+
+    now = [0.0]
+
+    def perf_counter():
+        now[0] += 0.1
+        return now[0]
+
+    monkeypatch.setattr(tg, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    monkeypatch.setattr(tg, "build_optimizers", lambda *a: None)
+    monkeypatch.setattr(tg, "TrainLoader", lambda *a: None)
+    monkeypatch.setattr(tg, "list_shards", lambda *a: [])
+    monkeypatch.setattr(tg, "eval_val", lambda *a: (1.0, 1.0))
+    lines = []
+    monkeypatch.setattr(tg, "log0", lambda msg, console=True: lines.append(msg))
+
+    def step(model, opt, loader, h_, d, device, i, scale, prefetch=False, agree=None):
+        agree.start(torch.tensor(1.0))
+        return torch.tensor(1.0)
+
+    monkeypatch.setattr(tg, "run_train_step", step)
+    m = tg.GPT(tiny_config(tg)).train()
+    cpu = torch.device("cpu")
+    # capped: budget 250 ms with no GPTQ reserve; t0 at 0.2 s, step clocks at 100, 200, 300 ms, then the stop's 400
+    h = tiny_config(tg, iterations=10, max_wallclock_seconds=0.25, use_gptq=False, val_loss_every=0)
+    now[0] = 0.1
+    steps, ms = tg.train_model(h, tg.DistInfo(), cpu, m, m, None)
+    assert (steps, round(ms)) == (3, 400)
+    assert "stopping_early: wallclock_cap train_time:400ms step:3/10" in lines
+    assert any(l.startswith("step:3/10 val_loss:") and "train_time:400ms" in l for l in lines)
+    # a validation after step 2: its time (the 2 readings around it) is left off; the end reads the clock again
+    lines.clear()
+    h = tiny_config(tg, iterations=3, max_wallclock_seconds=0.0, val_loss_every=2)
+    now[0] = 0.0
+    steps, ms = tg.train_model(h, tg.DistInfo(), cpu, m, m, None)
+    # t0 = 0.2 (after val 0's reading), steps at 100, 200, synced 300 -> val -> t0 moved so the clock resumes at 300,
+    # step 3 at 400, the end's synced reading 500
+    assert [l.split(" val_loss")[0] for l in lines if "val_loss" in l] == ["step:0/3", "step:2/3", "step:3/3"]
+    assert "train_time:300ms" in next(l for l in lines if l.startswith("step:2/3 val_loss"))
+    assert (steps, round(ms)) == (3, 500)
 
 
 def test_short_window_uses_the_training_length_rope_base(tg):
