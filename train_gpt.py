@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 # Optional GPU-only attention kernels (D6): FA3, then FA2, else PyTorch SDPA.  Never required.
 try:
@@ -2122,13 +2123,10 @@ class Optimizers:
         self.muon.step()
 
     def _grad_groups(self) -> list[list[Tensor]]:
-        """The grads grouped by (device, dtype), groups and members in first-seen order, as torch's foreach
-        utilities group them."""
-        groups: dict = {}
-        for p in self.params:
-            if p.grad is not None:
-                groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
-        return list(groups.values())
+        """The grads grouped by (device, dtype) by torch's own helper, in its order (a hash map's, not first-seen), so
+        that clip_grads stacks the norms exactly as clip_grad_norm_ does."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return [g for (g,), _ in _group_tensors_by_device_and_dtype([grads]).values()] if grads else []
 
     @torch.no_grad()
     def clip_grads(self, max_norm: float) -> Tensor:

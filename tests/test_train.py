@@ -128,7 +128,12 @@ def test_stop_and_validation_report_the_clock_once_the_gpu_is_done(tg, monkeypat
     monkeypatch.setattr(tg, "build_optimizers", lambda *a: None)
     monkeypatch.setattr(tg, "TrainLoader", lambda *a: None)
     monkeypatch.setattr(tg, "list_shards", lambda *a: [])
-    monkeypatch.setattr(tg, "eval_val", lambda *a: (1.0, 1.0))
+
+    def eval_val(*a):  # a validation takes 10 s of the fake clock, which the training clock must leave off
+        now[0] += 10.0
+        return 1.0, 1.0
+
+    monkeypatch.setattr(tg, "eval_val", eval_val)
     lines = []
     monkeypatch.setattr(tg, "log0", lambda msg, console=True: lines.append(msg))
 
@@ -151,8 +156,8 @@ def test_stop_and_validation_report_the_clock_once_the_gpu_is_done(tg, monkeypat
     h = tiny_config(tg, iterations=3, max_wallclock_seconds=0.0, val_loss_every=2)
     now[0] = 0.0
     steps, ms = tg.train_model(h, tg.DistInfo(), cpu, m, m, None)
-    # t0 = 0.2 (after val 0's reading), steps at 100, 200, synced 300 -> val -> t0 moved so the clock resumes at 300,
-    # step 3 at 400, the end's synced reading 500
+    # val 0 (10 s), t0 = 10.1, steps at 100, 200, synced 300 -> val (10 s) -> t0 moved so the clock resumes at 300,
+    # step 3 at 400, the end's synced reading 500 (10,500 if the validations counted)
     assert [l.split(" val_loss")[0] for l in lines if "val_loss" in l] == ["step:0/3", "step:2/3", "step:3/3"]
     assert "train_time:300ms" in next(l for l in lines if l.startswith("step:2/3 val_loss"))
     assert (steps, round(ms)) == (3, 500)
