@@ -2132,8 +2132,7 @@ class Optimizers:
     def clip_grads(self, max_norm: float) -> Tensor:
         """torch.nn.utils.clip_grad_norm_ (its foreach form: the same ops in the same order, so the same bits) in
         ~10 host calls, not ~75: torch moves each of the 60 per-tensor norms to the first one's device, one call per
-        norm even where they are all on one device, while the host is already behind the GPU's optimizer kernels
-        (PERF #37).  Returns the total norm."""
+        norm even where they are all on one device (PERF #37).  Returns the total norm."""
         groups = self._grad_groups()
         norms = [n for g in groups for n in torch._foreach_norm(g, 2.0)]
         if not norms:
@@ -2951,8 +2950,8 @@ class EMA:
         self.shadow = [p.detach().float().clone() for p in self.params]
         self.previous = [t.clone() for t in self.shadow]
         # the lerp's fp32 sources taken once (detached aliases of the parameters, which the optimizers update in
-        # place): update() runs right after the per-step sync with the GPU empty, and a detach + float per parameter
-        # was 120 host calls there (PERF "What is left"); bf16 parameters are still cast each update
+        # place): update() runs between the per-step sync and the next step's first forward, and a detach + float per
+        # parameter was 120 host calls there (PERF #37); bf16 parameters are still cast each update
         self.sources = [p.detach() if p.dtype == torch.float32 else None for p in self.params]
 
     @torch.no_grad()
