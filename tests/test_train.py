@@ -292,27 +292,32 @@ def test_cuda_graphs_accumulate_micro_batch_gradients_in_place(tg):
             assert err < 0.05, f"step {step} {name}: relative gradient error {err:.3g}"
 
 
+def _fresh_training(tg, files):
+    """(h, d, cpu, model, optimizers, loader) of a tiny config at eight micro-batches a step on one rank, seeded the
+    same on every call, so two runs of it differ only in what the caller changes."""
+    from conftest import tiny_config
+
+    h = tiny_config(tg, train_batch_tokens=8 * 2 * 32)
+    d, cpu = tg.DistInfo(), torch.device("cpu")
+    torch.manual_seed(0)
+    model = tg.build_model(h, cpu)
+    return h, d, cpu, model, tg.build_optimizers(h, model, d), tg.TrainLoader(files, h.seed, 0, 1, cpu)
+
+
 def test_prefetched_batches_train_the_same_steps(tg, tmp_path):
     """PERF #36: run_train_step(prefetch=True) builds the next step's first batch before the optimizer step; over
     three steps (eight micro-batches each, one rank) the losses and the final weights equal those of the same run without it, and the
     last step's prefetched batch waits in the loader, unconsumed."""
     import numpy as np
 
-    from conftest import tiny_config
-
     rng = np.random.default_rng(0)
     files = []
     for i in range(3):
         files.append(str(tmp_path / f"fineweb_train_{i:06d}.bin"))
         tg.write_shard(files[-1], rng.integers(0, 64, size=4000))
-    h = tiny_config(tg, train_batch_tokens=8 * 2 * 32)
-    d, cpu = tg.DistInfo(), torch.device("cpu")
     runs = []
     for prefetch in (False, True):
-        torch.manual_seed(0)
-        model = tg.build_model(h, cpu)
-        opt = tg.build_optimizers(h, model, d)
-        loader = tg.TrainLoader(files, h.seed, 0, 1, cpu)
+        h, d, cpu, model, opt, loader = _fresh_training(tg, files)
         losses = [tg.run_train_step(model, opt, loader, h, d, cpu, s, 1.0, prefetch=prefetch) for s in range(3)]
         assert (loader.ready is not None) == prefetch and loader.batches_built == 8 * 3 + prefetch
         runs.append((torch.stack(losses), {k: v.clone() for k, v in model.state_dict().items()}))
@@ -326,19 +331,12 @@ def test_step_agreement_starts_at_the_last_forward_and_changes_no_step(tg, tmp_p
     weights are those of a run without it, result() gives the clock and the flag, and a NaN loss sets the flag."""
     import numpy as np
 
-    from conftest import tiny_config
-
     rng = np.random.default_rng(1)
     files = [str(tmp_path / "fineweb_train_000000.bin")]
     tg.write_shard(files[0], rng.integers(0, 64, size=6000))
-    h = tiny_config(tg, train_batch_tokens=8 * 2 * 32)
-    d, cpu = tg.DistInfo(), torch.device("cpu")
     runs = []
     for with_agree in (False, True):
-        torch.manual_seed(0)
-        model = tg.build_model(h, cpu)
-        opt = tg.build_optimizers(h, model, d)
-        loader = tg.TrainLoader(files, h.seed, 0, 1, cpu)
+        h, d, cpu, model, opt, loader = _fresh_training(tg, files)
         backwards, seen, losses = [0], [], []
         next(model.parameters()).register_hook(lambda g: backwards.__setitem__(0, backwards[0] + 1))
         for s in range(2):
