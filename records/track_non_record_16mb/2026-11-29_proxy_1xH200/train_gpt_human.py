@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 # Optional GPU-only attention kernels (D6): FA3, then FA2, else PyTorch SDPA.  Never required.
 try:
@@ -503,6 +504,7 @@ class TrainLoader:
         self.cursors: dict[int, _ShardCursor] = {}
         self.seq_len = 0
         self.batches_built = 0
+        self.ready = None  # (arguments, batch) built ahead by prefetch()
 
     def _plan_windows(self, gns: int, T: int) -> list[tuple[int, int]]:
         """The global batch as (shard, offset) windows, in the interleaved order all ranks agree on."""
@@ -535,7 +537,23 @@ class TrainLoader:
                 windows.append(live[j].pop())
         return windows
 
+    def prefetch(self, global_tokens: int, seq_len: int, grad_accum: int) -> None:
+        """Build the next batch now (its copy to the device queued) for next_batch to hand over: the training loop
+        calls this once a step's last backward is queued, so the host's share of the next step's first micro-batch
+        is done while the GPU still runs this step, not after the per-step sync.  Same batches in the same order."""
+        if self.ready is None:
+            self.ready = ((global_tokens, seq_len, grad_accum), self._build(global_tokens, seq_len, grad_accum))
+
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[Tensor, Tensor]:
+        ready, self.ready = self.ready, None
+        if ready is None:
+            return self._build(global_tokens, seq_len, grad_accum)
+        if ready[0] != (global_tokens, seq_len, grad_accum):
+            raise ValueError(f"TrainLoader: batch prefetched for (tokens, seq_len, grad_accum) = {ready[0]}, asked "
+                             f"for {(global_tokens, seq_len, grad_accum)}")
+        return ready[1]
+
+    def _build(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[Tensor, Tensor]:
         if seq_len < 1 or grad_accum < 1 or global_tokens % (self.world_size * grad_accum * seq_len) != 0:
             raise ValueError(f"TRAIN_BATCH_TOKENS={global_tokens} must be a multiple of world_size*grad_accum*"
                              f"TRAIN_SEQ_LEN = {self.world_size}*{grad_accum}*{seq_len}")
@@ -723,7 +741,10 @@ RMS_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default eps: that of it
 # fastest.  q heads [0, NQ) and k heads [NQ, NQ+NK): fp32 per row of D, n = x * rsqrt(mean(x^2) + eps); rotate the
 # first 2*HALF dims of n by (cos, sin) of the row's position; q heads times gain[head].  v heads are copied out (the
 # gradient copied back), so one GEMM feeds q, k and v and one backward writes the whole Q|K|V gradient.  The backward
-# recomputes n from x.  xsa_*: one program per BM tokens x one KV head and the G query heads that read it.
+# recomputes n from x.  REP > 1 (PERF #34): k head j is written at heads j*REP .. j*REP+REP-1 (the query heads that
+# read it) and v head j, besides its own copy (XSA's), likewise into VR; the backward sums the gradients of k's copies,
+# and v's own with its copies', in fp32 (so v's gradient is rounded once, in its dtype; fp64 inputs lose precision).
+# xsa_*: one program per BM tokens x one KV head and the G query heads that read it.
 # softcap_ce (PERF #24): one program per BM rows of the logits z (M, V); s = CAP * tanh(z / CAP), the row's loss
 # logsumexp(s) - s[y], and dz = (softmax(s) - onehot(y)) * (1 - tanh^2) * INV_N, the gradient of the mean loss, written
 # while z is in registers (padded columns out; rows past M computed, not stored; a target outside [0, V) reads
@@ -780,8 +801,8 @@ def _norm_rope(X, COS, SIN, m2, col, ma, mb, T, D: tl.constexpr, W: tl.constexpr
 
 
 @triton.jit
-def qk_fwd(X, Q, K, V, COS, SIN, GAIN, M, T, NQ, NK, NV, D: tl.constexpr, W: tl.constexpr, HALF: tl.constexpr,
-           BM: tl.constexpr, BG: tl.constexpr, BH: tl.constexpr, HAS_GAIN: tl.constexpr):
+def qk_fwd(X, Q, K, V, VR, COS, SIN, GAIN, M, T, NQ, NK, NV, D: tl.constexpr, W: tl.constexpr, HALF: tl.constexpr,
+           BM: tl.constexpr, BG: tl.constexpr, BH: tl.constexpr, HAS_GAIN: tl.constexpr, REP: tl.constexpr):
     HX = NQ + NK + NV
     h = tl.program_id(0) % HX
     m, m2, col, ma, mb = _offsets(HX, M, D, W, BM, BG, BH)
@@ -795,15 +816,20 @@ def qk_fwd(X, Q, K, V, COS, SIN, GAIN, M, T, NQ, NK, NV, D: tl.constexpr, W: tl.
                 a, b = a * gain, b * gain
             _store2(Q + (m2 * NQ + h) * D, col, ma, mb, W, a, b)
         else:
-            _store2(K + (m2 * NK + h - NQ) * D, col, ma, mb, W, a, b)
-    else:  # v heads: copied in their own dtype
+            for i in tl.static_range(REP):
+                _store2(K + (m2 * (NK * REP) + (h - NQ) * REP + i) * D, col, ma, mb, W, a, b)
+    else:
         va, vb = _load2(src, col, ma, mb, W)
         _store2(V + (m2 * NV + h - NQ - NK) * D, col, ma, mb, W, va, vb)
+        if REP > 1:
+            for i in tl.static_range(REP):
+                _store2(VR + (m2 * (NV * REP) + (h - NQ - NK) * REP + i) * D, col, ma, mb, W, va, vb)
 
 
 @triton.jit
-def qk_bwd(GQ, GK, GV, X, DX, COS, SIN, GAIN, PART, M, T, NQ, NK, NV, D: tl.constexpr, W: tl.constexpr,
-           HALF: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr, BH: tl.constexpr, HAS_GAIN: tl.constexpr):
+def qk_bwd(GQ, GK, GV, GVR, X, DX, COS, SIN, GAIN, PART, M, T, NQ, NK, NV, D: tl.constexpr, W: tl.constexpr,
+           HALF: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr, BH: tl.constexpr, HAS_GAIN: tl.constexpr,
+           REP: tl.constexpr):
     HX = NQ + NK + NV
     h = tl.program_id(0) % HX
     m, m2, col, ma, mb = _offsets(HX, M, D, W, BM, BG, BH)
@@ -812,9 +838,13 @@ def qk_bwd(GQ, GK, GV, X, DX, COS, SIN, GAIN, PART, M, T, NQ, NK, NV, D: tl.cons
         if h < NQ:
             ga, gb = _load2(GQ + (m2 * NQ + h) * D, col, ma, mb, W)
         else:
-            ga, gb = _load2(GK + (m2 * NK + h - NQ) * D, col, ma, mb, W)
-        a, b, r, c, s = _norm_rope(X + row, COS, SIN, m2, col, ma, mb, T, D, W, HALF)
+            ga, gb = _load2(GK + (m2 * (NK * REP) + (h - NQ) * REP) * D, col, ma, mb, W)
         ga, gb = ga.to(tl.float32), gb.to(tl.float32)
+        if h >= NQ:
+            for i in tl.static_range(1, REP):
+                ea, eb = _load2(GK + (m2 * (NK * REP) + (h - NQ) * REP + i) * D, col, ma, mb, W)
+                ga, gb = ga + ea.to(tl.float32), gb + eb.to(tl.float32)
+        a, b, r, c, s = _norm_rope(X + row, COS, SIN, m2, col, ma, mb, T, D, W, HALF)
         ga, gb = ga * c - gb * s, gb * c + ga * s  # the gradient of the normed row, RoPE undone (before the gain)
         dot = tl.sum(ga * a, 1) + tl.sum(gb * b, 1)
         if HAS_GAIN:
@@ -828,6 +858,11 @@ def qk_bwd(GQ, GK, GV, X, DX, COS, SIN, GAIN, PART, M, T, NQ, NK, NV, D: tl.cons
         _store2(DX + row, col, ma, mb, W, (ga - a * dot) * r, (gb - b * dot) * r)
     else:
         va, vb = _load2(GV + (m2 * NV + h - NQ - NK) * D, col, ma, mb, W)
+        if REP > 1:
+            va, vb = va.to(tl.float32), vb.to(tl.float32)
+            for i in tl.static_range(REP):
+                ea, eb = _load2(GVR + (m2 * (NV * REP) + (h - NQ - NK) * REP + i) * D, col, ma, mb, W)
+                va, vb = va + ea.to(tl.float32), vb + eb.to(tl.float32)
         _store2(DX + row, col, ma, mb, W, va, vb)
 
 
@@ -918,22 +953,30 @@ def _qk_meta(D: int, half: int, has_gain: bool) -> dict:
     return dict(D=D, W=w, HALF=half, BM=QK_BLOCK_ROWS, BG=_pow2(-(-D // (2 * w))), BH=_pow2(w), HAS_GAIN=has_gain)
 
 
-def _qk_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int, n_k: int,
-               grads: tuple[Tensor, Tensor, Tensor] | None = None):
-    """Forward (grads None) or backward kernel on x (B, T, n_q+n_k+n_v, D).  Returns (q, k, v), contiguous, or
-    (dx, d_gain or an empty tensor) for the output gradients grads = (gq, gk, gv)."""
+def _qkv_out_heads(n_q: int, n_k: int, n_v: int, rep: int) -> tuple[int, int, int, int]:
+    """Heads of the q/k op's outputs (q, k, v, v_rep): k and v_rep repeated rep times, v_rep empty at rep 1."""
+    return n_q, n_k * rep, n_v, n_v * rep if rep > 1 else 0
+
+
+def _qk_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int, n_k: int, rep: int = 1,
+               grads: tuple[Tensor, ...] | None = None):
+    """Forward (grads None) or backward kernel on x (B, T, n_q+n_k+n_v, D).  Returns (q, k, v, v_rep), contiguous,
+    or (dx, d_gain or an empty tensor) for the output gradients grads = (gq, gk, gv, gv_rep).  rep > 1: k comes out
+    with each head repeated rep times (n_k * rep heads, head h read by query head h) and v_rep is v so repeated, v
+    itself as it is (for XSA); rep == 1: v_rep has no heads.  At rep > 1 the copies' gradients are summed in fp32."""
     k = _QK_KERNELS["ns"]
     B, T, HX, D = x.shape
     if cos.shape != sin.shape or cos.dim() != 2 or cos.size(0) < T or 2 * cos.size(-1) > D or cos.device != x.device:
         raise ValueError(f"qk_norm_rope: RoPE tables {tuple(cos.shape)}/{tuple(sin.shape)} on {cos.device} do not fit "
                          f"q/k of shape {tuple(x.shape)} on {x.device} (need [>= T, <= D/2], same device)")
     n_v = HX - n_q - n_k
-    if min(n_q, n_k, n_v) < 0 or (gain is not None and (gain.shape != (n_q,) or gain.device != x.device)):
-        raise ValueError(f"qk_norm_rope: {n_q} q + {n_k} k heads (gain {None if gain is None else tuple(gain.shape)}) "
-                         f"do not fit the {HX} heads of x on {x.device}")
-    if grads is not None and [tuple(g.shape) for g in grads] != [(B, T, n, D) for n in (n_q, n_k, n_v)]:
-        raise ValueError(f"qk_norm_rope: gradients {[tuple(g.shape) for g in grads]} do not match the q/k/v heads "
-                         f"({n_q}, {n_k}, {n_v}) of x {tuple(x.shape)}")
+    if min(n_q, n_k, n_v) < 0 or rep < 1 or (gain is not None and (gain.shape != (n_q,) or gain.device != x.device)):
+        raise ValueError(f"qk_norm_rope: {n_q} q + {n_k} k heads repeated {rep} times (gain "
+                         f"{None if gain is None else tuple(gain.shape)}) do not fit the {HX} heads of x on {x.device}")
+    heads = _qkv_out_heads(n_q, n_k, n_v, rep)
+    if grads is not None and [tuple(g.shape) for g in grads] != [(B, T, n, D) for n in heads]:
+        raise ValueError(f"qk_norm_rope: gradients {[tuple(g.shape) for g in grads]} do not match the q/k/v/v_rep "
+                         f"heads {heads} of x {tuple(x.shape)} repeated {rep} times")
     M, x = B * T, x.contiguous()
     gain = gain.contiguous() if gain is not None else None
     cos, sin = cos.contiguous(), sin.contiguous()  # any float dtype: the kernels read them as fp32
@@ -942,14 +985,15 @@ def _qk_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: in
     meta = _qk_meta(D, cos.size(-1), gain is not None)
     gain_arg = gain if gain is not None else cos
     if grads is None:
-        q, kk, v = (x.new_empty(B, T, n, D) for n in (n_q, n_k, n_v))
-        k["qk_fwd"][grid](x, q, kk, v, cos, sin, gain_arg, M, T, n_q, n_k, n_v, **meta, num_warps=QK_WARPS)
-        return q, kk, v
-    gq, gk, gv = (g.contiguous() for g in grads)
+        q, kk, v, vr = (x.new_empty(B, T, n, D) for n in heads)
+        k["qk_fwd"][grid](x, q, kk, v, vr, cos, sin, gain_arg, M, T, n_q, n_k, n_v, **meta, REP=rep,
+                          num_warps=QK_WARPS)
+        return q, kk, v, vr
+    gq, gk, gv, gvr = (g.contiguous() for g in grads)
     dx = torch.empty_like(x)
     part = torch.empty(M * n_q if gain is not None else 0, device=x.device, dtype=torch.float32)
-    k["qk_bwd"][grid](gq, gk, gv, x, dx, cos, sin, gain_arg, part if gain is not None else cos, M, T, n_q, n_k, n_v,
-                      **meta, num_warps=QK_WARPS)
+    k["qk_bwd"][grid](gq, gk, gv, gvr, x, dx, cos, sin, gain_arg, part if gain is not None else cos, M, T, n_q, n_k,
+                      n_v, **meta, REP=rep, num_warps=QK_WARPS)
     return dx, (part.view(M, n_q).sum(0).to(gain.dtype) if gain is not None else part)
 
 
@@ -1009,8 +1053,8 @@ FUSED_QK_DEVICES = ("cuda",)  # device types the Triton op runs on (the CPU test
 
 
 def qk_norm_rope_op():
-    """The custom op (built once per process; None without Triton).  op(x, cos, sin, gain|None, n_q, n_k) ==
-    qkv_norm_rope_ref(...): (q, k, v) from the fused Q|K|V projection x (B, T, n_q + n_k + n_v, D).  Also builds
+    """The custom op (built once per process; None without Triton).  op(x, cos, sin, gain|None, n_q, n_k, rep) ==
+    qkv_norm_rope_ref(...): (q, k, v, v_rep) from the fused Q|K|V projection x (B, T, n_q + n_k + n_v, D).  Also builds
     the XSA op, _QK_KERNELS["xsa"](y, v) == exclusive_self_attention(y, v), which the model uses wherever it uses
     this one."""
     if "op" in _QK_KERNELS:
@@ -1022,25 +1066,26 @@ def qk_norm_rope_op():
         return None
     # One op library per loaded copy of this file (tests load it twice, sometimes under one module name).
     lib = "pgolf_" + "".join(ch if ch.isalnum() else "_" for ch in __name__) + f"_{id(_QK_KERNELS):x}"
-    args = "Tensor x, Tensor cos, Tensor sin, Tensor? gain, int n_q, int n_k"  # explicit: the build strips annotations
+    args = "Tensor x, Tensor cos, Tensor sin, Tensor? gain, int n_q, int n_k, int rep"  # the build strips annotations
 
-    @torch.library.custom_op(f"{lib}::qkv_norm_rope", mutates_args=(), schema=f"({args}) -> (Tensor, Tensor, Tensor)")
-    def fwd(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int, n_k: int):
-        return _qk_launch(x, cos, sin, gain, n_q, n_k)
+    @torch.library.custom_op(f"{lib}::qkv_norm_rope", mutates_args=(),
+                             schema=f"({args}) -> (Tensor, Tensor, Tensor, Tensor)")
+    def fwd(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int, n_k: int, rep: int):
+        return _qk_launch(x, cos, sin, gain, n_q, n_k, rep)
 
     @fwd.register_fake
-    def _(x, cos, sin, gain, n_q, n_k):
+    def _(x, cos, sin, gain, n_q, n_k, rep):
         B, T, HX, D = x.shape
-        return tuple(x.new_empty(B, T, n, D) for n in (n_q, n_k, HX - n_q - n_k))
+        return tuple(x.new_empty(B, T, n, D) for n in _qkv_out_heads(n_q, n_k, HX - n_q - n_k, rep))
 
     @torch.library.custom_op(f"{lib}::qkv_norm_rope_backward", mutates_args=(),
-                             schema=f"(Tensor gq, Tensor gk, Tensor gv, {args}) -> (Tensor, Tensor)")
-    def bwd(gq: Tensor, gk: Tensor, gv: Tensor, x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int,
-            n_k: int) -> tuple[Tensor, Tensor]:
-        return _qk_launch(x, cos, sin, gain, n_q, n_k, (gq, gk, gv))
+                             schema=f"(Tensor gq, Tensor gk, Tensor gv, Tensor gvr, {args}) -> (Tensor, Tensor)")
+    def bwd(gq: Tensor, gk: Tensor, gv: Tensor, gvr: Tensor, x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None,
+            n_q: int, n_k: int, rep: int) -> tuple[Tensor, Tensor]:
+        return _qk_launch(x, cos, sin, gain, n_q, n_k, rep, (gq, gk, gv, gvr))
 
     @bwd.register_fake
-    def _(gq, gk, gv, x, cos, sin, gain, n_q, n_k):
+    def _(gq, gk, gv, gvr, x, cos, sin, gain, n_q, n_k, rep):
         dgain = torch.empty_like(gain) if gain is not None else x.new_empty(0, dtype=torch.float32)
         return torch.empty_like(x, memory_format=torch.contiguous_format), dgain
 
@@ -1050,13 +1095,14 @@ def qk_norm_rope_op():
         ctx.save_for_backward(*inputs[:4])
         ctx.heads = inputs[4:]
 
-    def backward(ctx, gq, gk, gv):
+    def backward(ctx, *grads):
         x, cos, sin, gain = ctx.saved_tensors
         B, T, HX, D = x.shape
-        n_q, n_k = ctx.heads
-        gq, gk, gv = (x.new_zeros(B, T, n, D) if g is None else g for g, n in zip((gq, gk, gv), (n_q, n_k, HX - n_q - n_k)))
-        dx, dgain = bwd(gq, gk, gv, x, cos, sin, gain, n_q, n_k)
-        return dx, None, None, dgain if gain is not None else None, None, None
+        n_q, n_k, rep = ctx.heads
+        grads = [x.new_zeros(B, T, n, D) if g is None else g
+                 for g, n in zip(grads, _qkv_out_heads(n_q, n_k, HX - n_q - n_k, rep))]
+        dx, dgain = bwd(*grads, x, cos, sin, gain, n_q, n_k, rep)
+        return dx, None, None, dgain if gain is not None else None, None, None, None
 
     fwd.register_autograd(backward, setup_context=setup_context)
 
@@ -1098,21 +1144,18 @@ def qk_norm_rope_op():
 
 # The MLP's LeakyReLU² in the epilogues of its two GEMMs that touch it (PERF #29): a persistent, warp-specialised
 # Hopper GEMM written in Gluon (Triton's lower-level language: explicit TMA, mbarriers, wgmma).  One CTA per SM walks
-# the output tiles (BM x BN, row-major); a 1-warp partition TMA-loads the A and B k-slices into a ring of STAGES
-# shared-memory slots (ready/empty mbarriers), the NW-warp partition runs async wgmma over the ring.  At a tile's end
-# the accumulator goes to shared memory as bf16 (cbuf); the next tile's first STAGES - 1 k-steps are issued before
-# that tile's epilogue runs from cbuf, so the tensor cores have work while it does 16-byte global loads and stores
-# in chunks of 8192 elements.  Forward (BWD false): A = x (M, K), B = W_up (N, K); stores h = bf16(x @ W_up.T) and
-# u = bf16(leaky(h)²).  Backward: A = the output gradient g (M, K), B = W_down (K, N) as stored; loads h and stores
-# dh = bf16(bf16(g @ W_down) * d leaky(h)²/dh).  Same math as the torch path: GEMM output rounded to bf16, then the
-# activation in fp32.  With EW > 0 (PERF #30) the epilogue runs in an EW-warp partition of its own instead: the
-# consumer stores each tile's accumulator to cbuf and goes on to the next tile's k-steps at once, and the epilogue
-# partition, signalled through cbar (full, free), stores from cbuf while they run (backward: it loads h ahead, two
-# chunks before the accumulator and two in flight after).  At 12 warps (8 + the loader's 1 + EW = 2, padded to a
+# the output tiles (BM x BN, row-major) in three warp partitions: a 1-warp loader TMA-loads the A and B k-slices into
+# a ring of STAGES shared-memory slots (ready/empty mbarriers); the NW-warp consumer runs async wgmma over the ring,
+# stores each tile's accumulator to shared memory as bf16 (cbuf) and goes on to the next tile's k-steps at once; an
+# EW-warp epilogue partition, signalled through cbar (cbuf full, cbuf free, h ready), works from cbuf with 16-byte
+# global stores in chunks of CH elements while the tensor cores run.  Forward (BWD false): A = x (M, K), B = W_up
+# (N, K); stores h = bf16(x @ W_up.T) and u = bf16(leaky(h)²).  Backward: A = the output gradient g (M, K), B =
+# W_down (K, N) as stored; stores dh = bf16(bf16(g @ W_down) * d leaky(h)²/dh), with h TMA-loaded into a tile of its
+# own (hbuf; the next tile's as soon as the partition is done with the last).  Same math as the torch path: GEMM
+# output rounded to bf16, then the activation in fp32.  At 12 warps (8 + the loader's 1 + EW = 2, padded to a
 # warpgroup) ptxas gives every thread up to 168 registers; at 16 it caps them at 128, under the ~154 the 128 x 256
-# accumulator needs.  Measured alone at the record shape (MLP_TILES): forward 270 us in the EW form against 334 in
-# the consumer and 380 for cuBLAS + inductor's kernel; backward 362 in the consumer, 382-437 in the EW form (two
-# warps keep too few loads of h in flight), 443 for cuBLAS + inductor.  Hopper (sm_90) only: wgmma.
+# accumulator needs.  Measured alone at the record shape (MLP_TILES), machine to machine: forward 270-308 us, backward
+# 339-354, against 378-383 and 440-449 for cuBLAS + inductor's kernel (PERF #30, #31).  Hopper (sm_90) only: wgmma.
 _MLP_GLUON_SRC = """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -1143,23 +1186,18 @@ def _mlp_loader(a_desc, b_desc, a_bufs, b_bufs, ready, empty, n_n, n_tiles, K: g
 
 
 @gluon.jit
-def _mlp_epilogue(cbuf, o_ptr, x_ptr, ldo, pm, pn, slope, BWD: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                  blk: gl.constexpr, CH: gl.constexpr):
-    RCH: gl.constexpr = CH // BN
-    cols = pn + gl.arange(0, BN, layout=gl.SliceLayout(0, blk))
-    for r in gl.static_range(0, BM, RCH):
-        rows = pm + r + gl.arange(0, RCH, layout=gl.SliceLayout(1, blk))
-        offs = rows[:, None] * ldo + cols[None, :]
-        c = cbuf.slice(r, RCH, 0).load(blk)
-        if BWD:
-            h = gl.load(x_ptr + offs).to(gl.float32)
-            d = c.to(gl.float32) * gl.where(h > 0, 2.0 * h, (2.0 * slope * slope) * h)
-            gl.store(o_ptr + offs, d.to(gl.bfloat16))
-        else:
-            cf = c.to(gl.float32)
-            y = gl.where(cf > 0, cf, cf * slope)
-            gl.store(o_ptr + offs, c)
-            gl.store(x_ptr + offs, (y * y).to(gl.bfloat16))
+def _mlp_act_out(c, h, o_ptr, x_ptr, offs, slope, BWD: gl.constexpr):
+    # one chunk of the epilogue from the GEMM output c (bf16): backward, dh = c * d leaky(h)^2/dh to o_ptr; forward
+    # (h unused), h = c to o_ptr and u = leaky(c)^2 to x_ptr
+    if BWD:
+        hf = h.to(gl.float32)
+        d = c.to(gl.float32) * gl.where(hf > 0, 2.0 * hf, (2.0 * slope * slope) * hf)
+        gl.store(o_ptr + offs, d.to(gl.bfloat16))
+    else:
+        cf = c.to(gl.float32)
+        y = gl.where(cf > 0, cf, cf * slope)
+        gl.store(o_ptr + offs, c)
+        gl.store(x_ptr + offs, (y * y).to(gl.bfloat16))
 
 
 @gluon.jit
@@ -1173,48 +1211,8 @@ def _mlp_mma(a_bufs, b_bufs, ready, empty, s, phase, acc, BWD: gl.constexpr):
 
 
 @gluon.jit
-def _mlp_consumer(a_bufs, b_bufs, ready, empty, cbuf, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K: gl.constexpr,
-                  BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, BWD: gl.constexpr,
-                  NW: gl.constexpr):
-    KT: gl.constexpr = K // BK
-    P: gl.constexpr = STAGES - 1
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BN, 16])
-    TN: gl.constexpr = BN // 8 if BN // 8 < 32 else 32
-    blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TN, TN], [NW, 1], [1, 0])
-    pid = gl.program_id(0)
-    nprog = gl.num_programs(0)
-    n_done = 0
-    pm = 0
-    pn = 0
-    for t in range(pid, n_tiles, nprog):
-        it = n_done * KT
-        acc = gl.zeros([BM, BN], gl.float32, mma)
-        for kk in gl.static_range(P):
-            acc = _mlp_mma(a_bufs, b_bufs, ready, empty, (it + kk) % STAGES, ((it + kk) // STAGES) & 1, acc, BWD)
-        if n_done > 0:
-            _mlp_epilogue(cbuf, o_ptr, x_ptr, ldo, pm, pn, slope, BWD, BM, BN, blk, 8192)
-        for kk in gl.static_range(P, KT):
-            acc = _mlp_mma(a_bufs, b_bufs, ready, empty, (it + kk) % STAGES, ((it + kk) // STAGES) & 1, acc, BWD)
-            acc = warpgroup_mma_wait(1, deps=[acc])
-            if kk == P:
-                for r in gl.static_range(P):
-                    mbarrier.arrive(empty.index((it + r) % STAGES))
-            else:
-                mbarrier.arrive(empty.index((it + kk - 1) % STAGES))
-        acc = warpgroup_mma_wait(0, deps=[acc])
-        mbarrier.arrive(empty.index((it + KT - 1) % STAGES))
-        gl.thread_barrier()
-        cbuf.store(acc.to(gl.bfloat16))
-        pm = (t // n_n) * BM
-        pn = (t % n_n) * BN
-        n_done += 1
-    if n_done > 0:
-        _mlp_epilogue(cbuf, o_ptr, x_ptr, ldo, pm, pn, slope, BWD, BM, BN, blk, 8192)
-
-
-@gluon.jit
-def _mlp_consumer_sep(a_bufs, b_bufs, ready, empty, cbuf, cbar, n_n, n_tiles, K: gl.constexpr, BM: gl.constexpr,
-                      BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, BWD: gl.constexpr, NW: gl.constexpr):
+def _mlp_consumer(a_bufs, b_bufs, ready, empty, cbuf, cbar, n_n, n_tiles, K: gl.constexpr, BM: gl.constexpr,
+                  BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, BWD: gl.constexpr, NW: gl.constexpr):
     KT: gl.constexpr = K // BK
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BN, 16])
     pid = gl.program_id(0)
@@ -1237,8 +1235,8 @@ def _mlp_consumer_sep(a_bufs, b_bufs, ready, empty, cbuf, cbar, n_n, n_tiles, K:
 
 
 @gluon.jit
-def _mlp_epi_part(cbuf, cbar, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, BM: gl.constexpr, BN: gl.constexpr,
-                  BWD: gl.constexpr, EW: gl.constexpr, CH: gl.constexpr):
+def _mlp_epilogue(cbuf, hbuf, cbar, h_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, BM: gl.constexpr,
+                  BN: gl.constexpr, BWD: gl.constexpr, EW: gl.constexpr, CH: gl.constexpr):
     RCH: gl.constexpr = CH // BN
     TN: gl.constexpr = BN // 8 if BN // 8 < 32 else 32
     blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TN, TN], [EW, 1], [1, 0])
@@ -1246,35 +1244,40 @@ def _mlp_epi_part(cbuf, cbar, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, BM: gl.con
     cols = gl.arange(0, BN, layout=gl.SliceLayout(0, blk))
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
+    if BWD:  # the first tile's h by TMA; each next one as soon as this partition is done with hbuf
+        if pid < n_tiles:
+            mbarrier.expect(cbar.index(2), BM * BN * 2)
+            tma.async_copy_global_to_shared(h_desc, [(pid // n_n) * BM, (pid % n_n) * BN], cbar.index(2), hbuf)
     n = 0
     for t in range(pid, n_tiles, nprog):
         pm = (t // n_n) * BM
         pn = (t % n_n) * BN
-        if BWD:  # h does not wait for the GEMM: two chunks in flight before the accumulator, then two ahead
-            h0 = gl.load(x_ptr + (pm + rows)[:, None] * ldo + (pn + cols)[None, :])
-            h1 = gl.load(x_ptr + (pm + RCH + rows)[:, None] * ldo + (pn + cols)[None, :])
+        if BWD:
+            mbarrier.wait(cbar.index(2), n & 1)
         mbarrier.wait(cbar.index(0), n & 1)
         for r in gl.static_range(0, BM, RCH):
             offs = (pm + r + rows)[:, None] * ldo + (pn + cols)[None, :]
             c = cbuf.slice(r, RCH, 0).load(blk)
             if BWD:
-                h = h0.to(gl.float32)
-                h0 = h1
-                if r + 2 * RCH < BM:
-                    h1 = gl.load(x_ptr + (pm + r + 2 * RCH + rows)[:, None] * ldo + (pn + cols)[None, :])
-                d = c.to(gl.float32) * gl.where(h > 0, 2.0 * h, (2.0 * slope * slope) * h)
-                gl.store(o_ptr + offs, d.to(gl.bfloat16))
+                _mlp_act_out(c, hbuf.slice(r, RCH, 0).load(blk), o_ptr, x_ptr, offs, slope, BWD)
             else:
-                cf = c.to(gl.float32)
-                y = gl.where(cf > 0, cf, cf * slope)
-                gl.store(o_ptr + offs, c)
-                gl.store(x_ptr + offs, (y * y).to(gl.bfloat16))
+                _mlp_act_out(c, c, o_ptr, x_ptr, offs, slope, BWD)
+        if BWD:
+            fence_async_shared()  # each thread's reads of hbuf above before the TMA's write below
+        # Gluon syncs this partition's warps before the (one-thread) arrive: cbuf is read before the consumer refills
+        # it (tests/test_kernels.py checks the PTX for that barrier)
         mbarrier.arrive(cbar.index(1))
+        if BWD:
+            if t + nprog < n_tiles:
+                gl.thread_barrier()  # every warp is past this tile's wait on "h ready" before its next phase starts
+                mbarrier.expect(cbar.index(2), BM * BN * 2)
+                tma.async_copy_global_to_shared(h_desc, [((t + nprog) // n_n) * BM, ((t + nprog) % n_n) * BN],
+                                                cbar.index(2), hbuf)
         n += 1
 
 
 @gluon.jit
-def mlp_gemm(a_desc, b_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K: gl.constexpr, BM: gl.constexpr,
+def mlp_gemm(a_desc, b_desc, h_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K: gl.constexpr, BM: gl.constexpr,
              BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, BWD: gl.constexpr, NW: gl.constexpr,
              EW: gl.constexpr, EREGS: gl.constexpr, CH: gl.constexpr):
     a_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BM, BK], a_desc.layout)
@@ -1289,29 +1292,25 @@ def mlp_gemm(a_desc, b_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K: gl.const
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
-    cbar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(cbar.index(0), count=1)
-    mbarrier.init(cbar.index(1), count=1)
+    cbar = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())  # cbuf full, cbuf free, h ready
+    for i in gl.static_range(3):
+        mbarrier.init(cbar.index(i), count=1)
     fence_async_shared()
-    if EW == 0:
-        gl.warp_specialize([
-            (_mlp_consumer, (a_bufs, b_bufs, ready, empty, cbuf, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K, BM, BN,
-                             BK, STAGES, BWD, NW)),
-            (_mlp_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, n_n, n_tiles, K, BM, BN, BK, STAGES, BWD)),
-        ], [1], [40])
+    if BWD:  # h comes by TMA into a tile of its own (the epilogue partition loads the next one ahead)
+        hbuf = gl.allocate_shared_memory(gl.bfloat16, [BM, BN], h_desc.layout)
     else:
-        gl.warp_specialize([
-            (_mlp_consumer_sep, (a_bufs, b_bufs, ready, empty, cbuf, cbar, n_n, n_tiles, K, BM, BN, BK, STAGES, BWD,
-                                 NW)),
-            (_mlp_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, n_n, n_tiles, K, BM, BN, BK, STAGES, BWD)),
-            (_mlp_epi_part, (cbuf, cbar, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, BM, BN, BWD, EW, CH)),
-        ], [1, EW], [40, EREGS])
+        hbuf = cbuf  # unused: the forward's epilogue loads nothing
+    gl.warp_specialize([
+        (_mlp_consumer, (a_bufs, b_bufs, ready, empty, cbuf, cbar, n_n, n_tiles, K, BM, BN, BK, STAGES, BWD, NW)),
+        (_mlp_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, n_n, n_tiles, K, BM, BN, BK, STAGES, BWD)),
+        (_mlp_epilogue, (cbuf, hbuf, cbar, h_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, BM, BN, BWD, EW, CH)),
+    ], [1, EW], [40, EREGS])
 """
-# per GEMM: BM, BN, BK, STAGES, consumer warps, epilogue warps (0: the epilogue in the consumer warps, overlapped with
-# the next tile's first k-steps; 2: in a partition of its own), their registers, elements per epilogue chunk.  The
-# fastest of each at the record shape (PERF #29, #30): the forward's stores run best from their own partition, the
-# backward's loads of h need the consumer's 8 warps in flight
-MLP_TILES = {"up": (128, 128, 64, 6, 8, 2, 152, 2048), "dgrad": (128, 256, 64, 3, 8, 0, 0, 8192)}
+# per GEMM: BM, BN, BK, STAGES, consumer warps, epilogue warps, their registers, elements per epilogue chunk.  The
+# fastest of each at the record shape (PERF #30, #31); the backward's 128 x 256 tiles beside h's tile in shared
+# memory leave room for only 32-wide k-slices in its ring.  #29's form, the epilogue in the consumer warps
+# (overlapped with the next tile's first k-steps), ran the backward as fast and the forward slower; gone since #31
+MLP_TILES = {"up": (128, 128, 64, 6, 8, 2, 152, 2048), "dgrad": (128, 256, 32, 4, 8, 2, 152, 2048)}
 
 
 def _mlp_gemm_launch(a: Tensor, w: Tensor, slope: float, h: Tensor | None = None, max_ctas: int = 0,
@@ -1319,21 +1318,33 @@ def _mlp_gemm_launch(a: Tensor, w: Tensor, slope: float, h: Tensor | None = None
     """Forward (h None): (h, u) of a (M, K) @ w (N, K).T; backward: dh for the output gradient a (M, K), w = W_down
     (K, N) and the forward's h (M, N).  bf16, shapes as mlp_tiles_fit() accepts; max_ctas > 0 caps the grid (the
     self-test: several tiles per CTA)."""
+    bm, bn, bk, stages, nw, ew, eregs, ch = tile or MLP_TILES["dgrad" if h is not None else "up"]
+    a, w = a.contiguous(), w.contiguous()
+    # a's device, current on this thread while the descriptors are made and the kernel launched: the descriptors need
+    # its context current, which a backward on autograd's device thread may not have yet (cudaSetDevice makes it
+    # current; Triton's launch itself would, but comes after them), and Triton launches on the current device
+    prev = torch.cuda.current_device()
+    torch.cuda.set_device(a.device)
+    try:
+        return _mlp_gemm_run(a, w, slope, h, max_ctas, (bm, bn, bk, stages, nw, ew, eregs, ch))
+    finally:
+        if prev != a.device.index:
+            torch.cuda.set_device(prev)
+
+
+def _mlp_gemm_run(a: Tensor, w: Tensor, slope: float, h: Tensor | None, max_ctas: int, tile: tuple):
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    bm, bn, bk, stages, nw, ew, eregs, ch = tile
     bwd = h is not None
-    bm, bn, bk, stages, nw, ew, eregs, ch = tile or MLP_TILES["dgrad" if bwd else "up"]
-    a, w = a.contiguous(), w.contiguous()
-    # the descriptors need the device's context current on this thread, which a backward on autograd's device thread
-    # may not have yet (cudaSetDevice makes it current; the kernel launch itself would, but comes after them)
-    torch.cuda.set_device(a.device)
     M, K = a.shape
     N = w.size(1) if bwd else w.size(0)
     b_block = [bk, bn] if bwd else [bn, bk]
-    descs = [TensorDescriptor.from_tensor(t, blk, gl.NVMMASharedLayout.get_default_for(blk, gl.bfloat16))
-             for t, blk in ((a, [bm, bk]), (w, b_block))]
     out = a.new_empty(M, N)
     x = h.contiguous() if bwd else torch.empty_like(out)
+    # A, B, and h's tiles (read by the backward's epilogue partition; the forward's kernel ignores its descriptor)
+    descs = [TensorDescriptor.from_tensor(t, blk, gl.NVMMASharedLayout.get_default_for(blk, gl.bfloat16))
+             for t, blk in ((a, [bm, bk]), (w, b_block), (x, [bm, bn]))]
     n_tiles = (M // bm) * (N // bn)
     grid = (min(n_tiles, max_ctas or torch.cuda.get_device_properties(a.device).multi_processor_count),)
     _MLP_GLUON["ns"]["mlp_gemm"][grid](*descs, out, x, N, N // bn, n_tiles, float(slope), K=K, BM=bm, BN=bn, BK=bk,
@@ -1392,10 +1403,10 @@ def mlp_gluon_op():
     def _(g, w, h, slope):
         return torch.empty_like(h, memory_format=torch.contiguous_format)
 
-    # two CTAs over 3 x 3 (dgrad) and 3 x 6 (up) tiles: the persistent loop, the ring's phases and the epilogue's
-    # hand-over all run
-    why = _mlp_gluon_selftest(lambda x, w, s: _mlp_gemm_launch(x, w, s, max_ctas=2),
-                              lambda g, w, h, s: _mlp_gemm_launch(g, w, s, h, max_ctas=2), torch.device("cuda"))
+    # four CTAs over 3 x 3 (dgrad) and 3 x 6 (up) tiles, unevenly: the persistent loop, the ring's phases and the
+    # epilogue's hand-over all run
+    why = _mlp_gluon_selftest(lambda x, w, s: _mlp_gemm_launch(x, w, s, max_ctas=4),
+                              lambda g, w, h, s: _mlp_gemm_launch(g, w, s, h, max_ctas=4), torch.device("cuda"))
     if why:  # another Gluon (API, codegen): the torch MLP, and log_header says why
         _MLP_GLUON["why"] = why
         return None
@@ -1404,7 +1415,7 @@ def mlp_gluon_op():
 
 
 def _mlp_gluon_selftest(up, dgrad, device: torch.device) -> str:
-    """Both kernels on a small case (3 x 3 of the larger tiles, 128 x 256, and K 512: 8 k-steps) against the torch
+    """Both kernels on a small case (3 x 3 of the larger tiles, 128 x 256, and K 512: 8-16 k-steps) against the torch
     math (_mlp_gluon_compare): "" if they agree, else why not, e.g. under another Triton's Gluon, which is
     experimental and changes between releases.  up(x, w_up, slope) -> (h, u), dgrad(g, w_down, h, slope) -> dh."""
     g = torch.Generator(device=device).manual_seed(0)
@@ -1471,11 +1482,13 @@ def qk_norm_rope_ref(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -
     return y if gain is None else y * gain.to(y.dtype)[:, None]
 
 
-def qkv_norm_rope_ref(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int, n_k: int):
-    """The op's math in torch ops (CPU, and CUDA without Triton): (q, k, v) of the Q|K|V projection x (B, T, H, D),
-    heads [0, n_q) q (with gain), [n_q, n_q + n_k) k, the rest v (untouched)."""
-    return (qk_norm_rope_ref(x[:, :, :n_q], cos, sin, gain), qk_norm_rope_ref(x[:, :, n_q:n_q + n_k], cos, sin, None),
-            x[:, :, n_q + n_k:])
+def qkv_norm_rope_ref(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int, n_k: int, rep: int = 1):
+    """The op's math in torch ops (CPU, and CUDA without Triton): (q, k, v, v_rep) of the Q|K|V projection x (B, T,
+    H, D), heads [0, n_q) q (with gain), [n_q, n_q + n_k) k, the rest v (untouched); rep > 1: k with each head
+    repeated rep times, and v_rep v so repeated (v_rep has no heads for rep 1)."""
+    k, v = qk_norm_rope_ref(x[:, :, n_q:n_q + n_k], cos, sin, None), x[:, :, n_q + n_k:]
+    k, v_rep = (k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)) if rep > 1 else (k, v[:, :, :0])
+    return qk_norm_rope_ref(x[:, :, :n_q], cos, sin, gain), k, v, v_rep
 
 
 def attention_backend_name(device: torch.device) -> str:
@@ -1511,6 +1524,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 XSA_EPS = 1e-12  # F.normalize's floor on |v|
+KV_REP = True  # training forwards may write K/V at H heads for SDPA (CausalSelfAttention.forward, PERF #34)
 
 
 def _at_least_fp32(t: Tensor) -> Tensor:
@@ -1650,10 +1664,15 @@ class CausalSelfAttention(nn.Module):
         H, Hkv = self.num_heads, self.num_kv_heads
         # one GEMM for Q|K|V (docs/PERF.md #13): the K and V projections alone are narrow, slower GEMMs
         qkv = F.linear(h, torch.cat((wq, wk, wv))).view(B, T, H + 2 * Hkv, D)
-        q, k, v = norm_rope(qkv, *rope, self.q_gain, H, Hkv)
+        # K and V at H heads for the attention in training forwards where the Triton op runs and SDPA is the
+        # attention (PERF #34: cuDNN then skips its KV-head gradient reduction, and the op sums the copies' and XSA's
+        # gradients in one pass); v itself still goes to XSA
+        rep = H // Hkv if KV_REP and self.xsa and ve is None and norm_rope is not qkv_norm_rope_ref \
+            and torch.is_grad_enabled() and flash_attn_3_func is None and flash_attn_2_func is None else 1
+        q, k, v, v_rep = norm_rope(qkv, *rope, self.q_gain, H, Hkv, rep)
         if ve is not None:
             v = v + ve.view(B, T, Hkv, D)
-        y = causal_attention(q, k, v)
+        y = causal_attention(q, k, v_rep if rep > 1 else v)
         if self.xsa:  # the Triton op where the q/k op runs (PERF #18), else torch ops with a hand-written backward
             xsa = _QK_KERNELS.get("xsa") if norm_rope is not qkv_norm_rope_ref else None
             y = xsa(y, v) if xsa else exclusive_self_attention(y, v)
@@ -2096,16 +2115,40 @@ class Optimizers:
                 if opt is self.muon:
                     group["momentum"] = mu
         if self.h.grad_clip_norm > 0:  # each rank clips its own local grads, before any reduction (SPEC §12.7)
-            torch.nn.utils.clip_grad_norm_(self.params, self.h.grad_clip_norm)
+            self.clip_grads(self.h.grad_clip_norm)
         self.muon.launch_reduce_scatters()
         self._all_reduce_replicated()
         for opt in self.adams:
             opt.step()
         self.muon.step()
 
+    def _grad_groups(self) -> list[list[Tensor]]:
+        """The grads grouped by (device, dtype) by torch's own helper, in its order (a hash map's, not first-seen), so
+        that clip_grads stacks the norms exactly as clip_grad_norm_ does."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return [g for (g,), _ in _group_tensors_by_device_and_dtype([grads]).values()] if grads else []
+
+    @torch.no_grad()
+    def clip_grads(self, max_norm: float) -> Tensor:
+        """torch.nn.utils.clip_grad_norm_ (its foreach form: the same ops in the same order, so the same bits) in
+        ~10 host calls, not ~75: torch moves each of the 60 per-tensor norms to the first one's device, one call per
+        norm even where they are all on one device (PERF #37).  Returns the total norm."""
+        groups = self._grad_groups()
+        norms = [n for g in groups for n in torch._foreach_norm(g, 2.0)]
+        if not norms:
+            return torch.zeros(())
+        first = norms[0].device
+        total = torch.linalg.vector_norm(torch.stack([n if n.device == first else n.to(first) for n in norms]), 2.0)
+        coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
+        for g in groups:
+            torch._foreach_mul_(g, coef if g[0].device == first else coef.to(g[0].device))
+        return total
+
     def zero_grad(self) -> None:
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=False)
+        """Each optimizer's zero_grad(set_to_none=False), as one foreach zero per dtype (Muon's own zeroes each
+        bank with its own call)."""
+        for g in self._grad_groups():
+            torch._foreach_zero_(g)
 
     def state_dict(self) -> dict:
         """A deep copy, so later steps cannot mutate a saved snapshot (compile warm-up restore, SPEC §3.4)."""
@@ -2906,11 +2949,18 @@ class EMA:
         self.params = [p for _, p in model.named_parameters()]
         self.shadow = [p.detach().float().clone() for p in self.params]
         self.previous = [t.clone() for t in self.shadow]
+        # the lerp's fp32 sources taken once (detached aliases of the parameters, which the optimizers update in
+        # place): update() runs between the per-step sync and the next step's first forward, and a detach + float per
+        # parameter was 120 host calls there (PERF #37); bf16 parameters are still cast each update
+        self.sources = [p.detach() if p.dtype == torch.float32 else None for p in self.params]
 
     @torch.no_grad()
     def update(self, step: int) -> None:
         torch._foreach_copy_(self.previous, self.shadow)
-        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - ema_decay(step))
+        if any(s is not None and s.data_ptr() != p.data_ptr() for s, p in zip(self.sources, self.params)):
+            self.sources = [p.detach() if p.dtype == torch.float32 else None for p in self.params]  # p.data replaced
+        src = [s if s is not None else p.detach().float() for s, p in zip(self.sources, self.params)]
+        torch._foreach_lerp_(self.shadow, src, 1.0 - ema_decay(step))
 
     def last_finite_state(self) -> dict[str, Tensor]:
         """The current average if it is finite, else the one before (the step that went bad may be in it)."""
@@ -2937,29 +2987,93 @@ def save_state(state: dict, path: str, d: DistInfo) -> None:
         os.replace(tmp, path)
 
 
-def run_train_step(model, opt, loader, h: Hyperparameters, d: DistInfo, device, step: int, scale: float) -> Tensor:
-    """One optimizer step over grad_accum micro-batches; returns the mean loss as a device tensor (no host sync)."""
+def run_train_step(model, opt, loader, h: Hyperparameters, d: DistInfo, device, step: int, scale: float,
+                   prefetch: bool = False, agree: "StepAgreement | None" = None) -> Tensor:
+    """One optimizer step over grad_accum micro-batches; returns the mean loss as a device tensor (no host sync).
+    prefetch: the next step's first batch is built once the last backward is queued (PERF #36): the host is then far
+    ahead of the GPU, while after the optimizer's many small launches it is behind, and after the per-step sync the
+    GPU has nothing queued at all.  agree: started on the step's summed loss once its last forward is queued, before
+    that micro-batch's backward (PERF #38): the caller's wait for it then ends while the GPU still has the backward
+    and the optimizer to run, instead of draining the GPU at every step's end."""
     ga = d.grad_accum_steps
     total = torch.zeros((), device=device)
-    for _ in range(ga):
+    for i in range(ga):
         x, y = loader.next_batch(h.train_batch_tokens, h.train_seq_len, ga)
         with autocast_ctx(device):
             loss = model(x, y)
-        (loss / ga).backward()
         total += loss.detach()
+        if agree is not None and i == ga - 1:
+            agree.start(total)
+        (loss / ga).backward()
+    if prefetch:
+        loader.prefetch(h.train_batch_tokens, h.train_seq_len, ga)
     opt.step(step, scale)
     opt.zero_grad()
     return total / ga
 
 
+class StepAgreement:
+    """Every rank's agreement on (elapsed ms, the step's loss is non-finite): the all-reduced MAX of both, so that
+    every rank uses the same clock for the LR schedule, the QAT start and the stop, and the replicated weights never
+    drift apart; a NaN on one rank stops them all.  start() reads the clock and queues it all without waiting: the
+    clock goes up from pinned memory (a pageable copy makes the host wait for the GPU to drain first), one process
+    needs no clock on the GPU, and the answer comes back to pinned memory behind an event.  result() waits for that
+    event alone: the one host sync per step (PERF #37, #38)."""
+
+    def __init__(self, clock, device):
+        self.clock, self.device = clock, device
+        self._host: Tensor | None = None
+        self._event = None
+        self._ms: float | None = None
+
+    def start(self, loss: Tensor) -> None:
+        ms, dev = float(self.clock()), self.device
+        bad = (~torch.isfinite(loss.detach())).reshape(1).to(torch.float32)
+        if is_distributed() and dist.get_world_size() > 1:
+            t = torch.tensor([ms], dtype=torch.float32)
+            if dev.type == "cuda":
+                t = t.pin_memory().to(dev, non_blocking=True)
+            t = torch.cat([t.to(dev), bad.to(dev)])
+            all_reduce_(t, dist.ReduceOp.MAX)
+            self._ms = None
+        else:
+            t, self._ms = bad, ms
+        self._event = None
+        if t.is_cuda:
+            self._host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self._host.copy_(t, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = t
+
+    def result(self) -> tuple[float, bool]:
+        """(agreed elapsed ms, any rank's loss non-finite)."""
+        if self._host is None:
+            raise RuntimeError("StepAgreement.result() called before start(): run_train_step was not given it")
+        if self._event is not None:
+            self._event.synchronize()
+        values = self._host.tolist()
+        return (self._ms, bool(values[0])) if self._ms is not None else (values[0], bool(values[1]))
+
+
 def _agree_step(train_ms: float, loss: Tensor, device) -> tuple[float, bool]:
-    """All-reduce(MAX) of (elapsed ms, loss is non-finite), one host sync per step: every rank then uses the same
-    clock for the LR schedule, the QAT start and the stop, so the replicated weights never drift apart."""
-    t = torch.stack([torch.tensor(train_ms, device=device, dtype=torch.float32),
-                     (~torch.isfinite(loss.detach())).to(device=device, dtype=torch.float32).reshape(())])
-    all_reduce_(t, dist.ReduceOp.MAX)
-    agreed_ms, bad = t.tolist()
-    return agreed_ms, bool(bad)
+    """StepAgreement started and read at once (after the step: waits for the GPU to finish it)."""
+    agree = StepAgreement(lambda: train_ms, device)
+    agree.start(loss)
+    return agree.result()
+
+
+def _synced_clock(t0: float, device) -> float:
+    """The training clock once the GPU has finished every queued step (the MAX over ranks): the per-step clock is
+    read before the GPU has run the step's last backward and optimizer (StepAgreement), so the time reported at a stop
+    or a validation, and the time excluded for a validation, are taken here instead."""
+    cuda_sync(device)
+    ms = 1000.0 * (time.perf_counter() - t0)
+    if is_distributed() and dist.get_world_size() > 1:
+        t = all_reduce_(torch.tensor([ms], dtype=torch.float64, device=device), dist.ReduceOp.MAX)
+        ms = float(t.item())
+    return ms
 
 
 def _timed_val(h, model, d, device, val_data, step: int, train_ms: float) -> None:
@@ -3000,7 +3114,7 @@ def train_model(h: Hyperparameters, d: DistInfo, device, base: nn.Module, model,
     loader = TrainLoader(list_shards(h.train_files), h.seed, d.rank, d.world_size, device)
     ema = EMA(base)
     base.set_qat(0.0)
-    qat_start, train_ms, step = None, 0.0, 0
+    qat_start, train_ms, step, capped = None, 0.0, 0, False
     if h.val_loss_every > 0:
         _timed_val(h, model, d, device, val_data, 0, 0.0)
     cuda_sync(device)
@@ -3014,9 +3128,11 @@ def train_model(h: Hyperparameters, d: DistInfo, device, base: nn.Module, model,
             log0(f"late_qat:enabled step:{step} scale:{scale:.4f}")
         if qat_start is not None:
             base.set_qat(qat_alpha(step, qat_start))
-        loss = run_train_step(model, opt, loader, h, d, device, step, scale)
+        agree = StepAgreement(lambda: 1000.0 * (time.perf_counter() - t0), device)
+        loss = run_train_step(model, opt, loader, h, d, device, step, scale, prefetch=step + 1 < h.iterations,
+                              agree=agree)
         step += 1
-        train_ms, bad = _agree_step(1000.0 * (time.perf_counter() - t0), loss, device)
+        train_ms, bad = agree.result()
         capped = budget_ms > 0 and train_ms >= budget_ms
         if bad:
             save_state(ema.last_finite_state(), "final_model.pt", d)
@@ -3028,11 +3144,15 @@ def train_model(h: Hyperparameters, d: DistInfo, device, base: nn.Module, model,
             log0(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{train_ms:.0f}ms "
                  f"step_avg:{train_ms / step:.2f}ms tok/s:{tok_s:.0f}")
         if capped:
+            train_ms = _synced_clock(t0, device)
             log0(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
             break
         if h.val_loss_every > 0 and step % h.val_loss_every == 0 and step < h.iterations:
+            train_ms = _synced_clock(t0, device)
             _timed_val(h, model, d, device, val_data, step, train_ms)
             t0 = time.perf_counter() - train_ms / 1000.0  # validation is excluded from the clock
+    if not capped:
+        train_ms = _synced_clock(t0, device)
     base.set_qat(0.0)
     save_state(ema.last_finite_state(), "final_model.pt", d)  # the trained weights reach disk before any eval
     _timed_val(h, model, d, device, val_data, step, train_ms)
@@ -3194,6 +3314,8 @@ def main() -> None:
     try:
         log_header(h, d, device)
         train_and_eval(h, d, device)
+        if is_distributed():  # every rank past its last collective before any tears the group down: without it a
+            dist.barrier()  # gloo rank now and then aborted at exit ("terminate called without an active exception")
     finally:
         if is_distributed():
             dist.destroy_process_group()
