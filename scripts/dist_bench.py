@@ -13,10 +13,11 @@ copies and memsets); at more than one rank that includes NCCL's kernels, waiting
 
 train: whole training steps as train_model runs them (run_train_step, the next batch prefetched, the per-step sync,
 the EMA update) with the compiled model: after 3 warm-up steps, BENCH_STEPS timed in each form, alternating, twice:
-as shipped (`shipped`), with the per-step sync waited for after the whole step, which drains the GPU at every step's
-end (`latesync`, before PERF #38), and that with the host-side ops as before PERF #37 too (`hostbefore`: torch's
-clip_grad_norm_, each optimizer's own zero_grad, the EMA's lerp sources rebuilt each step, the clock sent up from
-pageable memory).  Then per form a CUDA profile of 2 steps: the wall time per step against the time the GPU's
+as shipped (`shipped`), with each micro-batch's gradients added to the .grad buffers by autograd, one kernel per
+parameter (`autogradacc`, before PERF #40), with the per-step sync waited for after the whole step, which drains the
+GPU at every step's end (`latesync`, before PERF #38), and that with the host-side ops as before PERF #37 too
+(`hostbefore`: torch's clip_grad_norm_, each optimizer's own zero_grad, the EMA's lerp sources rebuilt each step, the
+clock sent up from pageable memory); BENCH_FORMS (a comma list) times only those.  Then per form a CUDA profile of 2 steps: the wall time per step against the time the GPU's
 compute kernels are busy and NCCL's kernels are busy (`idle` = wall - compute: what the GPU spends waiting for the
 host, for other ranks, or for collectives it cannot overlap), and from the profile's timeline the GPU's idle gaps
 between its first and last op (`gaps`: all of them, and those of at least 20 us; OUT gets each such gap with the ops
@@ -25,8 +26,8 @@ the step that launched the op after it (`gaps_by_launcher`, ms/step: run_train_s
 host runs slower when traced); OUT gets each gap with the launching host events.  Needs DATA_PATH's shards.
 
 One process (plain `python3 scripts/dist_bench.py`) times the same with no collectives, for the difference.
-Env: BENCH_REPS (timed optimizer steps, default 20), BENCH_STEPS (timed training steps, default 8), OUT (the rank-0
-profile tables) and every train_gpt.py env var (model shape, data).
+Env: BENCH_REPS (timed optimizer steps, default 20), BENCH_STEPS (timed training steps, default 8), BENCH_FORMS
+(train's forms, default all this train_gpt.py has), OUT (the rank-0 profile tables) and every train_gpt.py env var (model shape, data).
 Not counted code: loads train_gpt.py (or the file named by TRAIN_GPT) by path.
 """
 
@@ -190,7 +191,7 @@ def _before_host_ops(tg, opt, ema):
 
 def _undo(*objs) -> None:
     for o in objs:
-        for name in ("clip_grads", "zero_grad", "update"):
+        for name in ("clip_grads", "zero_grad", "update", "backward"):
             o.__dict__.pop(name, None)
 
 
@@ -206,17 +207,23 @@ def bench_train_loop(tg, h, d, device) -> str:
     ema = tg.EMA(base)
     base.set_qat(0.0)
     count = [0]
-    # shipped: train_model's loop as it is; latesync: the per-step sync after the step, which drains the GPU (before
-    # PERF #38); hostbefore: latesync with the host-side ops as before PERF #37 (_before_host_ops).  A train_gpt.py
-    # from before either runs only the forms it has.
+    # shipped: train_model's loop as it is; autogradacc: the gradients accumulated by autograd (before PERF #40);
+    # latesync: the per-step sync after the step, which drains the GPU (before PERF #38); hostbefore: latesync with
+    # the host-side ops as before PERF #37 (_before_host_ops).  A train_gpt.py from before runs only the forms it has.
     has_agree = hasattr(tg, "StepAgreement")
     prefetch = {"prefetch": True} if "prefetch" in inspect.signature(tg.run_train_step).parameters else {}
-    forms = ("shipped", *(("latesync",) if has_agree else ()),
-             *(("hostbefore",) if hasattr(tg.Optimizers, "clip_grads") else ()))
+    forms = ("shipped", *(("autogradacc",) if hasattr(tg.Optimizers, "backward") else ()),
+             *(("latesync",) if has_agree else ()), *(("hostbefore",) if hasattr(tg.Optimizers, "clip_grads") else ()))
+    wanted = [f for f in os.environ.get("BENCH_FORMS", "").split(",") if f]
+    if set(wanted) - set(forms):
+        raise ValueError(f"BENCH_FORMS={','.join(wanted)}: this train_gpt.py has the forms {', '.join(forms)}")
+    forms = tuple(wanted) or forms
 
     def step(form):  # train_model's loop body, less the logging and the stop test
-        agree = tg.StepAgreement(lambda: 0.0, device) if form == "shipped" and has_agree else None
+        agree = tg.StepAgreement(lambda: 0.0, device) if form in ("shipped", "autogradacc") and has_agree else None
         late = _before_host_ops(tg, opt, ema) if form == "hostbefore" else tg._agree_step
+        if form == "autogradacc":
+            opt.backward = lambda loss: loss.backward()
         try:
             with torch.profiler.record_function("bench:run_train_step"):
                 loss = tg.run_train_step(model, opt, loader, h, d, device, count[0], 1.0, **prefetch,

@@ -307,9 +307,10 @@ def test_gpu_bench_mix_needs_the_training_options(gpu_bench, tmp_path, monkeypat
 def test_dist_bench_times_the_optimizer_step_its_collectives_and_training_steps(tmp_path):
     """scripts/dist_bench.py on CPU (gloo): two ranks report the whole optimizer step plus each bank's reduce-scatter
     and all-gather and the replicated all-reduce, with their sizes; one process reports the step alone.  Both report
-    whole training steps (train_model's loop body) with the grad_accum of their world size: as shipped, with the
-    per-step sync waited for after the whole step (before PERF #38), and that with the host-side ops from before
-    PERF #37 too."""
+    whole training steps (train_model's loop body) with the grad_accum of their world size: two ranks as shipped,
+    with the gradients accumulated by autograd (before PERF #40), with the per-step sync waited for after the whole
+    step (before PERF #38), and that with the host-side ops from before PERF #37 too; one process only the forms
+    BENCH_FORMS names, in its order."""
     torchrun = shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun not on PATH")
@@ -322,17 +323,25 @@ def test_dist_bench_times_the_optimizer_step_its_collectives_and_training_steps(
         env.pop(var, None)
     script = str(ROOT / "scripts" / "dist_bench.py")
     runs = {}
-    for world, cmd in ((2, [torchrun, "--standalone", "--nproc_per_node=2", script]), (1, [sys.executable, script])):
-        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    t = r"(\d+\.\d)/(\d+\.\d)"
+    for world, cmd, forms, line_forms in (
+            (2, [torchrun, "--standalone", "--nproc_per_node=2", script], "",
+             f"shipped:{t} autogradacc:{t} latesync:{t} hostbefore:{t}"),
+            (1, [sys.executable, script], "autogradacc,shipped", f"autogradacc:{t} shipped:{t}")):
+        proc = subprocess.run(cmd, cwd=tmp_path, env={**env, "BENCH_FORMS": forms}, capture_output=True, text=True,
+                              timeout=240)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         lines = [l for l in proc.stdout.splitlines() if l.startswith("dist_bench")]
         assert len(lines) == 2, proc.stdout  # rank 0 alone prints, one line per mode
         runs[world] = lines[0]
         m = re.fullmatch(rf"dist_bench_train world:{world} grad_accum:{8 // world} ms/step:(\d+\.\d) tok/s:(\d+) "
-                         r"shipped:(\d+\.\d)/(\d+\.\d) latesync:(\d+\.\d)/(\d+\.\d) "
-                         r"hostbefore:(\d+\.\d)/(\d+\.\d)", lines[1])
+                         + line_forms, lines[1])
         assert m and int(m.group(2)) > 0 and all(float(x) > 0 for x in m.groups()), lines[1]
         assert float(m.group(1)) == pytest.approx((float(m.group(3)) + float(m.group(4))) / 2, abs=0.06)
+    proc = subprocess.run([sys.executable, script, "train"], cwd=tmp_path, env={**env, "BENCH_FORMS": "shiped"},
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0 and "BENCH_FORMS=shiped: this train_gpt.py has the forms shipped, autogradacc" \
+        in proc.stderr, proc.stderr[-1000:]
     m = re.fullmatch(r"dist_bench world:1 optimizer_step:(\d+\.\d+)ms", runs[1])
     assert m and float(m.group(1)) > 0, runs[1]
     banks = re.findall(r"(\w+_bank):(\d+\.\d+)MB rs:(\d+\.\d+)ms\(\d+GB/s\) ag:(\d+\.\d+)ms\(\d+GB/s\)", runs[2])

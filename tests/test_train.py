@@ -234,6 +234,9 @@ class _GradTap:
         if self.opt is not None:
             self.opt.step(step, scale)
 
+    def backward(self, loss):  # the shipped foreach accumulation (PERF #40); autograd's own for the reference
+        self.opt.backward(loss) if self.opt is not None else loss.backward()
+
     def zero_grad(self):
         (self.opt or self.model).zero_grad()
 
@@ -242,10 +245,11 @@ class _GradTap:
                     reason="GPU check of PERF #27 (CUDA graphs): needs a GPU and real Triton, TRITON_INTERPRET=0")
 def test_cuda_graphs_accumulate_micro_batch_gradients_in_place(tg):
     """Guards PERF #27 on a GPU: the training model compiled with train_compile_options() (inductor CUDA graphs),
-    driven by the real run_train_step over 8 micro-batches a step (one GPU) for 4 steps with QAT off and 2 with QAT
-    on (the second graph records at its second call), keeps every .grad the buffer its optimizers allocated, and each
-    step's loss and accumulated gradient equal those of the same inductor kernels without CUDA graphs on that step's
-    weights and micro-batches (the sum over micro-batches).  A graph's outputs live in memory that its next replay
+    driven by the real run_train_step (and Optimizers.backward's foreach accumulation, PERF #40) over 8 micro-batches
+    a step (one GPU) for 4 steps with QAT off and 2 with QAT on (the second graph records at its second call), keeps
+    every .grad the buffer its optimizers allocated, and each step's loss and accumulated gradient equal those of the
+    same inductor kernels without CUDA graphs (accumulated by autograd) on that step's weights and micro-batches (the
+    sum over micro-batches).  A graph's outputs live in memory that its next replay
     overwrites: with zero_grad(set_to_none=True) and no .grad allocated up front (before the fix), a step's first
     backward hands its gradients to .grad as graph outputs, the next micro-batch's replay overwrites them, and
     accumulating into them raises "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent
@@ -304,17 +308,70 @@ def _fresh_training(tg, files):
     return h, d, cpu, model, tg.build_optimizers(h, model, d), tg.TrainLoader(files, h.seed, 0, 1, cpu)
 
 
+def _shards(tg, tmp_path, seed, n=3, size=4000):
+    """n training shards of `size` random tokens below 64, drawn from one seeded generator."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    files = []
+    for i in range(n):
+        files.append(str(tmp_path / f"fineweb_train_{i:06d}.bin"))
+        tg.write_shard(files[-1], rng.integers(0, 64, size=size))
+    return files
+
+
+def test_foreach_backward_adds_the_same_gradients_with_one_add_per_dtype(tg, tmp_path):
+    """PERF #40: Optimizers.backward (autograd.grad, then one foreach add per dtype into the .grad buffers) gives
+    the .grad of every parameter, fp32 and bf16, bit for bit as loss.backward() does, micro-batch after micro-batch
+    and over whole steps; it runs one foreach add per dtype where autograd runs an add per parameter."""
+    files = _shards(tg, tmp_path, 2)
+    runs = []
+    for form in ("autograd", "foreach"):
+        h, d, cpu, model, opt, loader = _fresh_training(tg, files)
+        if form == "autograd":
+            opt.backward = lambda loss: loss.backward()
+        assert {id(p) for p in opt.params} == {id(p) for p in model.parameters() if p.requires_grad}
+        assert {p.grad.dtype for p in opt.params} == {torch.float32, torch.bfloat16}
+        grads = []
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(3):  # three micro-batches summed into the same buffers
+                x, y = loader.next_batch(h.train_batch_tokens, h.train_seq_len, d.grad_accum_steps)
+                opt.backward(model(x, y) / 3)
+                grads.append([p.grad.clone() for p in opt.params])
+        counts = {k: sum(e.count for e in prof.key_averages() if e.key == k)
+                  for k in ("torch::autograd::AccumulateGrad", "aten::_foreach_add_")}
+        if form == "foreach":  # fp32 and bf16, per micro-batch
+            assert counts == {"torch::autograd::AccumulateGrad": 0, "aten::_foreach_add_": 3 * 2}, counts
+        else:
+            assert counts == {"torch::autograd::AccumulateGrad": 3 * len(opt.params), "aten::_foreach_add_": 0}, counts
+        opt.zero_grad()
+        losses = [tg.run_train_step(model, opt, loader, h, d, cpu, s, 1.0) for s in range(2)]
+        runs.append((grads, torch.stack(losses), {k: v.clone() for k, v in model.state_dict().items()}))
+    for ga, gb in zip(runs[0][0], runs[1][0]):
+        assert all(torch.equal(a, b) for a, b in zip(ga, gb))
+    assert torch.equal(runs[0][1], runs[1][1])
+    assert all(torch.equal(v, runs[1][2][k]) for k, v in runs[0][2].items())
+
+
+def test_foreach_backward_makes_a_dropped_grad_again_and_leaves_unused_ones(tg, tmp_path):
+    """A .grad set to None since the buffers were made is made again (holding this micro-batch's gradient); a
+    parameter the loss does not use keeps its .grad as it was."""
+    h, d, cpu, model, opt, loader = _fresh_training(tg, _shards(tg, tmp_path, 3))
+    x, y = loader.next_batch(h.train_batch_tokens, h.train_seq_len, d.grad_accum_steps)
+    ref = [g.clone() for g in torch.autograd.grad(model(x, y), opt.params, allow_unused=True)]
+    first, unused = opt.params[0], nn.Parameter(torch.ones(3))
+    first.grad = None
+    unused.grad = torch.full((3,), 2.0)
+    opt.params.append(unused)
+    opt.backward(model(x, y))
+    assert torch.equal(first.grad, ref[0]) and torch.equal(unused.grad, torch.full((3,), 2.0))
+
+
 def test_prefetched_batches_train_the_same_steps(tg, tmp_path):
     """PERF #36: run_train_step(prefetch=True) builds the next step's first batch before the optimizer step; over
     three steps (eight micro-batches each, one rank) the losses and the final weights equal those of the same run without it, and the
     last step's prefetched batch waits in the loader, unconsumed."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    files = []
-    for i in range(3):
-        files.append(str(tmp_path / f"fineweb_train_{i:06d}.bin"))
-        tg.write_shard(files[-1], rng.integers(0, 64, size=4000))
+    files = _shards(tg, tmp_path, 0)
     runs = []
     for prefetch in (False, True):
         h, d, cpu, model, opt, loader = _fresh_training(tg, files)
@@ -329,11 +386,7 @@ def test_step_agreement_starts_at_the_last_forward_and_changes_no_step(tg, tmp_p
     """PERF #38: run_train_step starts the step's StepAgreement once the last micro-batch's forward is done and before
     its backward (its clock is read with 8 batches built and 7 backwards run), once per step; the steps' losses and
     weights are those of a run without it, result() gives the clock and the flag, and a NaN loss sets the flag."""
-    import numpy as np
-
-    rng = np.random.default_rng(1)
-    files = [str(tmp_path / "fineweb_train_000000.bin")]
-    tg.write_shard(files[0], rng.integers(0, 64, size=6000))
+    files = _shards(tg, tmp_path, 1, n=1, size=6000)
     runs = []
     for with_agree in (False, True):
         h, d, cpu, model, opt, loader = _fresh_training(tg, files)
