@@ -17,17 +17,24 @@ as shipped (`shipped`), with each micro-batch's gradients added to the .grad buf
 parameter (`autogradacc`, before PERF #40), with the per-step sync waited for after the whole step, which drains the
 GPU at every step's end (`latesync`, before PERF #38), and that with the host-side ops as before PERF #37 too
 (`hostbefore`: torch's clip_grad_norm_, each optimizer's own zero_grad, the EMA's lerp sources rebuilt each step, the
-clock sent up from pageable memory); BENCH_FORMS (a comma list) times only those.  Then per form a CUDA profile of 2 steps: the wall time per step against the time the GPU's
+clock sent up from pageable memory); BENCH_FORMS (a comma list) times only those.  Then per form a CUDA profile of 2
+steps (BENCH_PROFILE_STEPS; so for each profile below): the wall time per step against the time the GPU's
 compute kernels are busy and NCCL's kernels are busy (`idle` = wall - compute: what the GPU spends waiting for the
 host, for other ranks, or for collectives it cannot overlap), and from the profile's timeline the GPU's idle gaps
 between its first and last op (`gaps`: all of them, and those of at least 20 us; OUT gets each such gap with the ops
 on either side).  Last, 2 shipped steps traced with the host too: each gap of at least 20 us is put on the part of
 the step that launched the op after it (`gaps_by_launcher`, ms/step: run_train_step, agree_step, ema_update; the
-host runs slower when traced); OUT gets each gap with the launching host events.  Needs DATA_PATH's shards.
+host runs slower when traced); OUT gets each gap with the launching host events.  Then 2 more traced with Python
+functions too (`with_stack`): what the launching thread did while the GPU waited, from each gap's start to the
+launch of the op after it, as self time per host event (`longest_gap_host`: the longest gap's top three, µs; OUT:
+gap_hosts_world{W}.txt).
+Before the profiles, one step under torch's sync debug mode: `host_syncs`, the synchronizing CUDA calls it made (OUT:
+host_syncs_world{W}.txt, where each came from).  Needs DATA_PATH's shards.
 
 One process (plain `python3 scripts/dist_bench.py`) times the same with no collectives, for the difference.
 Env: BENCH_REPS (timed optimizer steps, default 20), BENCH_STEPS (timed training steps, default 8), BENCH_FORMS
-(train's forms, default all this train_gpt.py has), OUT (the rank-0 profile tables) and every train_gpt.py env var (model shape, data).
+(train's forms, default all this train_gpt.py has), BENCH_PROFILE_STEPS (steps per profile, default 2), OUT (the
+rank-0 profile tables) and every train_gpt.py env var (model shape, data).
 Not counted code: loads train_gpt.py (or the file named by TRAIN_GPT) by path.
 """
 
@@ -39,6 +46,7 @@ import os
 import statistics
 import sys
 import tempfile
+import warnings
 import time
 
 import torch
@@ -163,6 +171,48 @@ def gap_launchers(trace: dict, min_us: float = 20.0) -> list[tuple[float, float,
     return out
 
 
+def host_during_gaps(trace: dict, min_us: float = 20.0, top: int = 6) -> list[tuple[float, str, list[tuple[str, float]]]]:
+    """For a trace with CPU activity too (python_function events as well, with with_stack=True): what the launching
+    thread did while the GPU sat idle, per gap of at least min_us: (µs, the op after it, [(host event, µs), ...]).
+    The window runs from the gap's start to the launch call of the op after it; each of that thread's host events
+    inside it counts its self time there (its time in the window less that of the events nested in it), summed by
+    name; the `top` largest, then `(none traced)`: the window's time no event covers."""
+    events = trace.get("traceEvents", [])
+    launches = {e["args"]["correlation"]: e for e in events if e.get("ph") == "X" and e.get("cat") in LAUNCH_CATS
+                and "correlation" in e.get("args", {})}
+    host: dict = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in (*HOST_CATS, "python_function"):
+            host.setdefault((e.get("pid"), e.get("tid")), []).append(e)
+
+    def union(spans):
+        total, end = 0.0, float("-inf")
+        for a, b in sorted(spans):
+            if b > end:
+                total += b - max(a, end)
+                end = b
+        return total
+
+    out = []
+    for us, _, op in _gaps(trace, min_us)[1]:
+        launch = launches.get(op.get("args", {}).get("correlation"))
+        if launch is None:
+            continue
+        lo, hi = op["ts"] - us, launch["ts"]
+        # (start, -end, order) sorts each event before those nested in it; equal spans: the first listed is the outer
+        spans = sorted((max(e["ts"], lo), -min(e["ts"] + e.get("dur", 0.0), hi), k, e.get("name", "?"))
+                       for k, e in enumerate(host.get((launch.get("pid"), launch.get("tid")), []))
+                       if e["ts"] < hi and e["ts"] + e.get("dur", 0.0) > lo)
+        selfs: dict[str, float] = {}
+        for n, (a, neg_b, _, name) in enumerate(spans):
+            inner = [(a2, -nb2) for a2, nb2, _, _ in spans[n + 1:] if a2 < -neg_b and -nb2 <= -neg_b]
+            selfs[name] = selfs.get(name, 0.0) + (-neg_b - a) - union(inner)
+        ranked = sorted(selfs.items(), key=lambda kv: -kv[1])[:top]
+        out.append((us, op.get("name", "?"), ranked + [("(none traced)", max(hi - lo, 0.0) - union(
+            [(a, -nb) for a, nb, _, _ in spans]))]))
+    return out
+
+
 def _before_host_ops(tg, opt, ema):
     """The host side of a step as it was before PERF #37, on these objects: torch's clip_grad_norm_, each
     optimizer's own zero_grad, the EMA's lerp sources rebuilt each update, the clock sent up from pageable memory.
@@ -253,33 +303,51 @@ def bench_train_loop(tg, h, d, device) -> str:
                 f"{f}:{'/'.join(f'{x:.1f}' for x in v)}" for f, v in runs.items()))
     if device.type == "cuda":
         out = os.environ.get("OUT") if d.is_main else None
+        ps = int(os.environ.get("BENCH_PROFILE_STEPS", "2"))
+        if ps < 1:
+            raise ValueError(f"BENCH_PROFILE_STEPS={ps} must be at least 1")
+        # host syncs in a step (the GPU drained under the host): torch's sync debug mode warns at each
+        torch.cuda.synchronize(device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step(forms[0])
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [f"{os.path.basename(w.filename)}:{w.lineno}: {str(w.message).splitlines()[0][:100]}"
+                 for w in caught if "called a synchronizing" in str(w.message)]
+        line += f" host_syncs[{forms[0]}]:{len(syncs)}"
+        if out and syncs:
+            with open(os.path.join(out, f"host_syncs_world{d.world_size}.txt"), "w") as f:
+                f.write("".join(f"{m}\n" for m in syncs))
         for form in forms:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 t0 = time.perf_counter()
-                for _ in range(2):
+                for _ in range(ps):
                     step(form)
                 torch.cuda.synchronize(device)
-                wall = 1000.0 * (time.perf_counter() - t0) / 2
+                wall = 1000.0 * (time.perf_counter() - t0) / ps
             busy = {"compute": 0.0, "nccl": 0.0}
             for e in prof.key_averages():
-                busy["nccl" if "nccl" in e.key.lower() else "compute"] += self_device_us(e) / 1000 / 2
+                busy["nccl" if "nccl" in e.key.lower() else "compute"] += self_device_us(e) / 1000 / ps
             with tempfile.TemporaryDirectory() as tmp:  # the trace's timeline: where between its ops the GPU waits
                 prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
                 with open(os.path.join(tmp, "trace.json")) as f:
                     idle_us, gaps = gpu_gaps(json.load(f))
             line += (f" profiled[{form}]:{wall:.1f}ms compute:{busy['compute']:.1f}ms nccl:{busy['nccl']:.1f}ms "
-                     f"idle:{wall - busy['compute']:.1f}ms gaps:{idle_us / 1000 / 2:.2f}ms/step"
-                     f"({len(gaps)} of >=20us, {sum(g[0] for g in gaps) / 1000 / 2:.2f}ms/step)")
+                     f"idle:{wall - busy['compute']:.1f}ms gaps:{idle_us / 1000 / ps:.2f}ms/step"
+                     f"({len(gaps)} of >=20us, {sum(g[0] for g in gaps) / 1000 / ps:.2f}ms/step)")
             if out:
                 with open(os.path.join(out, f"profile_train_world{d.world_size}_{form}.txt"), "w") as f:
                     f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=80,
                                                       max_name_column_width=100))
-                    f.write("\nGPU idle gaps of >= 20 us over the 2 profiled steps, longest first (us, op before, "
+                    f.write(f"\nGPU idle gaps of >= 20 us over the {ps} profiled steps, longest first (us, op before, "
                             "op after):\n" + "".join(f"{us:9.1f}  {a[:90]}  ->  {b[:90]}\n" for us, a, b in gaps))
         # who launched the op after each gap (host activity traced too, so the host runs slower than untraced)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(2):
+            for _ in range(ps):
                 step(forms[0])
             torch.cuda.synchronize(device)
         with tempfile.TemporaryDirectory() as tmp:
@@ -289,14 +357,35 @@ def bench_train_loop(tg, h, d, device) -> str:
         by_part: dict[str, float] = {}
         for us, _, _, chain in found:
             part = next((c[len("bench:"):] for c in chain if c.startswith("bench:")), "other")
-            by_part[part] = by_part.get(part, 0.0) + us / 1000 / 2
+            by_part[part] = by_part.get(part, 0.0) + us / 1000 / ps
         line += f" gaps_by_launcher[{forms[0]}]:" + ",".join(f"{k}={v:.2f}" for k, v in sorted(by_part.items()))
         if out:
             with open(os.path.join(out, f"gap_launchers_world{d.world_size}.txt"), "w") as f:
-                f.write("GPU idle gaps of >= 20 us over 2 traced steps, longest first: gap us, lag us (op start - "
+                f.write(f"GPU idle gaps of >= 20 us over {ps} traced steps, longest first: gap us, lag us (op start - "
                         "launch call), the op after the gap, the host events that launched it (outermost first)\n")
                 f.write("".join(f"{us:9.1f} {lag:9.1f}  {op[:70]}  <-  {' > '.join(c[:60] for c in chain)}\n"
                                 for us, lag, op, chain in found))
+        # what the host did during each gap, Python functions included (traced, so slower still)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA], with_stack=True) as prof:
+            for _ in range(ps):
+                step(forms[0])
+            torch.cuda.synchronize(device)
+        with tempfile.TemporaryDirectory() as tmp:
+            prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
+            with open(os.path.join(tmp, "trace.json")) as f:
+                during = host_during_gaps(json.load(f))
+        if during:
+            us, op, ranked = during[0]
+            line += f" longest_gap_host[{forms[0]}]:{us:.0f}us:" + ",".join(
+                f"{n.split('/')[-1][:48]}={t:.0f}" for n, t in ranked[:3])
+        if out:
+            with open(os.path.join(out, f"gap_hosts_world{d.world_size}.txt"), "w") as f:
+                f.write(f"GPU idle gaps of >= 20 us over {ps} steps traced with Python functions, longest first: gap us, "
+                        "the op after it; then what the launching thread did from the gap's start to that op's "
+                        "launch (self us of each host event inside the window, largest first)\n")
+                for us, op, ranked in during:
+                    f.write(f"{us:9.1f}  {op[:90]}\n" + "".join(f"          {t:9.1f}  {n[:140]}\n" for n, t in ranked))
     return line
 
 

@@ -409,3 +409,37 @@ def test_dist_bench_gap_launchers_names_the_host_code_behind_each_gap(monkeypatc
         (90.0, 280.0, "Memcpy DtoH", ["aten::copy_"]),
         (25.0, pytest.approx(float("nan"), nan_ok=True), "fill", ["(launch not traced)"]),
     ]
+
+
+def test_dist_bench_host_during_gaps_says_what_the_launching_thread_did(monkeypatch):
+    """Per GPU gap: the self time of the launching thread's host events (Python functions too) inside the window from
+    the gap's start to the launch of the op after it (clipped to it, less the events nested in them), summed by name,
+    largest first; other threads left out; the time no event covers as `(none traced)`."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    db = load_module(ROOT / "scripts" / "dist_bench.py", "dist_bench_for_tests")
+
+    def ev(cat, name, ts, dur, tid=1, corr=None):
+        e = {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": tid}
+        if corr is not None:
+            e["args"] = {"correlation": corr}
+        return e
+
+    trace = {"traceEvents": [
+        ev("kernel", "fill", 100.0, 10.0, tid=7, corr=1),
+        ev("kernel", "copy", 1110.0, 5.0, tid=7, corr=2),  # 1000 us gap (110 -> 1110); launched at 1100
+        ev("kernel", "gemm", 1200.0, 5.0, tid=7, corr=3),  # 85 us gap, its launch not traced: not reported
+        ev("user_annotation", "bench:run_train_step", 50.0, 2000.0),  # holds the whole window
+        ev("python_function", "train_gpt.py(10): next_batch", 60.0, 400.0),  # 350 us of it in the window
+        ev("python_function", "cudagraph_trees.py(5): run", 700.0, 300.0),
+        ev("cpu_op", "aten::copy_", 750.0, 100.0),  # inside run: both listed
+        ev("python_function", "train_gpt.py(10): next_batch", 1050.0, 100.0),  # 50 us in the window
+        ev("python_function", "other_thread", 0.0, 5000.0, tid=2),
+        ev("cuda_runtime", "cudaLaunchKernel", 1100.0, 5.0, corr=2),
+    ]}
+    # the window is 110 -> 1100 (990 us); bench:run_train_step holds it all, less its three children (700 us)
+    assert db.host_during_gaps(trace) == [
+        (1000.0, "copy", [("train_gpt.py(10): next_batch", 400.0), ("bench:run_train_step", 290.0),
+                          ("cudagraph_trees.py(5): run", 200.0), ("aten::copy_", 100.0), ("(none traced)", 0.0)]),
+    ]
+    trace["traceEvents"].pop(3)  # without the annotation, its 290 us are nobody's
+    assert db.host_during_gaps(trace, top=1)[0][2] == [("train_gpt.py(10): next_batch", 400.0), ("(none traced)", 290.0)]
