@@ -2126,7 +2126,9 @@ class Optimizers:
         """loss.backward() into the .grad buffers, the micro-batch's gradients added by one foreach add per dtype:
         autograd's AccumulateGrad adds each parameter's with a kernel of its own, ~58 small kernels after every
         micro-batch's backward (PERF #40).  The same sums: g added in place to each existing .grad, as AccumulateGrad
-        does (the buffers exist from __init__; a .grad set to None since is made again, zeroed)."""
+        does (the buffers exist from __init__; a .grad set to None since is made again, zeroed).  Only the parameters
+        in self.params get gradients (build_optimizers routes every one of the model's, once each), and
+        post-accumulate-grad hooks do not run (none are registered)."""
         params = [p for p in self.params if p.requires_grad]
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         acc, new = [], []

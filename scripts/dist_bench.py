@@ -17,12 +17,13 @@ as shipped (`shipped`), with each micro-batch's gradients added to the .grad buf
 parameter (`autogradacc`, before PERF #40), with the per-step sync waited for after the whole step, which drains the
 GPU at every step's end (`latesync`, before PERF #38), and that with the host-side ops as before PERF #37 too
 (`hostbefore`: torch's clip_grad_norm_, each optimizer's own zero_grad, the EMA's lerp sources rebuilt each step, the
-clock sent up from pageable memory); BENCH_FORMS (a comma list) times only those.  Then per form a CUDA profile of 2
-steps (BENCH_PROFILE_STEPS; so for each profile below): the wall time per step against the time the GPU's
-compute kernels are busy and NCCL's kernels are busy (`idle` = wall - compute: what the GPU spends waiting for the
-host, for other ranks, or for collectives it cannot overlap), and from the profile's timeline the GPU's idle gaps
-between its first and last op (`gaps`: all of them, and those of at least 20 us; OUT gets each such gap with the ops
-on either side).  Last, 2 shipped steps traced with the host too: each gap of at least 20 us is put on the part of
+clock sent up from pageable memory); BENCH_FORMS (a comma list) times only those, in its order (the line's ms/step
+and tok/s are then its first form's).  Then per form a CUDA profile of 2 steps (BENCH_PROFILE_STEPS; so for each
+profile below): the wall time per step against the time the GPU's compute kernels are busy and NCCL's kernels are
+busy (`idle` = wall - compute: what the GPU spends waiting for the host, for other ranks, or for collectives it
+cannot overlap), and from the profile's timeline the GPU's idle gaps between its first and last op (`gaps`: all of
+them, and those of at least 20 us; OUT gets each such gap with the ops on either side).  Last, 2 steps of the first
+form traced with the host too: each gap of at least 20 us is put on the part of
 the step that launched the op after it (`gaps_by_launcher`, ms/step: run_train_step, agree_step, ema_update; the
 host runs slower when traced); OUT gets each gap with the launching host events.  Then 2 more traced with Python
 functions too (`with_stack`): what the launching thread did while the GPU waited, from each gap's start to the
@@ -46,8 +47,8 @@ import os
 import statistics
 import sys
 import tempfile
-import warnings
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -175,8 +176,10 @@ def host_during_gaps(trace: dict, min_us: float = 20.0, top: int = 6) -> list[tu
     """For a trace with CPU activity too (python_function events as well, with with_stack=True): what the launching
     thread did while the GPU sat idle, per gap of at least min_us: (µs, the op after it, [(host event, µs), ...]).
     The window runs from the gap's start to the launch call of the op after it; each of that thread's host events
-    inside it counts its self time there (its time in the window less that of the events nested in it), summed by
-    name; the `top` largest, then `(none traced)`: the window's time no event covers."""
+    inside it counts its self time there (its time in the window less that of the events that start inside it,
+    nested or overlapping, as traced: before clipping), summed by name; the `top` largest, then `(none traced)`: the
+    window's time no event covers.  An op launched before its gap began waited on something else (another stream, a
+    collective): its entry is `(launched before the gap)` with how long before."""
     events = trace.get("traceEvents", [])
     launches = {e["args"]["correlation"]: e for e in events if e.get("ph") == "X" and e.get("cat") in LAUNCH_CATS
                 and "correlation" in e.get("args", {})}
@@ -199,17 +202,21 @@ def host_during_gaps(trace: dict, min_us: float = 20.0, top: int = 6) -> list[tu
         if launch is None:
             continue
         lo, hi = op["ts"] - us, launch["ts"]
-        # (start, -end, order) sorts each event before those nested in it; equal spans: the first listed is the outer
-        spans = sorted((max(e["ts"], lo), -min(e["ts"] + e.get("dur", 0.0), hi), k, e.get("name", "?"))
+        if hi <= lo:
+            out.append((us, op.get("name", "?"), [("(launched before the gap)", lo - hi)]))
+            continue
+        # by the traced extents, each event before those that start inside it (equal spans: the first listed outer)
+        spans = sorted((e["ts"], -(e["ts"] + e.get("dur", 0.0)), k, e.get("name", "?"))
                        for k, e in enumerate(host.get((launch.get("pid"), launch.get("tid")), []))
                        if e["ts"] < hi and e["ts"] + e.get("dur", 0.0) > lo)
         selfs: dict[str, float] = {}
         for n, (a, neg_b, _, name) in enumerate(spans):
-            inner = [(a2, -nb2) for a2, nb2, _, _ in spans[n + 1:] if a2 < -neg_b and -nb2 <= -neg_b]
-            selfs[name] = selfs.get(name, 0.0) + (-neg_b - a) - union(inner)
+            b = -neg_b
+            inner = [(max(a2, lo), min(-nb2, b, hi)) for a2, nb2, _, _ in spans[n + 1:] if a2 < b]
+            selfs[name] = selfs.get(name, 0.0) + (min(b, hi) - max(a, lo)) - union([s for s in inner if s[1] > s[0]])
         ranked = sorted(selfs.items(), key=lambda kv: -kv[1])[:top]
-        out.append((us, op.get("name", "?"), ranked + [("(none traced)", max(hi - lo, 0.0) - union(
-            [(a, -nb) for a, nb, _, _ in spans]))]))
+        out.append((us, op.get("name", "?"), ranked + [("(none traced)", (hi - lo) - union(
+            [(max(a, lo), min(-nb, hi)) for a, nb, _, _ in spans]))]))
     return out
 
 
@@ -249,6 +256,9 @@ def bench_train_loop(tg, h, d, device) -> str:
     n = int(os.environ.get("BENCH_STEPS", "8"))
     if n < 1:
         raise ValueError(f"BENCH_STEPS={n} must be at least 1")
+    ps = int(os.environ.get("BENCH_PROFILE_STEPS", "2"))
+    if ps < 1:
+        raise ValueError(f"BENCH_PROFILE_STEPS={ps} must be at least 1")
     torch.manual_seed(h.seed)
     base = tg.build_model(h, device)
     model = train_compile(tg, base, device)
@@ -267,6 +277,8 @@ def bench_train_loop(tg, h, d, device) -> str:
     wanted = [f for f in os.environ.get("BENCH_FORMS", "").split(",") if f]
     if set(wanted) - set(forms):
         raise ValueError(f"BENCH_FORMS={','.join(wanted)}: this train_gpt.py has the forms {', '.join(forms)}")
+    if len(set(wanted)) < len(wanted):
+        raise ValueError(f"BENCH_FORMS={','.join(wanted)} names a form twice")
     forms = tuple(wanted) or forms
 
     def step(form):  # train_model's loop body, less the logging and the stop test
@@ -303,9 +315,6 @@ def bench_train_loop(tg, h, d, device) -> str:
                 f"{f}:{'/'.join(f'{x:.1f}' for x in v)}" for f, v in runs.items()))
     if device.type == "cuda":
         out = os.environ.get("OUT") if d.is_main else None
-        ps = int(os.environ.get("BENCH_PROFILE_STEPS", "2"))
-        if ps < 1:
-            raise ValueError(f"BENCH_PROFILE_STEPS={ps} must be at least 1")
         # host syncs in a step (the GPU drained under the host): torch's sync debug mode warns at each
         torch.cuda.synchronize(device)
         with warnings.catch_warnings(record=True) as caught:
@@ -378,7 +387,7 @@ def bench_train_loop(tg, h, d, device) -> str:
         if during:
             us, op, ranked = during[0]
             line += f" longest_gap_host[{forms[0]}]:{us:.0f}us:" + ",".join(
-                f"{n.split('/')[-1][:48]}={t:.0f}" for n, t in ranked[:3])
+                f"{n.split('/')[-1][:48]}={t:.0f}" for n, t in sorted(ranked, key=lambda kv: -kv[1])[:3])
         if out:
             with open(os.path.join(out, f"gap_hosts_world{d.world_size}.txt"), "w") as f:
                 f.write(f"GPU idle gaps of >= 20 us over {ps} steps traced with Python functions, longest first: gap us, "

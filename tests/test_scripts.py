@@ -338,10 +338,11 @@ def test_dist_bench_times_the_optimizer_step_its_collectives_and_training_steps(
                          + line_forms, lines[1])
         assert m and int(m.group(2)) > 0 and all(float(x) > 0 for x in m.groups()), lines[1]
         assert float(m.group(1)) == pytest.approx((float(m.group(3)) + float(m.group(4))) / 2, abs=0.06)
-    proc = subprocess.run([sys.executable, script, "train"], cwd=tmp_path, env={**env, "BENCH_FORMS": "shiped"},
-                          capture_output=True, text=True, timeout=240)
-    assert proc.returncode != 0 and "BENCH_FORMS=shiped: this train_gpt.py has the forms shipped, autogradacc" \
-        in proc.stderr, proc.stderr[-1000:]
+    for forms, says in (("shiped", "BENCH_FORMS=shiped: this train_gpt.py has the forms shipped, autogradacc"),
+                        ("shipped,shipped", "BENCH_FORMS=shipped,shipped names a form twice")):
+        proc = subprocess.run([sys.executable, script, "train"], cwd=tmp_path, env={**env, "BENCH_FORMS": forms},
+                              capture_output=True, text=True, timeout=240)
+        assert proc.returncode != 0 and says in proc.stderr, proc.stderr[-1000:]
     m = re.fullmatch(r"dist_bench world:1 optimizer_step:(\d+\.\d+)ms", runs[1])
     assert m and float(m.group(1)) > 0, runs[1]
     banks = re.findall(r"(\w+_bank):(\d+\.\d+)MB rs:(\d+\.\d+)ms\(\d+GB/s\) ag:(\d+\.\d+)ms\(\d+GB/s\)", runs[2])
@@ -443,3 +444,35 @@ def test_dist_bench_host_during_gaps_says_what_the_launching_thread_did(monkeypa
     ]
     trace["traceEvents"].pop(3)  # without the annotation, its 290 us are nobody's
     assert db.host_during_gaps(trace, top=1)[0][2] == [("train_gpt.py(10): next_batch", 400.0), ("(none traced)", 290.0)]
+    # nesting by the traced extents, not by the order of the list nor by the clipped spans (both frames hold the
+    # window); an event that starts inside another and outlasts it takes its own time out of the first's
+    gpu = [ev("kernel", "fill", 100.0, 10.0, tid=7, corr=1), ev("kernel", "copy", 1110.0, 5.0, tid=7, corr=2),
+           ev("cuda_runtime", "cudaLaunchKernel", 1100.0, 5.0, corr=2)]
+    outer, inner = ev("python_function", "outer", 0.0, 3000.0), ev("python_function", "inner", 50.0, 2000.0)
+    for host in ([outer, inner], [inner, outer]):
+        assert db.host_during_gaps({"traceEvents": gpu + host})[0][2] == [
+            ("inner", 990.0), ("outer", 0.0), ("(none traced)", 0.0)]
+    a, b = ev("python_function", "a", 0.0, 600.0), ev("python_function", "b", 500.0, 1000.0)
+    assert db.host_during_gaps({"traceEvents": gpu + [b, a]})[0][2] == [("b", 600.0), ("a", 390.0),
+                                                                        ("(none traced)", 0.0)]
+    # an op launched before its gap began waited on something else: no host window to read
+    early = [ev("kernel", "fill", 100.0, 10.0, tid=7, corr=1), ev("kernel", "wait", 1110.0, 5.0, tid=7, corr=2),
+             ev("cuda_runtime", "cudaLaunchKernel", 50.0, 5.0, corr=2), outer]
+    assert db.host_during_gaps({"traceEvents": early}) == [(1000.0, "wait", [("(launched before the gap)", 60.0)])]
+
+
+def test_dist_bench_undo_puts_back_every_patched_method(monkeypatch):
+    """The train forms patch methods on the instances (clip_grads, zero_grad, the EMA's update, backward); _undo
+    takes each off again, so the next form runs the class's own."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    db = load_module(ROOT / "scripts" / "dist_bench.py", "dist_bench_for_tests")
+
+    class Obj:
+        def backward(self):
+            return "class"
+
+    o = Obj()
+    for name in ("clip_grads", "zero_grad", "update", "backward"):
+        setattr(o, name, lambda: "patched")
+    db._undo(o)
+    assert o.backward() == "class" and not {"clip_grads", "zero_grad", "update", "backward"} & set(vars(o))

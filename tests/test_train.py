@@ -355,16 +355,40 @@ def test_foreach_backward_adds_the_same_gradients_with_one_add_per_dtype(tg, tmp
 
 def test_foreach_backward_makes_a_dropped_grad_again_and_leaves_unused_ones(tg, tmp_path):
     """A .grad set to None since the buffers were made is made again (holding this micro-batch's gradient); a
-    parameter the loss does not use keeps its .grad as it was."""
+    parameter the loss does not use keeps its .grad as it was; a frozen one (requires_grad False) is left out."""
     h, d, cpu, model, opt, loader = _fresh_training(tg, _shards(tg, tmp_path, 3))
     x, y = loader.next_batch(h.train_batch_tokens, h.train_seq_len, d.grad_accum_steps)
     ref = [g.clone() for g in torch.autograd.grad(model(x, y), opt.params, allow_unused=True)]
     first, unused = opt.params[0], nn.Parameter(torch.ones(3))
+    frozen = nn.Parameter(torch.ones(2), requires_grad=False)
     first.grad = None
     unused.grad = torch.full((3,), 2.0)
-    opt.params.append(unused)
+    opt.params += [unused, frozen]
     opt.backward(model(x, y))
     assert torch.equal(first.grad, ref[0]) and torch.equal(unused.grad, torch.full((3,), 2.0))
+    assert frozen.grad is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PERF #40 on a GPU: the fused multi-tensor add")
+def test_foreach_backward_adds_bit_for_bit_on_cuda(tg):
+    """On a GPU _foreach_add_ runs torch's multi-tensor kernel (on CPU, one add per tensor): over three micro-batches
+    whose gradients are known exactly (loss = sum of p * G, so dL/dp = G), the record model's .grad buffers, fp32 and
+    bf16, equal those loss.backward() accumulates, bit for bit."""
+    dev, d = torch.device("cuda"), tg.DistInfo()
+    h = tg.Hyperparameters()
+    torch.manual_seed(0)
+    model = tg.build_model(h, dev)
+    bufs = []
+    for form in ("autograd", "foreach"):
+        opt = tg.build_optimizers(h, model, d)
+        opt.zero_grad()
+        gen = torch.Generator(device=dev).manual_seed(1)
+        for _ in range(3):
+            loss = sum((p * torch.randn(p.shape, device=dev, generator=gen).to(p.dtype)).sum() for p in opt.params)
+            loss.backward() if form == "autograd" else opt.backward(loss)
+        bufs.append([p.grad.clone() for p in opt.params])
+    assert {b.dtype for b in bufs[0]} == {torch.float32, torch.bfloat16}
+    assert all(torch.equal(a, b) for a, b in zip(*bufs))
 
 
 def test_prefetched_batches_train_the_same_steps(tg, tmp_path):
