@@ -353,16 +353,19 @@ def bench_train_loop(tg, h, d, device) -> str:
                                                       max_name_column_width=100))
                     f.write(f"\nGPU idle gaps of >= 20 us over the {ps} profiled steps, longest first (us, op before, "
                             "op after):\n" + "".join(f"{us:9.1f}  {a[:90]}  ->  {b[:90]}\n" for us, a, b in gaps))
-        # who launched the op after each gap (host activity traced too, so the host runs slower than untraced)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(ps):
-                step(forms[0])
-            torch.cuda.synchronize(device)
-        with tempfile.TemporaryDirectory() as tmp:
-            prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
-            with open(os.path.join(tmp, "trace.json")) as f:
-                found = gap_launchers(json.load(f))
+        def host_trace(with_stack: bool) -> dict:  # ps steps of the first form, host activity traced too
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                    torch.profiler.ProfilerActivity.CUDA], with_stack=with_stack) as p:
+                for _ in range(ps):
+                    step(forms[0])
+                torch.cuda.synchronize(device)
+            with tempfile.TemporaryDirectory() as tmp:
+                p.export_chrome_trace(os.path.join(tmp, "trace.json"))
+                with open(os.path.join(tmp, "trace.json")) as f:
+                    return json.load(f)
+
+        # who launched the op after each gap (the host runs slower traced than untraced)
+        found = gap_launchers(host_trace(False))
         by_part: dict[str, float] = {}
         for us, _, _, chain in found:
             part = next((c[len("bench:"):] for c in chain if c.startswith("bench:")), "other")
@@ -375,15 +378,7 @@ def bench_train_loop(tg, h, d, device) -> str:
                 f.write("".join(f"{us:9.1f} {lag:9.1f}  {op[:70]}  <-  {' > '.join(c[:60] for c in chain)}\n"
                                 for us, lag, op, chain in found))
         # what the host did during each gap, Python functions included (traced, so slower still)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                torch.profiler.ProfilerActivity.CUDA], with_stack=True) as prof:
-            for _ in range(ps):
-                step(forms[0])
-            torch.cuda.synchronize(device)
-        with tempfile.TemporaryDirectory() as tmp:
-            prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
-            with open(os.path.join(tmp, "trace.json")) as f:
-                during = host_during_gaps(json.load(f))
+        during = host_during_gaps(host_trace(True))
         if during:
             us, op, ranked = during[0]
             line += f" longest_gap_host[{forms[0]}]:{us:.0f}us:" + ",".join(

@@ -359,20 +359,32 @@ def test_dist_bench_refuses_an_unknown_mode(tmp_path):
     assert proc.returncode != 0 and "unknown modes ['trian']" in proc.stderr, proc.stderr[-1000:]
 
 
+def _dist_bench(monkeypatch):
+    """scripts/dist_bench.py loaded by path (it imports gpu_bench by name)."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    return load_module(ROOT / "scripts" / "dist_bench.py", "dist_bench_for_tests")
+
+
+def _ev(cat, name, ts, dur, tid=1, corr=None):
+    """One complete ('X') event of a torch-profiler chrome trace; corr: its correlation id."""
+    e = {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": tid}
+    if corr is not None:
+        e["args"] = {"correlation": corr}
+    return e
+
+
 def test_dist_bench_gpu_gaps_reads_the_idle_time_off_a_trace(monkeypatch):
     """dist_bench's gap finder on a hand-made chrome trace: overlapping ops merge into one busy interval, CPU-side
     events are not GPU work, idle counts between the first and the last op only, and each gap of at least 20 us is
     named by the op that ended last before it and the op after it."""
-    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # dist_bench imports gpu_bench by name
-    db = load_module(ROOT / "scripts" / "dist_bench.py", "dist_bench_for_tests")
-    ev = lambda cat, name, ts, dur: {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}  # noqa: E731
+    db = _dist_bench(monkeypatch)
     trace = {"traceEvents": [
-        ev("kernel", "gemm", 100.0, 50.0),  # busy 100-150
-        ev("kernel", "norm", 120.0, 10.0),  # inside gemm: no gap, gemm stays the op before the next gap
-        ev("cpu_op", "aten::mm", 150.0, 500.0),  # host time: not GPU work
-        ev("gpu_memcpy", "Memcpy HtoD", 160.0, 5.0),  # 10 us gap: counted, not listed
-        ev("kernel", "attn", 215.0, 100.0),  # 50 us gap after the copy
-        ev("gpu_memset", "Memset", 415.0, 1.0),  # 100 us gap
+        _ev("kernel", "gemm", 100.0, 50.0),  # busy 100-150
+        _ev("kernel", "norm", 120.0, 10.0),  # inside gemm: no gap, gemm stays the op before the next gap
+        _ev("cpu_op", "aten::mm", 150.0, 500.0),  # host time: not GPU work
+        _ev("gpu_memcpy", "Memcpy HtoD", 160.0, 5.0),  # 10 us gap: counted, not listed
+        _ev("kernel", "attn", 215.0, 100.0),  # 50 us gap after the copy
+        _ev("gpu_memset", "Memset", 415.0, 1.0),  # 100 us gap
         {"ph": "i", "cat": "kernel", "name": "marker", "ts": 10.0},  # not a complete event
     ]}
     idle, gaps = db.gpu_gaps(trace)
@@ -384,26 +396,19 @@ def test_dist_bench_gpu_gaps_reads_the_idle_time_off_a_trace(monkeypatch):
 def test_dist_bench_gap_launchers_names_the_host_code_behind_each_gap(monkeypatch):
     """The op after each GPU gap is traced back, by its correlation id, to its launch call and the host events around
     that call on the same thread (outermost first); lag = op start - launch call start."""
-    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    db = load_module(ROOT / "scripts" / "dist_bench.py", "dist_bench_for_tests")
-
-    def ev(cat, name, ts, dur, tid=1, corr=None):
-        e = {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": tid}
-        if corr is not None:
-            e["args"] = {"correlation": corr}
-        return e
+    db = _dist_bench(monkeypatch)
 
     trace = {"traceEvents": [
-        ev("kernel", "gemm", 100.0, 50.0, tid=7, corr=1),
-        ev("kernel", "lerp", 300.0, 10.0, tid=7, corr=2),  # 150 us gap, launched at 290: host-bound
-        ev("gpu_memcpy", "Memcpy DtoH", 400.0, 5.0, tid=7, corr=3),  # 90 us gap, queued at 120: waited elsewhere
-        ev("kernel", "fill", 430.0, 1.0, tid=7, corr=4),  # 25 us gap, its launch not traced
-        ev("user_annotation", "bench:ema_update", 250.0, 100.0),
-        ev("cpu_op", "aten::_foreach_lerp_", 280.0, 20.0),
-        ev("cuda_runtime", "cudaLaunchKernel", 290.0, 5.0, corr=2),
-        ev("cpu_op", "aten::copy_", 110.0, 20.0),
-        ev("cuda_runtime", "cudaMemcpyAsync", 120.0, 3.0, corr=3),
-        ev("cpu_op", "aten::other_thread", 100.0, 500.0, tid=2),  # another thread: not the launcher
+        _ev("kernel", "gemm", 100.0, 50.0, tid=7, corr=1),
+        _ev("kernel", "lerp", 300.0, 10.0, tid=7, corr=2),  # 150 us gap, launched at 290: host-bound
+        _ev("gpu_memcpy", "Memcpy DtoH", 400.0, 5.0, tid=7, corr=3),  # 90 us gap, queued at 120: waited elsewhere
+        _ev("kernel", "fill", 430.0, 1.0, tid=7, corr=4),  # 25 us gap, its launch not traced
+        _ev("user_annotation", "bench:ema_update", 250.0, 100.0),
+        _ev("cpu_op", "aten::_foreach_lerp_", 280.0, 20.0),
+        _ev("cuda_runtime", "cudaLaunchKernel", 290.0, 5.0, corr=2),
+        _ev("cpu_op", "aten::copy_", 110.0, 20.0),
+        _ev("cuda_runtime", "cudaMemcpyAsync", 120.0, 3.0, corr=3),
+        _ev("cpu_op", "aten::other_thread", 100.0, 500.0, tid=2),  # another thread: not the launcher
     ]}
     assert db.gap_launchers(trace) == [
         (150.0, 10.0, "lerp", ["bench:ema_update", "aten::_foreach_lerp_"]),
@@ -416,26 +421,19 @@ def test_dist_bench_host_during_gaps_says_what_the_launching_thread_did(monkeypa
     """Per GPU gap: the self time of the launching thread's host events (Python functions too) inside the window from
     the gap's start to the launch of the op after it (clipped to it, less the events nested in them), summed by name,
     largest first; other threads left out; the time no event covers as `(none traced)`."""
-    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    db = load_module(ROOT / "scripts" / "dist_bench.py", "dist_bench_for_tests")
-
-    def ev(cat, name, ts, dur, tid=1, corr=None):
-        e = {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": tid}
-        if corr is not None:
-            e["args"] = {"correlation": corr}
-        return e
+    db = _dist_bench(monkeypatch)
 
     trace = {"traceEvents": [
-        ev("kernel", "fill", 100.0, 10.0, tid=7, corr=1),
-        ev("kernel", "copy", 1110.0, 5.0, tid=7, corr=2),  # 1000 us gap (110 -> 1110); launched at 1100
-        ev("kernel", "gemm", 1200.0, 5.0, tid=7, corr=3),  # 85 us gap, its launch not traced: not reported
-        ev("user_annotation", "bench:run_train_step", 50.0, 2000.0),  # holds the whole window
-        ev("python_function", "train_gpt.py(10): next_batch", 60.0, 400.0),  # 350 us of it in the window
-        ev("python_function", "cudagraph_trees.py(5): run", 700.0, 300.0),
-        ev("cpu_op", "aten::copy_", 750.0, 100.0),  # inside run: both listed
-        ev("python_function", "train_gpt.py(10): next_batch", 1050.0, 100.0),  # 50 us in the window
-        ev("python_function", "other_thread", 0.0, 5000.0, tid=2),
-        ev("cuda_runtime", "cudaLaunchKernel", 1100.0, 5.0, corr=2),
+        _ev("kernel", "fill", 100.0, 10.0, tid=7, corr=1),
+        _ev("kernel", "copy", 1110.0, 5.0, tid=7, corr=2),  # 1000 us gap (110 -> 1110); launched at 1100
+        _ev("kernel", "gemm", 1200.0, 5.0, tid=7, corr=3),  # 85 us gap, its launch not traced: not reported
+        _ev("user_annotation", "bench:run_train_step", 50.0, 2000.0),  # holds the whole window
+        _ev("python_function", "train_gpt.py(10): next_batch", 60.0, 400.0),  # 350 us of it in the window
+        _ev("python_function", "cudagraph_trees.py(5): run", 700.0, 300.0),
+        _ev("cpu_op", "aten::copy_", 750.0, 100.0),  # inside run: both listed
+        _ev("python_function", "train_gpt.py(10): next_batch", 1050.0, 100.0),  # 50 us in the window
+        _ev("python_function", "other_thread", 0.0, 5000.0, tid=2),
+        _ev("cuda_runtime", "cudaLaunchKernel", 1100.0, 5.0, corr=2),
     ]}
     # the window is 110 -> 1100 (990 us); bench:run_train_step holds it all, less its three children (700 us)
     assert db.host_during_gaps(trace) == [
@@ -446,26 +444,25 @@ def test_dist_bench_host_during_gaps_says_what_the_launching_thread_did(monkeypa
     assert db.host_during_gaps(trace, top=1)[0][2] == [("train_gpt.py(10): next_batch", 400.0), ("(none traced)", 290.0)]
     # nesting by the traced extents, not by the order of the list nor by the clipped spans (both frames hold the
     # window); an event that starts inside another and outlasts it takes its own time out of the first's
-    gpu = [ev("kernel", "fill", 100.0, 10.0, tid=7, corr=1), ev("kernel", "copy", 1110.0, 5.0, tid=7, corr=2),
-           ev("cuda_runtime", "cudaLaunchKernel", 1100.0, 5.0, corr=2)]
-    outer, inner = ev("python_function", "outer", 0.0, 3000.0), ev("python_function", "inner", 50.0, 2000.0)
+    gpu = [_ev("kernel", "fill", 100.0, 10.0, tid=7, corr=1), _ev("kernel", "copy", 1110.0, 5.0, tid=7, corr=2),
+           _ev("cuda_runtime", "cudaLaunchKernel", 1100.0, 5.0, corr=2)]
+    outer, inner = _ev("python_function", "outer", 0.0, 3000.0), _ev("python_function", "inner", 50.0, 2000.0)
     for host in ([outer, inner], [inner, outer]):
         assert db.host_during_gaps({"traceEvents": gpu + host})[0][2] == [
             ("inner", 990.0), ("outer", 0.0), ("(none traced)", 0.0)]
-    a, b = ev("python_function", "a", 0.0, 600.0), ev("python_function", "b", 500.0, 1000.0)
+    a, b = _ev("python_function", "a", 0.0, 600.0), _ev("python_function", "b", 500.0, 1000.0)
     assert db.host_during_gaps({"traceEvents": gpu + [b, a]})[0][2] == [("b", 600.0), ("a", 390.0),
                                                                         ("(none traced)", 0.0)]
     # an op launched before its gap began waited on something else: no host window to read
-    early = [ev("kernel", "fill", 100.0, 10.0, tid=7, corr=1), ev("kernel", "wait", 1110.0, 5.0, tid=7, corr=2),
-             ev("cuda_runtime", "cudaLaunchKernel", 50.0, 5.0, corr=2), outer]
+    early = [_ev("kernel", "fill", 100.0, 10.0, tid=7, corr=1), _ev("kernel", "wait", 1110.0, 5.0, tid=7, corr=2),
+             _ev("cuda_runtime", "cudaLaunchKernel", 50.0, 5.0, corr=2), outer]
     assert db.host_during_gaps({"traceEvents": early}) == [(1000.0, "wait", [("(launched before the gap)", 60.0)])]
 
 
 def test_dist_bench_undo_puts_back_every_patched_method(monkeypatch):
     """The train forms patch methods on the instances (clip_grads, zero_grad, the EMA's update, backward); _undo
     takes each off again, so the next form runs the class's own."""
-    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    db = load_module(ROOT / "scripts" / "dist_bench.py", "dist_bench_for_tests")
+    db = _dist_bench(monkeypatch)
 
     class Obj:
         def backward(self):
