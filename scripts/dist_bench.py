@@ -23,13 +23,12 @@ profile below): the wall time per step against the time the GPU's compute kernel
 busy (`idle` = wall - compute: what the GPU spends waiting for the host, for other ranks, or for collectives it
 cannot overlap), and from the profile's timeline the GPU's idle gaps between its first and last op (`gaps`: all of
 them, and those of at least 20 us; OUT gets each such gap with the ops on either side).  Last, 2 steps of the first
-form traced with the host too: each gap of at least 20 us is put on the part of
-the step that launched the op after it (`gaps_by_launcher`, ms/step: run_train_step, agree_step, ema_update; the
-host runs slower when traced); OUT gets each gap with the launching host events.  Then 2 more traced with Python
-functions too (`with_stack`): what the launching thread did while the GPU waited, from each gap's start to the
-launch of the op after it, as self time per host event (`longest_gap_host`: the longest gap's top three, µs; OUT:
-gap_hosts_world{W}.txt).
-Before the profiles, one step under torch's sync debug mode: `host_syncs`, the synchronizing CUDA calls it made (OUT:
+form traced with the host too: each gap of at least 20 us is put on the part of the step that launched the op after
+it (`gaps_by_launcher`, ms/step: run_train_step, agree_step, ema_update; the host runs slower when traced); OUT gets
+each gap with the launching host events.  Then 2 more traced with Python functions too (`with_stack`): what the
+launching thread did while the GPU waited, from each gap's start to the launch of the op after it, as self time per
+host event (`longest_gap_host`: the longest gap's top three, µs; OUT: gap_hosts_world{W}.txt).  Before the
+profiles, one step under torch's sync debug mode: `host_syncs`, the synchronizing CUDA calls it made (OUT:
 host_syncs_world{W}.txt, where each came from).  Needs DATA_PATH's shards.
 
 One process (plain `python3 scripts/dist_bench.py`) times the same with no collectives, for the difference.
@@ -172,7 +171,8 @@ def gap_launchers(trace: dict, min_us: float = 20.0) -> list[tuple[float, float,
     return out
 
 
-def host_during_gaps(trace: dict, min_us: float = 20.0, top: int = 6) -> list[tuple[float, str, list[tuple[str, float]]]]:
+def host_during_gaps(trace: dict, min_us: float = 20.0,
+                     top: int = 6) -> list[tuple[float, str, list[tuple[str, float]]]]:
     """For a trace with CPU activity too (python_function events as well, with with_stack=True): what the launching
     thread did while the GPU sat idle, per gap of at least min_us: (µs, the op after it, [(host event, µs), ...]).
     The window runs from the gap's start to the launch call of the op after it; each of that thread's host events
@@ -385,8 +385,8 @@ def bench_train_loop(tg, h, d, device) -> str:
                 f"{n.split('/')[-1][:48]}={t:.0f}" for n, t in sorted(ranked, key=lambda kv: -kv[1])[:3])
         if out:
             with open(os.path.join(out, f"gap_hosts_world{d.world_size}.txt"), "w") as f:
-                f.write(f"GPU idle gaps of >= 20 us over {ps} steps traced with Python functions, longest first: gap us, "
-                        "the op after it; then what the launching thread did from the gap's start to that op's "
+                f.write(f"GPU idle gaps of >= 20 us over {ps} steps traced with Python functions, longest first: "
+                        "gap us, the op after it; then what the launching thread did from the gap's start to that op's "
                         "launch (self us of each host event inside the window, largest first)\n")
                 for us, op, ranked in during:
                     f.write(f"{us:9.1f}  {op[:90]}\n" + "".join(f"          {t:9.1f}  {n[:140]}\n" for n, t in ranked))
