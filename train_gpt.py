@@ -2971,15 +2971,17 @@ class EMA:
         self.shadow = [p.detach().float().clone() for p in self.params]
         self.previous = [t.clone() for t in self.shadow]
         # the lerp's fp32 sources taken once (detached aliases of the parameters, which the optimizers update in
-        # place): update() runs between the per-step sync and the next step's first forward, and a detach + float per
-        # parameter was 120 host calls there (PERF #37); bf16 parameters are still cast each update
-        self.sources = [p.detach() if p.dtype == torch.float32 else None for p in self.params]
+        # place), and again only if a parameter's data is replaced: update() runs between the per-step sync and the
+        # next step's first forward, and a detach + float per parameter was 120 host calls there (PERF #37); bf16
+        # parameters are still cast each update
+        self.sources: list[Tensor | None] = []
 
     @torch.no_grad()
     def update(self, step: int) -> None:
         torch._foreach_copy_(self.previous, self.shadow)
-        if any(s is not None and s.data_ptr() != p.data_ptr() for s, p in zip(self.sources, self.params)):
-            self.sources = [p.detach() if p.dtype == torch.float32 else None for p in self.params]  # p.data replaced
+        if not self.sources or any(s is not None and s.data_ptr() != p.data_ptr()
+                                   for s, p in zip(self.sources, self.params)):
+            self.sources = [p.detach() if p.dtype == torch.float32 else None for p in self.params]
         src = [s if s is not None else p.detach().float() for s, p in zip(self.sources, self.params)]
         torch._foreach_lerp_(self.shadow, src, 1.0 - ema_decay(step))
 
