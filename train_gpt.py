@@ -1152,10 +1152,12 @@ def qk_norm_rope_op():
 # (N, K); stores h = bf16(x @ W_up.T) and u = bf16(leaky(h)²).  Backward: A = the output gradient g (M, K), B =
 # W_down (K, N) as stored; stores dh = bf16(bf16(g @ W_down) * d leaky(h)²/dh), with h TMA-loaded into a tile of its
 # own (hbuf; the next tile's as soon as the partition is done with the last).  Same math as the torch path: GEMM
-# output rounded to bf16, then the activation in fp32.  At 12 warps (8 + the loader's 1 + EW = 2, padded to a
-# warpgroup) ptxas gives every thread up to 168 registers; at 16 it caps them at 128, under the ~154 the 128 x 256
-# accumulator needs.  Measured alone at the record shape (MLP_TILES), machine to machine: forward 270-308 us, backward
-# 339-354, against 378-383 and 440-449 for cuBLAS + inductor's kernel (PERF #30, #31).  Hopper (sm_90) only: wgmma.
+# output rounded to bf16, then the activation in fp32.  The epilogue's 4 warps keep up with the tensor cores where 2
+# did not (PERF #42); the warps are padded to warpgroups, and ptxas caps every thread at 168 registers in 12 warps
+# (forward: 4 consumer warps, a 128 x 128 accumulator at 128 registers a thread) and at 128 in 16 (backward: 8
+# consumer warps, 64 a thread).  Measured alone at the record shape (MLP_TILES): forward 266 us, backward 299, against
+# 309-317 and 353 for the 2-warp epilogue on the same machine and 375-380 and 444 for cuBLAS + inductor's kernel
+# (PERF #30, #31, #42).  Hopper (sm_90) only: wgmma.
 _MLP_GLUON_SRC = """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -1307,10 +1309,10 @@ def mlp_gemm(a_desc, b_desc, h_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K: 
     ], [1, EW], [40, EREGS])
 """
 # per GEMM: BM, BN, BK, STAGES, consumer warps, epilogue warps, their registers, elements per epilogue chunk.  The
-# fastest of each at the record shape (PERF #30, #31); the backward's 128 x 256 tiles beside h's tile in shared
-# memory leave room for only 32-wide k-slices in its ring.  #29's form, the epilogue in the consumer warps
-# (overlapped with the next tile's first k-steps), ran the backward as fast and the forward slower; gone since #31
-MLP_TILES = {"up": (128, 128, 64, 6, 8, 2, 152, 2048), "dgrad": (128, 256, 32, 4, 8, 2, 152, 2048)}
+# fastest of each at the record shape (PERF #30, #31, #42): the backward's ring holds 5 slots beside h's tile in shared
+# memory (6 do not fit).  #29's form, the epilogue in the consumer warps (overlapped with the next tile's first
+# k-steps), ran the backward as fast as #31's and the forward slower; gone since #31
+MLP_TILES = {"up": (128, 128, 64, 6, 4, 4, 152, 2048), "dgrad": (128, 128, 64, 5, 8, 4, 152, 2048)}
 
 
 def _mlp_gemm_launch(a: Tensor, w: Tensor, slope: float, h: Tensor | None = None, max_ctas: int = 0,
@@ -1403,7 +1405,7 @@ def mlp_gluon_op():
     def _(g, w, h, slope):
         return torch.empty_like(h, memory_format=torch.contiguous_format)
 
-    # four CTAs over 3 x 3 (dgrad) and 3 x 6 (up) tiles, unevenly: the persistent loop, the ring's phases and the
+    # four CTAs over 3 x 3 tiles in each direction, unevenly: the persistent loop, the ring's phases and the
     # epilogue's hand-over all run
     why = _mlp_gluon_selftest(lambda x, w, s: _mlp_gemm_launch(x, w, s, max_ctas=4),
                               lambda g, w, h, s: _mlp_gemm_launch(g, w, s, h, max_ctas=4), torch.device("cuda"))
@@ -1415,7 +1417,7 @@ def mlp_gluon_op():
 
 
 def _mlp_gluon_selftest(up, dgrad, device: torch.device) -> str:
-    """Both kernels on a small case (3 x 3 of the larger tiles, 128 x 256, and K 512: 8-16 k-steps) against the torch
+    """Both kernels on a small case (3 x 3 of the larger tiles, 128 x 128, and K 512: 8 k-steps) against the torch
     math (_mlp_gluon_compare): "" if they agree, else why not, e.g. under another Triton's Gluon, which is
     experimental and changes between releases.  up(x, w_up, slope) -> (h, u), dgrad(g, w_down, h, slope) -> dh."""
     g = torch.Generator(device=device).manual_seed(0)
