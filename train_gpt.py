@@ -1417,7 +1417,7 @@ def mlp_gluon_op():
 
 
 def _mlp_gluon_selftest(up, dgrad, device: torch.device) -> str:
-    """Both kernels on a small case (3 x 3 of the larger tiles, 128 x 128, and K 512: 8 k-steps) against the torch
+    """Both kernels on a small case (3 x 3 of their tiles, 128 x 128, and K 512: 8 k-steps) against the torch
     math (_mlp_gluon_compare): "" if they agree, else why not, e.g. under another Triton's Gluon, which is
     experimental and changes between releases.  up(x, w_up, slope) -> (h, u), dgrad(g, w_down, h, slope) -> dh."""
     g = torch.Generator(device=device).manual_seed(0)
