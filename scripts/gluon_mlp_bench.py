@@ -462,8 +462,9 @@ def rel(x, y):
 # which fits in shared memory only beside a smaller ring: 128 x 128 tiles with 4-5 slots, or 32-wide k-slices).
 # Shipped from PERF #42: the first (forward: 4 consumer warps, 4 epilogue warps) and the second (backward); from #31
 # to #42 the third (forward) and the fourth (backward), with 2 epilogue warps; the last two, #42's runners-up (the
-# forward on 8 consumer warps, the backward with a 4-slot ring).  The first is timed against cuBLAS + inductor too.  #29's form (epilogue warps 0, the epilogue in the consumer) left train_gpt.py with #31: TRAIN_GPT =
-# a train_gpt.py from before it (commit 25890d9) and GLUON_TILES="[(128, 256, 64, 3, 8, 0, 0, 8192)]" time it here
+# forward on 8 consumer warps, the backward with a 4-slot ring).  The first is timed against cuBLAS + inductor too.
+# #29's form (epilogue warps 0, the epilogue in the consumer) left train_gpt.py with #31: TRAIN_GPT = a train_gpt.py
+# from before it (commit 25890d9) and GLUON_TILES="[(128, 256, 64, 3, 8, 0, 0, 8192)]" time it here
 SHIPPED_TILES = [(128, 128, 64, 6, 4, 4, 152, 2048), (128, 128, 64, 5, 8, 4, 152, 2048),
                  (128, 128, 64, 6, 8, 2, 152, 2048), (128, 256, 32, 4, 8, 2, 152, 2048),
                  (128, 128, 64, 6, 8, 4, 152, 2048), (128, 128, 64, 4, 8, 4, 152, 2048)]
