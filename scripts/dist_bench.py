@@ -145,19 +145,25 @@ def gpu_gaps(trace: dict, min_us: float = 20.0) -> tuple[float, list[tuple[float
     return idle, [(us, a.get("name", "?"), b.get("name", "?")) for us, a, b in gaps]
 
 
+def _launches_and_host(trace: dict, host_cats: tuple) -> tuple[dict, dict]:
+    """A trace's launch calls by correlation id, and its host events of host_cats by (pid, tid)."""
+    events = trace.get("traceEvents", [])
+    launches = {e["args"]["correlation"]: e for e in events if e.get("ph") == "X" and e.get("cat") in LAUNCH_CATS
+                and "correlation" in e.get("args", {})}
+    host: dict = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in host_cats:
+            host.setdefault((e.get("pid"), e.get("tid")), []).append(e)
+    return launches, host
+
+
 def gap_launchers(trace: dict, min_us: float = 20.0) -> list[tuple[float, float, str, list[str]]]:
     """For a trace with CPU activity too: each GPU gap of at least min_us as (µs, lag µs, the op after it, the host
     events that launched that op, outermost first).  The launch call (cuda_runtime / cuda_driver event) is found by
     the op's correlation id; the host events are the cpu_op and user_annotation events of its thread whose span holds
     it.  lag = the op's GPU start - the launch call's start: a few µs means the GPU waited for the host to launch it
     (the gap is host time); a long lag means the op was queued early and waited for something else."""
-    events = trace.get("traceEvents", [])
-    launches = {e["args"]["correlation"]: e for e in events if e.get("ph") == "X" and e.get("cat") in LAUNCH_CATS
-                and "correlation" in e.get("args", {})}
-    host: dict = {}
-    for e in events:
-        if e.get("ph") == "X" and e.get("cat") in HOST_CATS:
-            host.setdefault((e.get("pid"), e.get("tid")), []).append(e)
+    launches, host = _launches_and_host(trace, HOST_CATS)
     out = []
     for us, _, op in _gaps(trace, min_us)[1]:
         launch = launches.get(op.get("args", {}).get("correlation"))
@@ -180,13 +186,7 @@ def host_during_gaps(trace: dict, min_us: float = 20.0,
     nested or overlapping, as traced: before clipping), summed by name; the `top` largest, then `(none traced)`: the
     window's time no event covers.  An op launched before its gap began waited on something else (another stream, a
     collective): its entry is `(launched before the gap)` with how long before."""
-    events = trace.get("traceEvents", [])
-    launches = {e["args"]["correlation"]: e for e in events if e.get("ph") == "X" and e.get("cat") in LAUNCH_CATS
-                and "correlation" in e.get("args", {})}
-    host: dict = {}
-    for e in events:
-        if e.get("ph") == "X" and e.get("cat") in (*HOST_CATS, "python_function"):
-            host.setdefault((e.get("pid"), e.get("tid")), []).append(e)
+    launches, host = _launches_and_host(trace, (*HOST_CATS, "python_function"))
 
     def union(spans):
         total, end = 0.0, float("-inf")
