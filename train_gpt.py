@@ -235,16 +235,19 @@ class Hyperparameters:
         need(len(set(ve)) == len(ve), f"VE_LAYERS={self.ve_layers} names a layer twice (each gets one scale)")
         for name in ("mlp_mult", "logit_softcap", "rope_base", "qk_gain_init", "adam_eps", "target_mb"):
             need(getattr(self, name) > 0, f"{name.upper()}={getattr(self, name)} must be positive")
+        need(int(self.mlp_mult * self.model_dim) >= 1,
+             f"MLP_MULT={self.mlp_mult} gives an MLP hidden size of 0 at MODEL_DIM={self.model_dim}")
+        need(not self.ve_enabled or self.ve_dim >= 1, f"VE_DIM={self.ve_dim} must be >= 1 (VE_ENABLED=0 drops the value embedding)")
         for name in ("iterations", "warmup_steps", "warmdown_iters", "max_wallclock_seconds", "gptq_reserve_ms",
                      "train_log_every", "val_loss_every", "bank_split", "grad_clip_norm", "slot_steps",
                      "tied_embed_init_std", "matrix_lr", "matrix_lr_early", "matrix_lr_late", "tied_embed_lr",
-                     "scalar_lr", "slot_lr"):
+                     "scalar_lr", "slot_lr", "muon_wd", "adam_wd"):
             need(getattr(self, name) >= 0, f"{name.upper()}={getattr(self, name)} must be >= 0")
         need(self.train_seq_len >= 2, f"TRAIN_SEQ_LEN={self.train_seq_len} must be >= 2")
         need(self.eval_seq_len >= 2, f"EVAL_SEQ_LEN={self.eval_seq_len} must be >= 2")
         need(1 <= self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} must be in [1, EVAL_SEQ_LEN={self.eval_seq_len}]")
-        need(self.train_batch_tokens % (REFERENCE_WORLD * self.train_seq_len) == 0,
-             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of 8 * TRAIN_SEQ_LEN={self.train_seq_len} "
+        need(self.train_batch_tokens > 0 and self.train_batch_tokens % (REFERENCE_WORLD * self.train_seq_len) == 0,
+             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a positive multiple of 8 * TRAIN_SEQ_LEN={self.train_seq_len} "
              "(8 = world_size * grad_accum_steps)")
         need(self.max_wallclock_seconds == 0 or self.train_budget_ms > 0,
              f"GPTQ_RESERVE_MS={self.gptq_reserve_ms} leaves no training time under MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
@@ -2551,6 +2554,8 @@ except ImportError:
     brotli = None
 
 SHUFFLE_MAGIC = b"BSHF"
+RESUME_HINT = ("the trained weights are in final_model.pt: scripts/eval_artifact.py final_model.pt exports and scores "
+               "them without retraining")
 FIT_MAX_COMPRESSES = 8  # exact brotli-11 passes allowed when pruning (80-150 s each for 27 MB on a slow 2-core box)
 FIT_SLACK_FRAC = 1e-3  # stop refining once a fitting blob is within this fraction of the model budget
 
@@ -2696,7 +2701,7 @@ def fit_to_budget(qsd: dict, hessians: dict | None, code_bytes: int, target_byte
     total = len(idxs)
     if total == 0:
         raise RuntimeError(f"model blob {len(blob)} + code {code_bytes} bytes exceeds TARGET_MB budget {target_bytes} "
-                           "and there are no ±1 int6 values to prune")
+                           f"and there are no ±1 int6 values to prune; {RESUME_HINT}")
     entropy = _prune_estimator(qsd, names, rows, plus)
     over, fit = (0, entropy(0), len(blob)), None  # (count, proxy bytes, exact bytes)
     slope, calls = 1.0, 1
@@ -2723,7 +2728,7 @@ def fit_to_budget(qsd: dict, hessians: dict | None, code_bytes: int, target_byte
                 break
     if fit is None:
         raise RuntimeError(f"model blob {over[2]} + code {code_bytes} bytes exceeds TARGET_MB budget {target_bytes} "
-                           f"even after pruning {over[0]} of {total} ±1 values; the full-precision weights are saved")
+                           f"even after pruning {over[0]} of {total} ±1 values; {RESUME_HINT}")
     log0(f"selective_prune: pruned:{fit[0]} candidates:{total} bytes:{fit[2]} target:{budget} compresses:{calls}")
     return best[0], best[1], {"pruned": fit[0], "bytes": fit[2], "candidates": total, "compresses": calls}
 
@@ -2746,7 +2751,8 @@ def fit_to_budget(qsd: dict, hessians: dict | None, code_bytes: int, target_byte
 # time.  The transformer runs once per batch without grad; each step reruns only `compute_logits` and the CE.
 #   standard: the seed.  One delta per batch of windows, fitted on the mean CE over positions 0..T-2 of every window
 #             (padding included), i.e. on the very targets it then scores, so a scored token's probability depends
-#             on that token (PR #1240's flip test, issue #1336).  Kept to reproduce the seed's numbers.
+#             on that token (PR #1240's flip test, issue #1336).  Kept to reproduce the seed's numbers; over D10's
+#             windows, so at more than one rank its batches group windows a little differently from the seed's.
 #   causal (D5, default): one delta PER WINDOW, fitted only on positions [0, s) of that window, which earlier windows
 #             have already scored, then used to score [s, wlen).  Why not one delta shared by the batch: window k's
 #             context [0, s) holds targets that window k-1 of the same batch scores, so a shared delta fitted on all
@@ -3162,7 +3168,8 @@ def train_model(h: Hyperparameters, d: DistInfo, device, base: nn.Module, model,
         if bad:
             save_state(ema.last_finite_state(), "final_model.pt", d)
             raise RuntimeError(f"non-finite train_loss at step:{step}; stopped. The last finite EMA weights are in "
-                               "final_model.pt; lower the learning rates (MATRIX_LR, TIED_EMBED_LR, SCALAR_LR)")
+                               "final_model.pt; lower the learning rates (MATRIX_LR_EARLY and MATRIX_LR_LATE, or "
+                               "MATRIX_LR with SPLIT_LR_ENABLED=0; TIED_EMBED_LR, SCALAR_LR)")
         ema.update(step)
         if step <= 10 or (h.train_log_every > 0 and step % h.train_log_every == 0):
             tok_s = step * h.train_batch_tokens / max(train_ms / 1000.0, 1e-9)
@@ -3330,9 +3337,20 @@ def log_header(h: Hyperparameters, d: DistInfo, device) -> None:
         log0(f"gptq:reserving {h.gptq_reserve_ms}ms from training budget, effective={h.train_budget_ms:.0f}ms")
 
 
+def check_export_ready(h: Hyperparameters) -> None:
+    """What the export after training needs, checked before training spends its budget: Brotli, and a TARGET_MB
+    above this file's own bytes."""
+    _brotli()
+    code = code_size_bytes()
+    if h.target_bytes <= code:
+        raise ValueError(f"TARGET_MB={h.target_mb} ({h.target_bytes} bytes) leaves no room for the model: the code "
+                         f"alone is {code} bytes")
+
+
 def main() -> None:
     h = Hyperparameters.from_env()
     h.validate()
+    check_export_ready(h)
     d = dist_info()
     device = setup_runtime(h, d)
     init_logging(h.logfile, d.is_main)
@@ -3341,6 +3359,9 @@ def main() -> None:
         train_and_eval(h, d, device)
         if is_distributed():  # every rank past its last collective before any tears the group down: without it a
             dist.barrier()  # gloo rank now and then aborted at exit ("terminate called without an active exception")
+    except Exception as e:  # the cause in logs/<RUN_ID>.txt too, not only on the console
+        log0(f"error: {type(e).__name__}: {e}", console=False)
+        raise
     finally:
         if is_distributed():
             dist.destroy_process_group()

@@ -112,6 +112,11 @@ def test_derived_properties(tg):
     (dict(train_seq_len=1), "TRAIN_SEQ_LEN"),
     (dict(eval_stride=4096), "EVAL_STRIDE"),
     (dict(train_batch_tokens=1024), "TRAIN_BATCH_TOKENS"),
+    (dict(train_batch_tokens=0), "TRAIN_BATCH_TOKENS"),
+    (dict(mlp_mult=0.001), "MLP_MULT"),
+    (dict(ve_dim=0), "VE_DIM"),
+    (dict(muon_wd=-1.0), "MUON_WD"),
+    (dict(adam_wd=-0.5), "ADAM_WD"),
     (dict(gptq_reserve_ms=600_000), "GPTQ_RESERVE_MS"),
     (dict(max_wallclock_seconds=-1.0), "MAX_WALLCLOCK_SECONDS"),
     (dict(matrix_lr_early=-0.1), "MATRIX_LR_EARLY"),
@@ -131,6 +136,26 @@ def test_validate_names_the_var(tg, overrides, var):
     h = dataclasses.replace(tg.Hyperparameters(), **overrides)
     with pytest.raises(ValueError, match=var):
         h.validate()
+
+
+def test_ve_dim_is_free_when_the_value_embedding_is_off(tg):
+    """Guards VE_DIM's check against over-reach: with VE_ENABLED=0 the width is unused, so any value passes."""
+    dataclasses.replace(tg.Hyperparameters(), ve_enabled=False, ve_dim=0).validate()
+
+
+def test_export_needs_are_checked_before_training(tg, monkeypatch):
+    """Guards the start-up check of what the export after training needs (check_export_ready, called by main before
+    any training): a TARGET_MB at or below this file's own bytes and a missing brotli fail at once, naming the
+    cause, instead of after the run's training budget is spent."""
+    h = tg.Hyperparameters()
+    tg.check_export_ready(h)  # the record's 16 MB and brotli installed: fine
+    code = tg.code_size_bytes()
+    with pytest.raises(ValueError, match=rf"TARGET_MB=0.01 \(10000 bytes\).*{code} bytes"):
+        tg.check_export_ready(dataclasses.replace(h, target_mb=0.01))
+    tg.check_export_ready(dataclasses.replace(h, target_mb=(code + 1) / 1e6))
+    monkeypatch.setattr(tg, "brotli", None)
+    with pytest.raises(RuntimeError, match="pip install brotli"):
+        tg.check_export_ready(h)
 
 
 def test_tiny_config_is_valid(tg):

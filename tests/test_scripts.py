@@ -473,3 +473,44 @@ def test_dist_bench_undo_puts_back_every_patched_method(monkeypatch):
         setattr(o, name, lambda: "patched")
     db._undo(o)
     assert o.backward() == "class" and not {"clip_grads", "zero_grad", "update", "backward"} & set(vars(o))
+
+
+def test_eval_artifact_exports_a_checkpoint_then_rescores_the_artifact(tmp_path):
+    """Guards the way back from a failed export: scripts/eval_artifact.py given the trained weights (final_model.pt,
+    written before the export) runs train_gpt's own export (GPTQ, int6, brotli) and scores the artifact it wrote;
+    given that artifact it scores it again to the same numbers; a checkpoint of another shape fails, naming the env
+    vars to set.  Tiny model on the committed sample, on CPU, in subprocesses as users run it."""
+    import torch
+    from conftest import SAMPLE_DIR, TOKENIZER
+    env = {**os.environ, "DATA_PATH": str(SAMPLE_DIR), "TOKENIZER_PATH": str(TOKENIZER), "NUM_LAYERS": "2",
+           "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "BIGRAM_VOCAB_SIZE": "64", "BIGRAM_DIM": "16",
+           "VE_DIM": "16", "VE_LAYERS": "1", "XSA_LAST_N": "2", "TRAIN_SEQ_LEN": "64", "EVAL_SEQ_LEN": "64",
+           "EVAL_STRIDE": "64", "TRAIN_BATCH_TOKENS": "4096", "VAL_BATCH_SIZE": "4096", "GPTQ_CALIB_SAMPLES": "2",
+           "SLOT_ENABLED": "0", "OMP_NUM_THREADS": "1", "RUN_ID": "exp"}
+    for k in ("RANK", "WORLD_SIZE"):
+        env.pop(k, None)
+    tg = load_module(ROOT / "train_gpt.py", "tg_eval_artifact_test")
+    h = tg.Hyperparameters.from_env(env)
+    torch.manual_seed(0)
+    model = tg.build_model(h, torch.device("cpu"))
+    torch.save(model.state_dict(), tmp_path / "final_model.pt")
+    script = str(ROOT / "scripts" / "eval_artifact.py")
+
+    def run(arg, run_id, **extra):
+        proc = subprocess.run([sys.executable, script, arg], cwd=tmp_path, env={**env, "RUN_ID": run_id, **extra},
+                              capture_output=True, text=True, timeout=300)
+        return proc, (tmp_path / "logs" / f"{run_id}.txt")
+
+    proc, log = run("final_model.pt", "export")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = log.read_text().splitlines()
+    assert any(l.startswith("eval_artifact:exporting final_model.pt") for l in lines)
+    assert any(re.match(r"^Total submission size int6\+brotli: \d+ bytes$", l) for l in lines)
+    assert (tmp_path / "final_model.int6.ptz").is_file()
+    first = [l for l in lines if l.startswith("final_int6_roundtrip_exact")]
+    proc, log = run("final_model.int6.ptz", "rescore")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    again = [l for l in log.read_text().splitlines() if l.startswith("final_int6_roundtrip_exact")]
+    assert first and again == first, (first, again)
+    proc, _ = run("final_model.pt", "wrongshape", MODEL_DIM="128")
+    assert proc.returncode != 0 and "does not fit the model the env vars describe" in proc.stderr, proc.stderr[-2000:]

@@ -87,3 +87,18 @@ def test_nonfinite_loss_stops_and_saves_ema(tg_source, tmp_path, monkeypatch):
         run_pipeline(tg, h, tmp_path, monkeypatch)
     state = torch.load(tmp_path / "final_model.pt")
     assert state and all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
+def test_main_writes_the_error_into_the_log(tg, tmp_path, monkeypatch):
+    """Guards the archived log of a failed run: main() appends `error: <type>: <message>` to logs/<RUN_ID>.txt before
+    re-raising, so the log says why the run stopped, not only the console (here: a DATA_PATH without shards)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RUN_ID", "failed")
+    monkeypatch.setenv("DATA_PATH", str(tmp_path / "missing"))
+    try:
+        with pytest.raises(FileNotFoundError, match="DATA_PATH"):
+            tg.main()
+    finally:
+        tg.init_logging(None, False)
+    last = (tmp_path / "logs" / "failed.txt").read_text().splitlines()[-1]
+    assert last.startswith("error: FileNotFoundError: no train shards match ") and "set DATA_PATH" in last, last
