@@ -58,6 +58,11 @@ except ImportError:
 # from the ecosystem's (SPEC §10.2).  Defaults are the record run's values (PR #1172's launch command).
 
 
+# The seed's CONTROL_TENSOR_NAME_PATTERNS, also its INT8_KEEP_FLOAT_FP32_NAME_PATTERNS (SPEC §2.1, §7.4, §10.2)
+CONTROL_PATTERNS = ("attn_scale,attn_scales,mlp_scale,mlp_scales,resid_mix,resid_mixes,q_gain,skip_weight,skip_weights,"
+                    "smear,ve_layer_scales,ve_shared.scale")
+
+
 @dataclass(frozen=True)
 class Hyperparameters:
     # --- experiment ---
@@ -124,6 +129,10 @@ class Hyperparameters:
     gptq_reserve_ms: int = 9000  # carved out of the wallclock cap for calibration
     quant_clip_range: int = 31  # int6 values live in [-31, 31]
     target_mb: float = 16.0  # artifact cap in decimal MB (16.0 -> 16,000,000 bytes); pruning fits it
+    # comma-separated name substrings: params kept in fp32 by the dtype rule (SPEC §2.1), and float tensors over the
+    # passthrough size the quantiser stores in fp32 instead of int6/int8 (§7.4; with the default list, none)
+    control_tensor_name_patterns: str = CONTROL_PATTERNS
+    int8_keep_float_fp32_name_patterns: str = CONTROL_PATTERNS
     # --- evaluation ---
     eval_seq_len: int = 2048
     eval_stride: int = 64
@@ -190,6 +199,14 @@ class Hyperparameters:
     @property
     def ve_layer_ids(self) -> tuple[int, ...]:
         return tuple(int(x) for x in self.ve_layers.split(",") if x.strip()) if self.ve_enabled else ()
+
+    @property
+    def control_patterns(self) -> tuple[str, ...]:
+        return tuple(x for x in self.control_tensor_name_patterns.split(",") if x)
+
+    @property
+    def keep_fp32_patterns(self) -> tuple[str, ...]:
+        return tuple(x for x in self.int8_keep_float_fp32_name_patterns.split(",") if x)
 
     @property
     def head_dim(self) -> int:
@@ -1774,7 +1791,7 @@ class GPT(nn.Module):
         self.set_fused_qk(torch.cuda.is_available())  # per forward, only inputs on CUDA take it (moves are fine)
         self.rope_ntk_len = 0  # > 0: RoPE's NTK base of this length for shorter inputs (selfgen sampling windows)
         self._init_weights(h)
-        self._apply_dtype_rule()
+        self._apply_dtype_rule(h.control_patterns)
 
     def _init_weights(self, h: Hyperparameters) -> None:
         """SPEC §2.1.  proj_scale 1/sqrt(2L) multiplies W_O and W_down, which are zero, so it is omitted."""
@@ -1801,12 +1818,14 @@ class GPT(nn.Module):
                     if min(m.weight.shape) >= 64:
                         nn.init.orthogonal_(m.weight)
 
-    def _apply_dtype_rule(self) -> None:
-        """SPEC §2.1: the seed casts the model to bf16 and restores fp32 for banks, CastedLinear and control
-        params, so fp32 params carry bf16-rounded init values; embeddings and skip_gates stay bf16."""
+    def _apply_dtype_rule(self, control: tuple[str, ...]) -> None:
+        """SPEC §2.1: the seed casts the model to bf16 and restores fp32 for the banks, the CastedLinear weights and
+        every param of ndim < 2 or whose name holds a control pattern, so fp32 params carry bf16-rounded init values;
+        with the seed's patterns the embeddings and skip_gates stay bf16."""
+        linear = {n + ".weight" for n, m in self.named_modules() if isinstance(m, CastedLinear)}
         for name, p in self.named_parameters():
-            keep_bf16 = classify_param(name) == "embed" or name == "skip_gates"
-            p.data = p.data.to(torch.bfloat16) if keep_bf16 else p.data.to(torch.bfloat16).float()
+            fp32 = name in BANK_PARAM_NAMES or name in linear or p.ndim < 2 or any(c in name for c in control)
+            p.data = p.data.to(torch.bfloat16).float() if fp32 else p.data.to(torch.bfloat16)
 
     def set_fused_qk(self, on: bool) -> bool:
         """Use the Triton ops (q/k norm + RoPE, XSA, and the training loss's softcapped cross-entropy) for inputs on
@@ -2481,7 +2500,8 @@ def _as_rows(t: Tensor) -> Tensor:
 
 def quantize_state_dict(sd: dict, hessians: dict | None, h: Hyperparameters, device: torch.device | None = None) -> dict:
     """Route every tensor of the state dict (SPEC §7.4; banks are split per layer first) and quantise it:
-    non-float or numel <= SMALL_TENSOR_NUMEL -> fp16 passthrough; classify_param == "embed" -> int8 per row;
+    non-float or numel <= SMALL_TENSOR_NUMEL -> fp16 passthrough; a name holding an INT8_KEEP_FLOAT_FP32_NAME_PATTERNS
+    entry -> fp32 passthrough; classify_param == "embed" -> int8 per row;
     everything else -> int6 (GPTQ where a Hessian exists, batched per shape on `device`, default: the weights'
     device; naive otherwise).  Returns {'w': tensors on CPU, 'm': per-name route} (SPEC §8)."""
     if "qo_bank" in sd:
@@ -2495,6 +2515,9 @@ def quantize_state_dict(sd: dict, hessians: dict | None, h: Hyperparameters, dev
         if not t.is_floating_point() or t.numel() <= SMALL_TENSOR_NUMEL:
             m[name] = "passthrough"
             w[name] = t.to(torch.float16) if t.is_floating_point() else t
+        elif any(c in name for c in h.keep_fp32_patterns):  # after the size test, as the seed's (§7.4)
+            m[name] = "passthrough"
+            w[name] = t.float()
         elif classify_param(name) == "embed":
             m[name] = {"type": "int8"}
             w[name + ".q"], w[name + ".scale"] = quantize_rows_int8(_as_rows(t))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -285,6 +286,24 @@ def test_quantize_state_dict_routing_and_round_trip(tg, tiny_h, classify, capsys
         assert out[k].dtype == sd[k].dtype and out[k].shape == sd[k].shape
         rel = (out[k].float() - sd[k].float()).norm() / sd[k].float().norm().clamp_min(1e-8)
         assert rel < (0.02 if m[k] == "passthrough" else 0.75), k  # 0.05-std weights sit near the 1/31 floor
+
+
+def test_int8_keep_float_fp32_name_patterns_store_big_tensors_in_fp32(tg, tiny_h, classify):
+    """Guards INT8_KEEP_FLOAT_FP32_NAME_PATTERNS (SPEC §7.4, §10.2): checked after the passthrough size test, as the
+    seed's, so the default list (the control patterns, all on small tensors) changes nothing; a pattern naming a big
+    tensor stores it as an fp32 passthrough that dequantises back exactly."""
+    sd = gpt_like_unbanked_sd()
+    plain = tg.quantize_state_dict(sd, None, tiny_h)
+    assert plain["m"] == tg.quantize_state_dict(sd, None, dataclasses.replace(
+        tiny_h, int8_keep_float_fp32_name_patterns=tg.CONTROL_PATTERNS))["m"]
+    h = dataclasses.replace(tiny_h, int8_keep_float_fp32_name_patterns="tok_emb,mlp.fc")
+    qsd = tg.quantize_state_dict(sd, None, h)
+    kept = {"tok_emb.weight", "blocks.0.mlp.fc.weight", "blocks.1.mlp.fc.weight"}
+    for name in kept:
+        assert qsd["m"][name] == "passthrough" and qsd["w"][name].dtype == torch.float32, name
+    assert {k: v for k, v in qsd["m"].items() if k not in kept} == {k: v for k, v in plain["m"].items() if k not in kept}
+    out = tg.dequantize_state_dict(qsd, sd)
+    assert all(torch.equal(out[k], sd[k]) for k in kept)
 
 
 def test_banked_state_dicts_in_and_out(tg, classify):

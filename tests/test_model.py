@@ -63,6 +63,26 @@ def test_param_dtypes(tg):
         assert p.dtype == (torch.bfloat16 if name in bf16 else torch.float32), name
 
 
+def test_control_tensor_name_patterns_set_the_dtype_rule(tg):
+    """Guards CONTROL_TENSOR_NAME_PATTERNS (SPEC §2.1, §10.2): params of ndim >= 2 outside the banks and CastedLinear
+    weights are fp32 exactly when their name holds a pattern.  The seed's list makes resid_mix and skip_weights fp32
+    and leaves skip_gates bf16 (test_param_dtypes); a list naming skip_gates and not skip_weight flips those two; the
+    banks, CastedLinear weights and 1-D params stay fp32 whatever the list."""
+    h = tg.Hyperparameters.from_env({"CONTROL_TENSOR_NAME_PATTERNS": "skip_gates,resid_mix"})
+    assert h.control_patterns == ("skip_gates", "resid_mix")
+    assert tg.Hyperparameters().control_patterns[:2] == ("attn_scale", "attn_scales")
+    with torch.device("meta"):
+        model = tg.GPT(h)
+    bf16 = {"tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight", "skip_weights"}
+    for name, p in model.named_parameters():
+        assert p.dtype == (torch.bfloat16 if name in bf16 else torch.float32), name
+    with torch.device("meta"):
+        bare = tg.GPT(tg.Hyperparameters.from_env({"CONTROL_TENSOR_NAME_PATTERNS": ""}))
+    two_d = {n for n, p in bare.named_parameters() if p.dtype == torch.bfloat16}
+    assert two_d == {"tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight", "skip_weights",
+                     "skip_gates"} | {f"blocks.{i}.resid_mix" for i in range(11)}
+
+
 def test_classify_param_covers_every_param_and_unbanked_names(tg):
     """Guards the one source of parameter roles: a new parameter silently landing in the wrong optimizer group or
     quantiser route (bigram.proj / ve_shared.proj are matrices but 'scalar'), and the unbanked GPTQ names."""
