@@ -179,6 +179,8 @@ class Hyperparameters:
                     values[f.name] = raw
             except ValueError as e:
                 raise ValueError(f"{key}={env[key]!r} is not a valid {type(f.default).__name__}: {e}") from None
+        if "control_tensor_name_patterns" in values and "int8_keep_float_fp32_name_patterns" not in values:
+            values["int8_keep_float_fp32_name_patterns"] = values["control_tensor_name_patterns"]  # the seed's default
         h = cls(**values)
         if not h.run_id:
             h = dataclasses.replace(h, run_id=str(uuid.uuid4()))
@@ -2577,8 +2579,9 @@ except ImportError:
     brotli = None
 
 SHUFFLE_MAGIC = b"BSHF"
-RESUME_HINT = ("the trained weights are in final_model.pt: scripts/eval_artifact.py final_model.pt exports and scores "
-               "them without retraining")
+RESUME_HINT = ("the trained weights are in final_model.pt (TRAIN_GPT=<this train_gpt.py> python3 "
+               "scripts/eval_artifact.py final_model.pt exports and scores them without retraining, e.g. at a larger "
+               "TARGET_MB)")
 FIT_MAX_COMPRESSES = 8  # exact brotli-11 passes allowed when pruning (80-150 s each for 27 MB on a slow 2-core box)
 FIT_SLACK_FRAC = 1e-3  # stop refining once a fitting blob is within this fraction of the model budget
 
@@ -3383,7 +3386,10 @@ def main() -> None:
         if is_distributed():  # every rank past its last collective before any tears the group down: without it a
             dist.barrier()  # gloo rank now and then aborted at exit ("terminate called without an active exception")
     except Exception as e:  # the cause in logs/<RUN_ID>.txt too, not only on the console
-        log0(f"error: {type(e).__name__}: {e}", console=False)
+        try:
+            log0(f"error: {type(e).__name__}: {e}", console=False)
+        except OSError:  # a full disk must not replace the error being reported
+            pass
         raise
     finally:
         if is_distributed():

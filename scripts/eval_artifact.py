@@ -2,7 +2,10 @@
 Given the trained weights instead (final_model.pt, which train_gpt.py writes before anything after training can
 fail), it first exports them as the run would have (GPTQ calibration on the training data, int6, brotli, fitted to
 TARGET_MB: final_model.int6.ptz), then scores that: the way back from an export that failed (brotli missing, disk
-full, TARGET_MB too small) without training again.
+full, TARGET_MB too small) without training again.  Run it from the run's folder (it writes final_model.pt and
+final_model.int6.ptz there, as the run does), with TRAIN_GPT = the train_gpt.py that ran (the code size counted
+against TARGET_MB is that file's: the minified submission's, not the repo's source) and under torchrun at the run's
+GPU count (the calibration batches depend on the ranks).
 
 Same env vars as train_gpt.py (DATA_PATH, TOKENIZER_PATH, model shape, EVAL_*, SLOT_*, GPTQ_*, TARGET_MB); the model
 shape must match the run that wrote the file.  Examples:
@@ -40,6 +43,10 @@ def main() -> None:
     checkpoint = artifact.endswith(".pt")
     if checkpoint:
         tg.check_export_ready(h)
+        if os.path.abspath(artifact) != os.path.abspath("final_model.pt") and any(
+                os.path.exists(f) for f in ("final_model.pt", "final_model.int6.ptz")):
+            raise SystemExit(f"exporting {artifact} writes final_model.pt and final_model.int6.ptz here, which hold "
+                             "another run's files: run it from the checkpoint's folder")
     d = tg.dist_info()
     device = tg.setup_runtime(h, d)
     tg.init_logging(h.logfile, d.is_main)
@@ -68,7 +75,7 @@ def export_checkpoint(tg, h, d, device, path: str) -> str:
     except RuntimeError as e:
         raise SystemExit(f"{path} does not fit the model the env vars describe (set the run's NUM_LAYERS, MODEL_DIM, "
                          f"MLP_MULT, BIGRAM_*, VE_* ...): {e}") from None
-    tg.log0(f"eval_artifact:exporting {path} ({sum(t.numel() for t in state.values())} values)")
+    tg.log0(f"eval_artifact:exporting {path} ({sum(t.numel() for t in state.values())} values) code:{tg.__file__}")
     return tg.export_artifact(h, d, device, base)
 
 

@@ -293,9 +293,10 @@ def test_int8_keep_float_fp32_name_patterns_store_big_tensors_in_fp32(tg, tiny_h
     seed's, so the default list (the control patterns, all on small tensors) changes nothing; a pattern naming a big
     tensor stores it as an fp32 passthrough that dequantises back exactly."""
     sd = gpt_like_unbanked_sd()
-    plain = tg.quantize_state_dict(sd, None, tiny_h)
-    assert plain["m"] == tg.quantize_state_dict(sd, None, dataclasses.replace(
-        tiny_h, int8_keep_float_fp32_name_patterns=tg.CONTROL_PATTERNS))["m"]
+    assert tiny_h.int8_keep_float_fp32_name_patterns == tg.CONTROL_PATTERNS
+    plain = tg.quantize_state_dict(sd, None, dataclasses.replace(tiny_h, int8_keep_float_fp32_name_patterns=""))
+    default = tg.quantize_state_dict(sd, None, tiny_h)
+    assert default["m"] == plain["m"] and all(torch.equal(default["w"][k], plain["w"][k]) for k in plain["w"])
     h = dataclasses.replace(tiny_h, int8_keep_float_fp32_name_patterns="tok_emb,mlp.fc")
     qsd = tg.quantize_state_dict(sd, None, h)
     kept = {"tok_emb.weight", "blocks.0.mlp.fc.weight", "blocks.1.mlp.fc.weight"}

@@ -70,6 +70,9 @@ def test_control_tensor_name_patterns_set_the_dtype_rule(tg):
     banks, CastedLinear weights and 1-D params stay fp32 whatever the list."""
     h = tg.Hyperparameters.from_env({"CONTROL_TENSOR_NAME_PATTERNS": "skip_gates,resid_mix"})
     assert h.control_patterns == ("skip_gates", "resid_mix")
+    assert h.keep_fp32_patterns == h.control_patterns  # the seed's default for the quantiser's list: the control list
+    both = tg.Hyperparameters.from_env({"CONTROL_TENSOR_NAME_PATTERNS": "q_gain", "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS": ""})
+    assert both.control_patterns == ("q_gain",) and both.keep_fp32_patterns == ()
     assert tg.Hyperparameters().control_patterns[:2] == ("attn_scale", "attn_scales")
     with torch.device("meta"):
         model = tg.GPT(h)

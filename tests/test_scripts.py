@@ -506,6 +506,8 @@ def test_eval_artifact_exports_a_checkpoint_then_rescores_the_artifact(tmp_path)
     lines = log.read_text().splitlines()
     assert any(l.startswith("eval_artifact:exporting final_model.pt") for l in lines)
     assert any(re.match(r"^Total submission size int6\+brotli: \d+ bytes$", l) for l in lines)
+    # the code counted is the TRAIN_GPT file's (here the default: the repo's source)
+    assert f"Code size: {len((ROOT / 'train_gpt.py').read_bytes())} bytes" in lines
     assert (tmp_path / "final_model.int6.ptz").is_file()
     first = [l for l in lines if l.startswith("final_int6_roundtrip_exact")]
     proc, log = run("final_model.int6.ptz", "rescore")
@@ -514,3 +516,7 @@ def test_eval_artifact_exports_a_checkpoint_then_rescores_the_artifact(tmp_path)
     assert first and again == first, (first, again)
     proc, _ = run("final_model.pt", "wrongshape", MODEL_DIM="128")
     assert proc.returncode != 0 and "does not fit the model the env vars describe" in proc.stderr, proc.stderr[-2000:]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "final_model.pt").rename(tmp_path / "other" / "final_model.pt")  # ./final_model.int6.ptz stays
+    proc, _ = run("other/final_model.pt", "elsewhere")
+    assert proc.returncode != 0 and "run it from the checkpoint's folder" in proc.stderr, proc.stderr[-2000:]

@@ -102,3 +102,15 @@ def test_main_writes_the_error_into_the_log(tg, tmp_path, monkeypatch):
         tg.init_logging(None, False)
     last = (tmp_path / "logs" / "failed.txt").read_text().splitlines()[-1]
     assert last.startswith("error: FileNotFoundError: no train shards match ") and "set DATA_PATH" in last, last
+
+
+def test_main_checks_the_export_needs_before_anything_else(tg, tmp_path, monkeypatch):
+    """Guards where check_export_ready runs: main() refuses a box without brotli at once, before the log, the process
+    group, the data or any training (no logs/ folder is made), so a 600 s run is not spent on weights it cannot pack."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RUN_ID", "nobrotli")
+    monkeypatch.setattr(tg, "brotli", None)
+    monkeypatch.setattr(tg, "setup_runtime", lambda *a: pytest.fail("main() went on past the start-up check"))
+    with pytest.raises(RuntimeError, match="pip install brotli"):
+        tg.main()
+    assert not (tmp_path / "logs").exists()
