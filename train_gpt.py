@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import difflib
 import glob
 import io
 import math
@@ -185,6 +186,14 @@ class Hyperparameters:
         if not h.run_id:
             h = dataclasses.replace(h, run_id=str(uuid.uuid4()))
         return h
+
+    @classmethod
+    def near_misses(cls, env: Mapping[str, str] = os.environ) -> list[tuple[str, str]]:
+        """(env var, setting) for each env var that is not a setting but nearly spells one (SLOT_ENABLE for
+        SLOT_ENABLED): a typo that would otherwise leave the setting at its default without a word."""
+        names = [f.name.upper() for f in dataclasses.fields(cls)]
+        return [(k, m[0]) for k in sorted(env) if k not in names
+                for m in [difflib.get_close_matches(k, names, n=1, cutoff=0.85)] if m]
 
     @property
     def train_files(self) -> str:
@@ -3335,6 +3344,8 @@ def log_header(h: Hyperparameters, d: DistInfo, device) -> None:
         log0(smi, console=False)
         log0(f"device:{torch.cuda.get_device_name(device)}")
     log0("=" * 100, console=False)
+    for k, name in Hyperparameters.near_misses():
+        log0(f"warning: env {k} is not a setting (did you mean {name}?); it changes nothing")
     log0(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={h.tokenizer_path}")
     log0(f"train_loader:dataset:{h.data_path} train_shards:{len(list_shards(h.train_files))}")
     log0(f"XSA:last_{h.xsa_last_n} active_layers:{list(range(h.num_layers - h.xsa_last_n, h.num_layers))}")

@@ -158,6 +158,17 @@ def test_export_needs_are_checked_before_training(tg, monkeypatch):
         tg.check_export_ready(h)
 
 
+def test_near_misses_flag_typos_of_settings_only(tg):
+    """Guards the header's typo warning (Hyperparameters.near_misses): an env var one letter off a setting is named
+    with the setting it nearly spells; settings themselves and the usual launcher / library variables are not."""
+    env = {"SLOT_ENABLE": "0", "GPTQ_CALIB_SAMPLE": "3", "WARMDOWN_ITER": "5", "SLOT_ENABLED": "1", "SEED": "1",
+           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "x", "MASTER_PORT": "1", "MAX_JOBS": "4",
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONHASHSEED": "0", "TRAIN_GPT": "a.py",
+           "CUDA_VISIBLE_DEVICES": "0", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+    assert tg.Hyperparameters.near_misses(env) == [("GPTQ_CALIB_SAMPLE", "GPTQ_CALIB_SAMPLES"),
+                                                   ("SLOT_ENABLE", "SLOT_ENABLED"), ("WARMDOWN_ITER", "WARMDOWN_ITERS")]
+
+
 def test_tiny_config_is_valid(tg):
     """Guards the tests' own fixture: the tiny config used across the suite passes validate()."""
     tiny_config(tg).validate()

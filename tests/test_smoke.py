@@ -95,13 +95,15 @@ def test_main_writes_the_error_into_the_log(tg, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RUN_ID", "failed")
     monkeypatch.setenv("DATA_PATH", str(tmp_path / "missing"))
+    monkeypatch.setenv("SLOT_ENABLE", "0")  # a typo of SLOT_ENABLED: the header warns about it
     try:
         with pytest.raises(FileNotFoundError, match="DATA_PATH"):
             tg.main()
     finally:
         tg.init_logging(None, False)
-    last = (tmp_path / "logs" / "failed.txt").read_text().splitlines()[-1]
-    assert last.startswith("error: FileNotFoundError: no train shards match ") and "set DATA_PATH" in last, last
+    lines = (tmp_path / "logs" / "failed.txt").read_text().splitlines()
+    assert "warning: env SLOT_ENABLE is not a setting (did you mean SLOT_ENABLED?); it changes nothing" in lines
+    assert lines[-1].startswith("error: FileNotFoundError: no train shards match ") and "set DATA_PATH" in lines[-1]
 
 
 def test_main_checks_the_export_needs_before_anything_else(tg, tmp_path, monkeypatch):
