@@ -3345,7 +3345,7 @@ def log_header(h: Hyperparameters, d: DistInfo, device) -> None:
         log0(f"device:{torch.cuda.get_device_name(device)}")
     log0("=" * 100, console=False)
     for k, name in Hyperparameters.near_misses():
-        log0(f"warning: env {k} is not a setting (did you mean {name}?); it changes nothing")
+        log0(f"env_warning: unknown:{k} did_you_mean:{name} (not a setting: it changes nothing)")
     log0(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={h.tokenizer_path}")
     log0(f"train_loader:dataset:{h.data_path} train_shards:{len(list_shards(h.train_files))}")
     log0(f"XSA:last_{h.xsa_last_n} active_layers:{list(range(h.num_layers - h.xsa_last_n, h.num_layers))}")
@@ -3398,7 +3398,7 @@ def main() -> None:
             dist.barrier()  # gloo rank now and then aborted at exit ("terminate called without an active exception")
     except Exception as e:  # the cause in logs/<RUN_ID>.txt too, not only on the console
         try:
-            log0(f"error: {type(e).__name__}: {e}", console=False)
+            log0(f"run_error: type:{type(e).__name__} msg:{e}", console=False)
         except OSError:  # a full disk must not replace the error being reported
             pass
         raise

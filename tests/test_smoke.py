@@ -90,8 +90,9 @@ def test_nonfinite_loss_stops_and_saves_ema(tg_source, tmp_path, monkeypatch):
 
 
 def test_main_writes_the_error_into_the_log(tg, tmp_path, monkeypatch):
-    """Guards the archived log of a failed run: main() appends `error: <type>: <message>` to logs/<RUN_ID>.txt before
-    re-raising, so the log says why the run stopped, not only the console (here: a DATA_PATH without shards)."""
+    """Guards the archived log of a failed run: main() appends `run_error: type:<type> msg:<message>` to
+    logs/<RUN_ID>.txt before re-raising, so the log says why the run stopped, not only the console (here: a
+    DATA_PATH without shards); and the header's warning about an env var that nearly spells a setting."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RUN_ID", "failed")
     monkeypatch.setenv("DATA_PATH", str(tmp_path / "missing"))
@@ -102,8 +103,8 @@ def test_main_writes_the_error_into_the_log(tg, tmp_path, monkeypatch):
     finally:
         tg.init_logging(None, False)
     lines = (tmp_path / "logs" / "failed.txt").read_text().splitlines()
-    assert "warning: env SLOT_ENABLE is not a setting (did you mean SLOT_ENABLED?); it changes nothing" in lines
-    assert lines[-1].startswith("error: FileNotFoundError: no train shards match ") and "set DATA_PATH" in lines[-1]
+    assert "env_warning: unknown:SLOT_ENABLE did_you_mean:SLOT_ENABLED (not a setting: it changes nothing)" in lines
+    assert lines[-1].startswith("run_error: type:FileNotFoundError msg:no train shards match ") and "set DATA_PATH" in lines[-1]
 
 
 def test_main_checks_the_export_needs_before_anything_else(tg, tmp_path, monkeypatch):
