@@ -47,6 +47,7 @@ STUB_RE = re.compile(r'^import lzma as L,base64 as B\nexec\(L\.decompress\(B\.b8
 
 RECORD_TRACK, NON_RECORD_TRACK = "track_10min_16mb", "track_non_record_16mb"
 RECORD_WORLD_SIZE, RECORD_TRAIN_SECONDS, RECORD_GPU = 8, 600.0, "H100"
+SIZE_CAP = 16_000_000  # SPEC §8: compressed model + code must be under this many bytes, in every track here
 MIN_IMPROVEMENT_NATS, MAX_P_VALUE = 0.005, 0.01  # the competition's significance rule
 SCORE_LABEL, ALIAS_LABEL = "final_int6_sliding_window_exact", "final_int8_zlib_roundtrip_exact"
 LEGAL_SLOT_MODES = ("off", "causal")  # D5: standard SLOT fits on the targets it scores
@@ -168,6 +169,7 @@ class RunLog:
     code_bytes: int | None = None
     model_bytes: int | None = None
     total_bytes: int | None = None
+    calib_seconds: float | None = None  # `gptq:calibrated N layers in Xs` (after the training clock stops)
 
     def final(self, label: str, key: str) -> float:
         return _num(self.finals[label][key])
@@ -239,6 +241,8 @@ def _parse_line(run: RunLog, line: str) -> None:
         run.finals[head] = kv
     elif head == "DIAGNOSTIC" and len(tokens) > 1 and tokens[1] == "post_ema":
         run.post_ema = kv
+    elif head == "gptq:calibrated" and re.match(r"^[\d.]+s$", tokens[-1]):
+        run.calib_seconds = _num(tokens[-1])
     elif re.match(r"^seed:\d+$", head):
         run.seed = int(kv["seed"])
     elif re.match(r"^world_size:\d+$", head):
@@ -303,6 +307,11 @@ def track_reasons(run: RunLog) -> list:
         reasons.append(f"max_wallclock_seconds {run.max_wallclock_seconds:g} is not a cap within {RECORD_TRAIN_SECONDS:.0f}s")
     if run.slot_mode not in LEGAL_SLOT_MODES:
         reasons.append(f"SLOT mode '{run.slot_mode}' is not a legal (causal) score")
+    if run.calib_seconds is not None and run.hparams.get("gptq_calib", "train") == "train" and \
+            run.train_time_ms + 1000 * run.calib_seconds > 1000 * RECORD_TRAIN_SECONDS:
+        reasons.append(f"training + GPTQ calibration on training data took "
+                       f"{run.train_time_ms / 1000 + run.calib_seconds:.1f}s > {RECORD_TRAIN_SECONDS:.0f}s "
+                       "(GPTQ_RESERVE_MS below the calibration time; SPEC D4)")
     return reasons
 
 
@@ -432,7 +441,8 @@ def _fmt(x, spec: str) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def results_table(runs: list) -> str:
+def results_table(runs: list, code_bytes: int) -> str:
+    """Per-seed rows; bytes total = the log's compressed model + the shipped artifact's code (what is submitted)."""
     head = ("| seed | steps | ms/step | post-EMA bpb | int6 round-trip bpb | sliding bpb (score) | val_loss (nats) "
             "| bytes total | final eval (s) | SLOT |")
     rows = [head, "|" + "---|" * 10]
@@ -440,11 +450,11 @@ def results_table(runs: list) -> str:
         rt = r.finals.get("final_int6_roundtrip_exact", r.finals.get("final_int6_roundtrip", {})).get("val_bpb")
         rows.append(f"| {r.seed} | {r.last_step} | {_fmt(r.step_avg_ms, '.2f')} | {r.post_ema.get('val_bpb', 'n/a')} "
                     f"| {rt or 'n/a'} | {r.final(SCORE_LABEL, 'val_bpb'):.8f} | {r.final(SCORE_LABEL, 'val_loss'):.8f} "
-                    f"| {r.total_bytes:,} | {r.eval_seconds:.1f} | {r.slot_mode} |")
+                    f"| {r.model_bytes + code_bytes:,} | {r.eval_seconds:.1f} | {r.slot_mode} |")
     bpb_m, bpb_s = _mean_std([r.final(SCORE_LABEL, "val_bpb") for r in runs])
     loss_m, loss_s = _mean_std([r.final(SCORE_LABEL, "val_loss") for r in runs])
     rows.append(f"| **mean** | {statistics.fmean(r.last_step for r in runs):.0f} | | | | **{bpb_m:.8f}** | **{loss_m:.8f}** "
-                f"| {statistics.fmean(r.total_bytes for r in runs):,.0f} | | |")
+                f"| {statistics.fmean(r.model_bytes + code_bytes for r in runs):,.0f} | | |")
     rows.append(f"| std | | | | | {_fmt(bpb_s, '.8f')} | {_fmt(loss_s, '.8f')} | | | |")
     return "\n".join(rows)
 
@@ -474,8 +484,9 @@ def plot_curves(runs: list, out_path: Path) -> None:
     plt.close(fig)
 
 
-def torchrun_commands(seeds: list, name: str = "run", nproc: int = RECORD_WORLD_SIZE) -> list:
-    return [f"SEED={s} RUN_ID={name}_seed{s} torchrun --standalone --nproc_per_node={nproc} train_gpt.py" for s in seeds]
+def torchrun_commands(seeds: list, name: str = "run", nproc: int = RECORD_WORLD_SIZE,
+                      script: str = "train_gpt.py") -> list:
+    return [f"SEED={s} RUN_ID={name}_seed{s} torchrun --standalone --nproc_per_node={nproc} {script}" for s in seeds]
 
 
 def _readme(name, args, runs, track, reasons, info, baseline, warnings) -> str:
@@ -490,8 +501,8 @@ def _readme(name, args, runs, track, reasons, info, baseline, warnings) -> str:
            f"The score is the `{SCORE_LABEL}` line of each log (sliding window, every target scored once; repeated as "
            f"`{ALIAS_LABEL}` for the harness).  SLOT mode: {', '.join(modes)}.  Legal record score: "
            f"**{'yes' if legal else 'NO'}** ({'no SLOT or causal SLOT: each token is scored before it is fitted on' if legal else 'standard SLOT fits delta on the targets it then scores (SPEC D5)'}).", "",
-           f"Track: `{track}`" + (f" ({'; '.join(reasons)})." if reasons else " (8xH100, world size 8, <= 600 s training)."), "",
-           "## Results", "", results_table(runs), ""]
+           f"Track: `{track}`" + (f" ({'; '.join(reasons)})." if reasons else " (8xH100, world size 8, training and GPTQ calibration within 600 s, causal or no SLOT)."), "",
+           "## Results", "", results_table(runs, info["bytes"]), ""]
     if baseline is not None:
         out.append(significance_text(losses, baseline[1], baseline[0]))
     out += ["## Files", "",
@@ -534,6 +545,11 @@ def make_record(args) -> Path:
         raise ValueError(f"{folder} exists; pass --force to overwrite")
     with tempfile.TemporaryDirectory() as tmp:  # build first: a refused artifact leaves no half-made folder
         info = build_artifact(args.source, Path(tmp) / "train_gpt.py", args.allow_newer_python)
+        over = [f"seed {r.seed}: {r.model_bytes:,} + {info['bytes']:,} = {r.model_bytes + info['bytes']:,}"
+                for r in runs if r.model_bytes + info["bytes"] >= SIZE_CAP]
+        if over:
+            raise ValueError(f"compressed model + the shipped code is not under {SIZE_CAP:,} bytes (SPEC §8), so no "
+                             f"track takes it: {'; '.join(over)}")
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(tmp) / "train_gpt.py", folder / "train_gpt.py")
     shutil.copyfile(args.source, folder / "train_gpt_human.py")
@@ -602,7 +618,9 @@ def main(argv=None) -> int:
     try:
         if args.seeds:
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-            print("\n".join(torchrun_commands(seeds, args.record or "run")))
+            # the minified build is what runs, so the logs' code size is the submitted file's (STYLE: the shipped file
+            # is what actually runs); build it first with `python3 build_submission.py`
+            print("\n".join(torchrun_commands(seeds, args.record or "run", script="dist/train_gpt.py")))
         elif args.record:
             make_record(args)
         else:

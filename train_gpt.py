@@ -2724,18 +2724,18 @@ def _solve_count(entropy, lo: int, hi: int, goal: float) -> int:
 
 
 def fit_to_budget(qsd: dict, hessians: dict | None, code_bytes: int, target_bytes: int) -> tuple[dict, bytes, dict]:
-    """Compress qsd; if blob + code exceeds target_bytes, zero the cheapest ±1 int6 values until it fits.
+    """Compress qsd; unless blob + code is under target_bytes, zero the cheapest ±1 int6 values until it is.
     The count is searched on an entropy proxy of the blob size, corrected by secant steps between exact
     brotli-11 sizes (at most FIT_MAX_COMPRESSES of them), keeping the smallest count that really fits.
     Returns (qsd, blob, {"pruned", "bytes", "candidates", "compresses"}); raises RuntimeError if nothing fits."""
-    budget = target_bytes - code_bytes
+    budget = target_bytes - code_bytes - 1  # SPEC §8: the total must be under the cap, not equal to it
     blob = compress(serialize(qsd))
     if len(blob) <= budget:
         return qsd, blob, {"pruned": 0, "bytes": len(blob), "candidates": 0, "compresses": 1}
     names, tids, idxs, rows, plus = _prune_candidates(qsd, hessians)
     total = len(idxs)
     if total == 0:
-        raise RuntimeError(f"model blob {len(blob)} + code {code_bytes} bytes exceeds TARGET_MB budget {target_bytes} "
+        raise RuntimeError(f"model blob {len(blob)} + code {code_bytes} bytes is not under the TARGET_MB cap {target_bytes} "
                            f"and there are no ±1 int6 values to prune; {RESUME_HINT}")
     entropy = _prune_estimator(qsd, names, rows, plus)
     over, fit = (0, entropy(0), len(blob)), None  # (count, proxy bytes, exact bytes)
@@ -2762,7 +2762,7 @@ def fit_to_budget(qsd: dict, hessians: dict | None, code_bytes: int, target_byte
             if n == total:
                 break
     if fit is None:
-        raise RuntimeError(f"model blob {over[2]} + code {code_bytes} bytes exceeds TARGET_MB budget {target_bytes} "
+        raise RuntimeError(f"model blob {over[2]} + code {code_bytes} bytes is not under the TARGET_MB cap {target_bytes} "
                            f"even after pruning {over[0]} of {total} ±1 values; {RESUME_HINT}")
     log0(f"selective_prune: pruned:{fit[0]} candidates:{total} bytes:{fit[2]} target:{budget} compresses:{calls}")
     return best[0], best[1], {"pruned": fit[0], "bytes": fit[2], "candidates": total, "compresses": calls}

@@ -96,11 +96,14 @@ def int6_qsd(n_tensors=3, rows=96, cols=256, seed=0):
 
 
 def test_fit_to_budget_noop_when_under(tg):
-    """Already under budget: nothing is pruned and the blob is exactly compress(serialize(qsd))."""
+    """Already under budget: nothing is pruned and the blob is exactly compress(serialize(qsd)).  Under means
+    strictly (SPEC §8: total < 16,000,000): a total equal to the target is over and gets pruned."""
     qsd = int6_qsd(n_tensors=1)
     blob0 = tg.compress(tg.serialize(qsd))
-    out, blob, info = tg.fit_to_budget(qsd, None, 1000, len(blob0) + 1000)
+    out, blob, info = tg.fit_to_budget(qsd, None, 1000, len(blob0) + 1001)
     assert out is qsd and blob == blob0 and info["pruned"] == 0 and info["bytes"] == len(blob0)
+    out, blob, info = tg.fit_to_budget(qsd, None, 1000, len(blob0) + 1000)
+    assert info["pruned"] > 0 and len(blob) + 1000 < len(blob0) + 1000
 
 
 def test_fit_to_budget_prunes_cheapest_ones_until_it_fits(tg):
@@ -113,7 +116,7 @@ def test_fit_to_budget_prunes_cheapest_ones_until_it_fits(tg):
     code = 5000
     target = code + int(size0 * 0.97)
     out, blob, info = tg.fit_to_budget(qsd, hess_w, code, target)
-    assert len(blob) + code <= target and info["bytes"] == len(blob) and info["pruned"] > 0
+    assert len(blob) + code < target and info["bytes"] == len(blob) and info["pruned"] > 0
     assert info["compresses"] <= 8
     back = tg.deserialize(tg.decompress(blob))
     changed = 0
