@@ -12,7 +12,9 @@ compile under the running interpreter, which should be the oldest Python the eva
 under 3.12+ can emit PEP 701 f-strings that older interpreters reject.
 
 Records (the competition's layout): `records/track_10min_16mb/<date>_<NAME>/` when every log shows 8xH100, world
-size 8, training within 600 s and a legal score; otherwise `records/track_non_record_16mb/...`.  Significance follows
+size 8, a MAX_WALLCLOCK_SECONDS cap within 600 s, training plus GPTQ calibration on training data within 600 s, a
+legal score and, where the log holds the code that ran, the shipped file or the source it is built from; otherwise
+`records/track_non_record_16mb/...`.  A compressed model plus the shipped code not under 16,000,000 bytes is refused.  Significance follows
 the competition's rule: a new record must beat the previous one by >= 0.005 nats at p < 0.01 (one-sided Welch t-test
 over seeds).
 """
@@ -170,6 +172,7 @@ class RunLog:
     model_bytes: int | None = None
     total_bytes: int | None = None
     calib_seconds: float | None = None  # `gptq:calibrated N layers in Xs` (after the training clock stops)
+    source_text: str | None = None  # the code that ran, as the log header holds it (None: not in this log)
 
     def final(self, label: str, key: str) -> float:
         return _num(self.finals[label][key])
@@ -275,10 +278,25 @@ def parse_log(path) -> RunLog:
                 continue  # source text or free-form lines that merely look like events
     if run.seed is None and re.match(r"^\d+$", run.hparams.get("seed", "")):
         run.seed = int(run.hparams["seed"])
+    run.source_text = _logged_source(path.read_text(encoding="utf-8", errors="replace"))
     if run.max_wallclock_seconds is None and "max_wallclock_seconds" in run.hparams:
         run.max_wallclock_seconds = float(run.hparams["max_wallclock_seconds"])
     _require(run)
     return run
+
+
+def _logged_source(text: str) -> str | None:
+    """The running file's text from a log header: after the `  name: value` lines of the Hyperparameters block, up to
+    the `Running Python` line (train_gpt.py's log_header); None when the log has no such header."""
+    start = text.find("\nHyperparameters:\n")
+    end = text.find("\nRunning Python ", start)
+    if start < 0 or end < 0:
+        return None
+    lines = text[start + len("\nHyperparameters:\n"):end].split("\n")
+    k = 0
+    while k < len(lines) and re.match(r"^  \w+: ", lines[k]):
+        k += 1
+    return "\n".join(lines[k:])
 
 
 def _require(run: RunLog) -> None:
@@ -307,11 +325,13 @@ def track_reasons(run: RunLog) -> list:
         reasons.append(f"max_wallclock_seconds {run.max_wallclock_seconds:g} is not a cap within {RECORD_TRAIN_SECONDS:.0f}s")
     if run.slot_mode not in LEGAL_SLOT_MODES:
         reasons.append(f"SLOT mode '{run.slot_mode}' is not a legal (causal) score")
-    if run.calib_seconds is not None and run.hparams.get("gptq_calib", "train") == "train" and \
-            run.train_time_ms + 1000 * run.calib_seconds > 1000 * RECORD_TRAIN_SECONDS:
-        reasons.append(f"training + GPTQ calibration on training data took "
-                       f"{run.train_time_ms / 1000 + run.calib_seconds:.1f}s > {RECORD_TRAIN_SECONDS:.0f}s "
-                       "(GPTQ_RESERVE_MS below the calibration time; SPEC D4)")
+    if run.hparams.get("use_gptq", "True") in ("True", "1") and run.hparams.get("gptq_calib", "train") == "train":
+        if run.calib_seconds is None:
+            reasons.append("no `gptq:calibrated ... in Xs` line: the GPTQ calibration's time on training data is unknown")
+        elif run.train_time_ms + 1000 * run.calib_seconds > 1000 * RECORD_TRAIN_SECONDS:
+            reasons.append(f"training + GPTQ calibration on training data took "
+                           f"{run.train_time_ms / 1000 + run.calib_seconds:.1f}s > {RECORD_TRAIN_SECONDS:.0f}s "
+                           "(SPEC D4: the calibration reads training data, so it must fit in the 600 s too)")
     return reasons
 
 
@@ -531,25 +551,26 @@ def make_record(args) -> Path:
     seeds = [r.seed for r in runs]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"duplicate seeds among --logs: {seeds}")
-    by_reason: dict = {}
-    for r in runs:
-        for why in track_reasons(r):
-            by_reason.setdefault(why, []).append(str(r.seed))
-    reasons = [f"{why} (seed {', '.join(s)})" for why, s in by_reason.items()]
-    track = NON_RECORD_TRACK if (reasons or args.track == "non_record") else RECORD_TRACK
-    if args.track == "non_record" and not reasons:
-        reasons = ["forced by --track non_record"]
-    date = args.date or datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    folder = Path(args.records_dir) / track / f"{date}_{args.record}"
-    if folder.exists() and not args.force:
-        raise ValueError(f"{folder} exists; pass --force to overwrite")
     with tempfile.TemporaryDirectory() as tmp:  # build first: a refused artifact leaves no half-made folder
         info = build_artifact(args.source, Path(tmp) / "train_gpt.py", args.allow_newer_python)
+        shipped = (Path(tmp) / "train_gpt.py").read_text(encoding="utf-8")
         over = [f"seed {r.seed}: {r.model_bytes:,} + {info['bytes']:,} = {r.model_bytes + info['bytes']:,}"
                 for r in runs if r.model_bytes + info["bytes"] >= SIZE_CAP]
         if over:
             raise ValueError(f"compressed model + the shipped code is not under {SIZE_CAP:,} bytes (SPEC §8), so no "
                              f"track takes it: {'; '.join(over)}")
+        by_reason: dict = {}
+        for r in runs:
+            for why in track_reasons(r) + _code_reasons(r, shipped, Path(args.source).read_text(encoding="utf-8")):
+                by_reason.setdefault(why, []).append(str(r.seed))
+        reasons = [f"{why} (seed {', '.join(s)})" for why, s in by_reason.items()]
+        track = NON_RECORD_TRACK if (reasons or args.track == "non_record") else RECORD_TRACK
+        if args.track == "non_record" and not reasons:
+            reasons = ["forced by --track non_record"]
+        date = args.date or datetime.now(timezone.utc).strftime("%Y-%m-%d")
+        folder = Path(args.records_dir) / track / f"{date}_{args.record}"
+        if folder.exists() and not args.force:
+            raise ValueError(f"{folder} exists; pass --force to overwrite")
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(tmp) / "train_gpt.py", folder / "train_gpt.py")
     shutil.copyfile(args.source, folder / "train_gpt_human.py")
@@ -572,6 +593,16 @@ def make_record(args) -> Path:
     print(f"record:{folder} track:{track} val_bpb:{sub['val_bpb']:.8f} val_loss:{sub['val_loss']:.8f} "
           f"bytes_total:{sub['bytes_total']} bytes_code:{sub['bytes_code']}")
     return folder
+
+
+def _code_reasons(run: RunLog, shipped: str, source: str) -> list:
+    """The code a log says ran (its header holds the file's text) must be the shipped artifact or the source it is
+    built from (the same code, minified or not); anything else, e.g. a dist/ build older than the source, means the
+    record would not reproduce from its own train_gpt.py.  Logs without the text (older grammar) are not judged."""
+    if run.source_text is None or run.source_text.rstrip("\n") in (shipped.rstrip("\n"), source.rstrip("\n")):
+        return []
+    return ["the code in the log header is neither the shipped train_gpt.py nor its source (a stale dist/ build, "
+            "or edits after the run)"]
 
 
 def _consistency_warnings(runs: list, code_bytes: int) -> list:

@@ -249,3 +249,49 @@ def test_seeds_helper_prints_torchrun_commands(bs, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines == [f"SEED={s} RUN_ID=MyRun_seed{s} torchrun --standalone --nproc_per_node=8 dist/train_gpt.py"
                      for s in SEEDS]
+
+
+def test_record_judges_the_code_the_log_says_ran(bs, tmp_path):
+    """Guards reproducibility of a record: a log whose header holds the running file's text (train_gpt.py's
+    log_header: the source between the Hyperparameters block and `Running Python`) goes in the record track when
+    that text is the shipped artifact or the source it is built from, and not when it is anything else (a stale
+    dist/ build, edits after the run).  The proxy record's own log holds exactly its train_gpt.py."""
+    art = tmp_path / "built.py"
+    bs.build_artifact(SOURCE, art)
+
+    def with_code(sub, code):
+        logs = _edited_logs(tmp_path / sub, CAUSAL, (r"^\(source text of the running train_gpt.py omitted in this fixture\)$",
+                                                    lambda m: code + "\nRunning Python 3.11.7"))
+        return logs
+
+    for sub, code in (("art", art.read_text()), ("src", SOURCE.read_text())):
+        logs = with_code(sub, code.rstrip("\n"))
+        assert bs.parse_log(logs[0]).source_text.rstrip("\n") == code.rstrip("\n")
+        assert _record(bs, tmp_path / sub, logs).parent.name == "track_10min_16mb", sub
+    stale = with_code("stale", art.read_text().rstrip("\n") + "\n# edited")
+    folder = _record(bs, tmp_path / "stale", stale)
+    assert folder.parent.name == "track_non_record_16mb"
+    assert "neither the shipped train_gpt.py nor its source" in (folder / "README.md").read_text()
+    proxy = next((ROOT / "records" / "track_non_record_16mb").glob("*_proxy_1xH200"))
+    logged = bs.parse_log(proxy / "train_seed1337.log").source_text
+    assert logged.rstrip("\n") == (proxy / "train_gpt.py").read_text().rstrip("\n")
+
+
+def test_record_needs_the_calibration_time_when_gptq_reads_training_data(bs, tmp_path):
+    """Guards the calibration rule's blind spot: with USE_GPTQ on and GPTQ_CALIB=train a log without the
+    `gptq:calibrated ... in Xs` line cannot show the calibration fits in 600 s, so it is not a record."""
+    logs = _edited_logs(tmp_path, CAUSAL, (r"^gptq:calibrated .*\n", ""))
+    reasons = bs.track_reasons(bs.parse_log(logs[0]))
+    assert len(reasons) == 1 and reasons[0].startswith("no `gptq:calibrated"), reasons
+
+
+def test_size_cap_boundary(bs, tmp_path, capsys):
+    """Guards SPEC §8's strict cap at its edge: model + shipped code = 15,999,999 bytes is accepted, 16,000,000 is
+    refused."""
+    art = tmp_path / "built.py"
+    code = bs.build_artifact(SOURCE, art)["bytes"]
+    for total, ok in ((15_999_999, True), (16_000_000, False)):
+        logs = _edited_logs(tmp_path / str(total), CAUSAL, (r"^Serialized model int6\+brotli: \d+ bytes$",
+                                                            f"Serialized model int6+brotli: {total - code} bytes"))
+        args = ["--record", "Edge", "--logs", *map(str, logs), "--records-dir", str(tmp_path / str(total) / "records")]
+        assert (bs.main(args) == 0) == ok, (total, capsys.readouterr().err)
