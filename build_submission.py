@@ -14,9 +14,9 @@ under 3.12+ can emit PEP 701 f-strings that older interpreters reject.
 Records (the competition's layout): `records/track_10min_16mb/<date>_<NAME>/` when every log shows 8xH100, world
 size 8, a MAX_WALLCLOCK_SECONDS cap within 600 s, training plus GPTQ calibration on training data within 600 s, a
 legal score and, where the log holds the code that ran, the shipped file or the source it is built from; otherwise
-`records/track_non_record_16mb/...`.  A compressed model plus the shipped code not under 16,000,000 bytes is refused.  Significance follows
-the competition's rule: a new record must beat the previous one by >= 0.005 nats at p < 0.01 (one-sided Welch t-test
-over seeds).
+`records/track_non_record_16mb/...`.  A compressed model plus the shipped code not under 16,000,000 bytes is
+refused.  Significance follows the competition's rule: a new record must beat the previous one by >= 0.005 nats at
+p < 0.01 (one-sided Welch t-test over seeds).
 """
 
 from __future__ import annotations
