@@ -259,7 +259,8 @@ def parse_log(path) -> RunLog:
     path = Path(path)
     run = RunLog(path=path)
     in_hparams = False
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    text = path.read_text(encoding="utf-8", errors="replace")
+    for line in text.splitlines():
         if line == "Hyperparameters:":
             in_hparams = True
             continue
@@ -278,7 +279,7 @@ def parse_log(path) -> RunLog:
                 continue  # source text or free-form lines that merely look like events
     if run.seed is None and re.match(r"^\d+$", run.hparams.get("seed", "")):
         run.seed = int(run.hparams["seed"])
-    run.source_text = _logged_source(path.read_text(encoding="utf-8", errors="replace"))
+    run.source_text = _logged_source(text)
     if run.max_wallclock_seconds is None and "max_wallclock_seconds" in run.hparams:
         run.max_wallclock_seconds = float(run.hparams["max_wallclock_seconds"])
     _require(run)
@@ -559,9 +560,10 @@ def make_record(args) -> Path:
         if over:
             raise ValueError(f"compressed model + the shipped code is not under {SIZE_CAP:,} bytes (SPEC §8), so no "
                              f"track takes it: {'; '.join(over)}")
+        source = Path(args.source).read_text(encoding="utf-8")
         by_reason: dict = {}
         for r in runs:
-            for why in track_reasons(r) + _code_reasons(r, shipped, Path(args.source).read_text(encoding="utf-8")):
+            for why in track_reasons(r) + _code_reasons(r, shipped, source):
                 by_reason.setdefault(why, []).append(str(r.seed))
         reasons = [f"{why} (seed {', '.join(s)})" for why, s in by_reason.items()]
         track = NON_RECORD_TRACK if (reasons or args.track == "non_record") else RECORD_TRACK

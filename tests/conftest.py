@@ -18,6 +18,15 @@ SHARED = ROOT.parent / "shared"
 TOKENIZER = ROOT / "data" / "tokenizers" / "fineweb_1024_bpe.model"
 SAMPLE_DIR = ROOT / "data" / "sample"
 
+# a tiny record-architecture run as env vars, for the tests that launch train_gpt.py or a script in a subprocess
+TINY_ENV = dict(
+    DATA_PATH=str(SAMPLE_DIR), TOKENIZER_PATH=str(TOKENIZER), NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4",
+    NUM_KV_HEADS="2", BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="16", VE_DIM="16", VE_LAYERS="1", XSA_LAST_N="2",
+    TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64", EVAL_STRIDE="32", TRAIN_BATCH_TOKENS="4096", ITERATIONS="6",
+    WARMUP_STEPS="2", MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="3", TRAIN_LOG_EVERY="1", GPTQ_CALIB_SAMPLES="2",
+    SLOT_STEPS="2", VAL_BATCH_SIZE="4096", WARMDOWN_ITERS="2", OMP_NUM_THREADS="1",
+)
+
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors (tests/test_kernels.py)
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the subprocess and gloo tests
 torch.set_num_threads(1)  # 2 OpenMP threads on 2 busy cores can make small matmuls 500x slower

@@ -481,12 +481,8 @@ def test_eval_artifact_exports_a_checkpoint_then_rescores_the_artifact(tmp_path)
     given that artifact it scores it again to the same numbers; a checkpoint of another shape fails, naming the env
     vars to set.  Tiny model on the committed sample, on CPU, in subprocesses as users run it."""
     import torch
-    from conftest import SAMPLE_DIR, TOKENIZER
-    env = {**os.environ, "DATA_PATH": str(SAMPLE_DIR), "TOKENIZER_PATH": str(TOKENIZER), "NUM_LAYERS": "2",
-           "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "BIGRAM_VOCAB_SIZE": "64", "BIGRAM_DIM": "16",
-           "VE_DIM": "16", "VE_LAYERS": "1", "XSA_LAST_N": "2", "TRAIN_SEQ_LEN": "64", "EVAL_SEQ_LEN": "64",
-           "EVAL_STRIDE": "64", "TRAIN_BATCH_TOKENS": "4096", "VAL_BATCH_SIZE": "4096", "GPTQ_CALIB_SAMPLES": "2",
-           "SLOT_ENABLED": "0", "OMP_NUM_THREADS": "1", "RUN_ID": "exp"}
+    from conftest import TINY_ENV
+    env = {**os.environ, **TINY_ENV, "EVAL_STRIDE": "64", "SLOT_ENABLED": "0", "RUN_ID": "exp"}
     for k in ("RANK", "WORLD_SIZE"):
         env.pop(k, None)
     tg = load_module(ROOT / "train_gpt.py", "tg_eval_artifact_test")
