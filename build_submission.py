@@ -109,7 +109,8 @@ def _check_python(allow_newer: bool) -> None:
 def build_artifact(src_path, out_path, allow_newer_python: bool = False) -> dict:
     """Minify + pack `src_path` into `out_path`; refuse (RuntimeError) if anything fails to compile or round-trip.
 
-    Returns dict(bytes=<artifact size, the counted code bytes>, sha256=..., minified_bytes=..., source_bytes=...)."""
+    Returns dict(bytes=<artifact size, the counted code bytes>, sha256=..., minified_bytes=..., source_bytes=...,
+    artifact=<its text>, source=<the source's text>)."""
     _check_python(allow_newer_python)
     src_path, out_path = Path(src_path), Path(out_path)
     source = src_path.read_text(encoding="utf-8")
@@ -130,7 +131,8 @@ def build_artifact(src_path, out_path, allow_newer_python: bool = False) -> dict
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_bytes(data)
     return dict(bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
-                minified_bytes=len(minified.encode("utf-8")), source_bytes=len(source.encode("utf-8")))
+                minified_bytes=len(minified.encode("utf-8")), source_bytes=len(source.encode("utf-8")),
+                artifact=artifact, source=source)
 
 
 def write_artifact(src_path, out_path, allow_newer_python: bool = False) -> dict:
@@ -554,16 +556,14 @@ def make_record(args) -> Path:
         raise ValueError(f"duplicate seeds among --logs: {seeds}")
     with tempfile.TemporaryDirectory() as tmp:  # build first: a refused artifact leaves no half-made folder
         info = build_artifact(args.source, Path(tmp) / "train_gpt.py", args.allow_newer_python)
-        shipped = (Path(tmp) / "train_gpt.py").read_text(encoding="utf-8")
         over = [f"seed {r.seed}: {r.model_bytes:,} + {info['bytes']:,} = {r.model_bytes + info['bytes']:,}"
                 for r in runs if r.model_bytes + info["bytes"] >= SIZE_CAP]
         if over:
             raise ValueError(f"compressed model + the shipped code is not under {SIZE_CAP:,} bytes (SPEC §8), so no "
                              f"track takes it: {'; '.join(over)}")
-        source = Path(args.source).read_text(encoding="utf-8")
         by_reason: dict = {}
         for r in runs:
-            for why in track_reasons(r) + _code_reasons(r, shipped, source):
+            for why in track_reasons(r) + _code_reasons(r, info["artifact"], info["source"]):
                 by_reason.setdefault(why, []).append(str(r.seed))
         reasons = [f"{why} (seed {', '.join(s)})" for why, s in by_reason.items()]
         track = NON_RECORD_TRACK if (reasons or args.track == "non_record") else RECORD_TRACK

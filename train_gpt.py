@@ -65,6 +65,11 @@ CONTROL_PATTERNS = ("attn_scale,attn_scales,mlp_scale,mlp_scales,resid_mix,resid
                     "smear,ve_layer_scales,ve_shared.scale")
 
 
+def _csv(text: str) -> tuple[str, ...]:
+    """A comma-separated env value as its non-empty items."""
+    return tuple(x for x in text.split(",") if x)
+
+
 @dataclass(frozen=True)
 class Hyperparameters:
     # --- experiment ---
@@ -214,15 +219,19 @@ class Hyperparameters:
 
     @property
     def control_patterns(self) -> tuple[str, ...]:
-        return tuple(x for x in self.control_tensor_name_patterns.split(",") if x)
+        return _csv(self.control_tensor_name_patterns)
 
     @property
     def keep_fp32_patterns(self) -> tuple[str, ...]:
-        return tuple(x for x in self.int8_keep_float_fp32_name_patterns.split(",") if x)
+        return _csv(self.int8_keep_float_fp32_name_patterns)
 
     @property
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.mlp_mult * self.model_dim)
 
     @property
     def target_bytes(self) -> int:
@@ -264,7 +273,7 @@ class Hyperparameters:
         need(len(set(ve)) == len(ve), f"VE_LAYERS={self.ve_layers} names a layer twice (each gets one scale)")
         for name in ("mlp_mult", "logit_softcap", "rope_base", "qk_gain_init", "adam_eps", "target_mb"):
             need(getattr(self, name) > 0, f"{name.upper()}={getattr(self, name)} must be positive")
-        need(int(self.mlp_mult * self.model_dim) >= 1,
+        need(self.mlp_dim >= 1,
              f"MLP_MULT={self.mlp_mult} gives an MLP hidden size of 0 at MODEL_DIM={self.model_dim}")
         need(not self.ve_enabled or self.ve_dim >= 1, f"VE_DIM={self.ve_dim} must be >= 1 (VE_ENABLED=0 drops the value embedding)")
         for name in ("iterations", "warmup_steps", "warmdown_iters", "max_wallclock_seconds", "gptq_reserve_ms",
@@ -1764,7 +1773,7 @@ class GPT(nn.Module):
         if h.rope_dims == 2:
             raise ValueError("ROPE_DIMS=2 is not supported: the NTK exponent rope_dims/(rope_dims-2) is undefined")
         L, d, V = h.num_layers, h.model_dim, h.vocab_size
-        kv_dim, mlp_dim = h.num_kv_heads * h.head_dim, int(h.mlp_mult * d)
+        kv_dim, mlp_dim = h.num_kv_heads * h.head_dim, h.mlp_dim
         self.num_layers, self.logit_softcap, self.qat_clip = L, h.logit_softcap, h.quant_clip_range
         self.qat_enabled = h.qat_enabled  # QAT_ENABLED=0 keeps the QAT ops out of the graph (the seed's math)
         self.num_encoder = L // 2
@@ -2590,9 +2599,9 @@ except ImportError:
     brotli = None
 
 SHUFFLE_MAGIC = b"BSHF"
-RESUME_HINT = ("the trained weights are in final_model.pt (TRAIN_GPT=<this train_gpt.py> python3 "
-               "scripts/eval_artifact.py final_model.pt exports and scores them without retraining, e.g. at a larger "
-               "TARGET_MB)")
+RESUME_HINT = ("the trained weights are in final_model.pt (TRAIN_GPT=<this train_gpt.py> torchrun --standalone "
+               "--nproc_per_node=<the run's GPU count> scripts/eval_artifact.py final_model.pt exports and scores them "
+               "without retraining, e.g. at a larger TARGET_MB)")
 FIT_MAX_COMPRESSES = 8  # exact brotli-11 passes allowed when pruning (80-150 s each for 27 MB on a slow 2-core box)
 FIT_SLACK_FRAC = 1e-3  # stop refining once a fitting blob is within this fraction of the model budget
 
@@ -2725,12 +2734,17 @@ def _solve_count(entropy, lo: int, hi: int, goal: float) -> int:
     return lo
 
 
+def model_budget(target_bytes: int, code_bytes: int) -> int:
+    """The most bytes the compressed model may take: SPEC §8 wants model + code under the cap, not equal to it."""
+    return target_bytes - code_bytes - 1
+
+
 def fit_to_budget(qsd: dict, hessians: dict | None, code_bytes: int, target_bytes: int) -> tuple[dict, bytes, dict]:
     """Compress qsd; unless blob + code is under target_bytes, zero the cheapest ±1 int6 values until it is.
     The count is searched on an entropy proxy of the blob size, corrected by secant steps between exact
     brotli-11 sizes (at most FIT_MAX_COMPRESSES of them), keeping the smallest count that really fits.
     Returns (qsd, blob, {"pruned", "bytes", "candidates", "compresses"}); raises RuntimeError if nothing fits."""
-    budget = target_bytes - code_bytes - 1  # SPEC §8: the total must be under the cap, not equal to it
+    budget = model_budget(target_bytes, code_bytes)
     blob = compress(serialize(qsd))
     if len(blob) <= budget:
         return qsd, blob, {"pruned": 0, "bytes": len(blob), "candidates": 0, "compresses": 1}
@@ -3361,7 +3375,7 @@ def log_header(h: Hyperparameters, d: DistInfo, device) -> None:
     fused = device.type in FUSED_QK_DEVICES and qk_norm_rope_op() is not None
     kernels = "triton" if fused else "torch"
     rows = h.train_batch_tokens // (d.world_size * d.grad_accum_steps)  # a micro-batch's tokens on one rank
-    gluon = fused and mlp_gluon_op() is not None and mlp_tiles_fit(rows, h.model_dim, int(h.mlp_mult * h.model_dim))
+    gluon = fused and mlp_gluon_op() is not None and mlp_tiles_fit(rows, h.model_dim, h.mlp_dim)
     log0(f"qk_norm_rope:{kernels} xsa:{kernels if h.xsa_last_n else 'off'} softcap_ce:{kernels} "
          f"mlp_act:{'gluon' if gluon else 'torch'}")
     if _MLP_GLUON.get("why"):
@@ -3382,9 +3396,9 @@ def check_export_ready(h: Hyperparameters) -> None:
     above this file's own bytes."""
     _brotli()
     code = code_size_bytes()
-    if h.target_bytes <= code:
+    if model_budget(h.target_bytes, code) < 1:
         raise ValueError(f"TARGET_MB={h.target_mb} ({h.target_bytes} bytes) leaves no room for the model: the code "
-                         f"alone is {code} bytes")
+                         f"alone is {code} bytes and the total must be under the cap")
 
 
 def main() -> None:
@@ -3401,7 +3415,7 @@ def main() -> None:
             dist.barrier()  # gloo rank now and then aborted at exit ("terminate called without an active exception")
     except Exception as e:  # the cause in logs/<RUN_ID>.txt too, not only on the console
         try:
-            log0(f"run_error: type:{type(e).__name__} msg:{e}", console=False)
+            log0(f"run_error: type:{type(e).__name__} msg:{' | '.join(str(e).split(chr(10)))}", console=False)
         except OSError:  # a full disk must not replace the error being reported
             pass
         raise

@@ -152,7 +152,10 @@ def test_export_needs_are_checked_before_training(tg, monkeypatch):
     code = tg.code_size_bytes()
     with pytest.raises(ValueError, match=rf"TARGET_MB=0.01 \(10000 bytes\).*{code} bytes"):
         tg.check_export_ready(dataclasses.replace(h, target_mb=0.01))
-    tg.check_export_ready(dataclasses.replace(h, target_mb=(code + 1) / 1e6))
+    with pytest.raises(ValueError, match="under the cap"):  # code + 1: no byte left for the model (total < cap)
+        tg.check_export_ready(dataclasses.replace(h, target_mb=(code + 1) / 1e6))
+    tg.check_export_ready(dataclasses.replace(h, target_mb=(code + 2) / 1e6))
+    assert tg.model_budget(code + 2, code) == 1
     monkeypatch.setattr(tg, "brotli", None)
     with pytest.raises(RuntimeError, match="pip install brotli"):
         tg.check_export_ready(h)

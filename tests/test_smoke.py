@@ -107,6 +107,25 @@ def test_main_writes_the_error_into_the_log(tg, tmp_path, monkeypatch):
     assert lines[-1].startswith("run_error: type:FileNotFoundError msg:no train shards match ") and "set DATA_PATH" in lines[-1]
 
 
+def test_run_error_keeps_a_multi_line_message_on_its_line(tg, tmp_path, monkeypatch):
+    """Guards the log grammar (one event per line) against errors whose text spans lines (load_state_dict's, dynamo's):
+    the run_error line joins them with ' | ' and nothing else follows it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RUN_ID", "multiline")
+
+    def fail(*a):
+        raise RuntimeError("Error(s) in loading state_dict:\n\tMissing key(s): blocks.0.attn.q_gain")
+    monkeypatch.setattr(tg, "log_header", fail)  # the first thing main() does once the log is open
+    try:
+        with pytest.raises(RuntimeError, match="Missing key"):
+            tg.main()
+    finally:
+        tg.init_logging(None, False)
+    lines = (tmp_path / "logs" / "multiline.txt").read_text().splitlines()
+    assert lines[-1] == ("run_error: type:RuntimeError msg:Error(s) in loading state_dict: | \tMissing key(s): "
+                         "blocks.0.attn.q_gain")
+
+
 def test_main_checks_the_export_needs_before_anything_else(tg, tmp_path, monkeypatch):
     """Guards where check_export_ready runs: main() refuses a box without brotli at once, before the log, the process
     group, the data or any training (no logs/ folder is made), so a 600 s run is not spent on weights it cannot pack."""
