@@ -58,27 +58,36 @@ def expand_inputs(paths) -> list[Path]:
 
 
 def _read_batches(files: list[Path], src: str | None):
-    """Yield tasks (path, first_line_no, is_json, src, raw_items) in document order; JSON is parsed in the workers."""
+    """Yield tasks (path, first_line_no, is_json, src, raw_items) in document order; JSON is parsed in the workers.
+    A file that cannot be read (truncated .xz, not UTF-8, unreadable) is a ValueError naming it."""
     for path in files:
         if path.name.endswith(".txt"):
             if src is not None:
                 raise ValueError(f"{path}: --src filters JSONL documents; plain .txt files have no 'src' field")
-            yield str(path), 1, False, None, [path.read_text(encoding="utf-8")]
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path}: cannot be read as UTF-8 text ({e})") from None
+            yield str(path), 1, False, None, [text]
             continue
         opener = lzma.open if path.name.endswith(".xz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            batch, first = [], 1
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                if not batch:
-                    first = i
-                batch.append(line)
-                if len(batch) == DOCS_PER_TASK:
+        i = 0
+        try:
+            with opener(path, "rt", encoding="utf-8") as f:
+                batch, first = [], 1
+                for i, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    if not batch:
+                        first = i
+                    batch.append(line)
+                    if len(batch) == DOCS_PER_TASK:
+                        yield str(path), first, True, src, batch
+                        batch = []
+                if batch:
                     yield str(path), first, True, src, batch
-                    batch = []
-            if batch:
-                yield str(path), first, True, src, batch
+        except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: cannot be read after line {i} ({type(e).__name__}: {e})") from None
 
 
 _SP = None
@@ -222,7 +231,8 @@ def main(argv=None) -> None:
     p.add_argument("inputs", nargs="*", help="train (or mixed) inputs: .jsonl, .jsonl.xz, .txt files or folders")
     p.add_argument("--val", nargs="+", default=[], metavar="FILE", help="separate val inputs (else --val-docs)")
     p.add_argument("--val-docs", type=int, default=None, help=f"first N documents form val (default {DEFAULT_VAL_DOCS})")
-    p.add_argument("--out", default=str(HERE / "datasets" / "fineweb10B_sp1024"), help="output folder")
+    p.add_argument("--out", required=True, help="output folder (DATA_PATH for train_gpt.py); --overwrite deletes the "
+                   "shards already there, so it has no default: never the downloaded FineWeb folder by accident")
     p.add_argument("--tokenizer", default=str(HERE / "tokenizers" / "fineweb_1024_bpe.model"))
     p.add_argument("--shard-tokens", type=int, default=10**8)
     p.add_argument("--max-train-tokens", type=int, default=0, help="cap on train tokens (0 = no cap)")
@@ -236,6 +246,9 @@ def main(argv=None) -> None:
                     a.max_val_tokens, a.src, a.workers, a.overwrite, progress=True)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         sys.exit(f"build_shards: error: {e}")
+    if a.inputs and not res["docs"]["train"]:  # train_gpt.py would stop at "no train shards"
+        sys.exit(f"build_shards: error: all {res['docs']['val']} documents went to val, none to train: give more "
+                 "inputs, a smaller --val-docs, or the val documents with --val")
     for split in ("val", "train"):
         total = sum(n for _, n in res[split])
         print(f"{split}: {res['docs'][split]} docs, {total} tokens in {len(res[split])} shards -> {a.out}", file=sys.stderr)

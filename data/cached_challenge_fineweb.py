@@ -37,7 +37,11 @@ VARIANTS = {
 
 def hub_download(remote_path: str, dest: Path) -> None:
     """The one network call: fetch REPO_ID/remote_path into dest (via a staging folder beside it, then a rename)."""
-    from huggingface_hub import hf_hub_download
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise RuntimeError("huggingface_hub is not installed: pip install huggingface_hub (or -r requirements.txt)") \
+            from None
 
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as staging:
         got = hf_hub_download(repo_id=REPO_ID, filename=remote_path, repo_type=REPO_TYPE, local_dir=staging)
@@ -89,7 +93,11 @@ def fetch(variant: str = "sp1024", train_shards: int = DEFAULT_TRAIN_SHARDS, roo
         raise ValueError(f"--variant {variant!r}: known variants are {sorted(VARIANTS)}")
     if train_shards < 0:
         raise ValueError(f"--train-shards {train_shards} must be >= 0")
-    tg = load_train_gpt()
+    try:
+        tg = load_train_gpt()
+    except ImportError as e:  # its shard reader checks every file: torch, numpy, sentencepiece
+        raise RuntimeError(f"train_gpt.py needs {e.name or e} to check the files: pip install -r requirements.txt") \
+            from None
     vocab_size = VARIANTS[variant]["vocab_size"]
     counts = {"skipped": 0, "downloaded": 0}
     for remote, dest, kind in plan(variant, train_shards, Path(root)):

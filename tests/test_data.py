@@ -519,3 +519,46 @@ def test_builder_cli(tg, builder, sp, tmp_path, capsys):
     assert "train: " in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--overwrite"):
         builder.main([str(train_in), "--out", str(out), "--tokenizer", str(TOKENIZER), "--workers", "1"])
+
+
+def test_builder_errors_name_the_input_and_guard_the_real_data(builder, tmp_path):
+    """Guards the builder's failure paths a user hits: a truncated .xz or a non-UTF-8 .txt is an error naming that
+    file (not a bare traceback); --out has no default, so an --overwrite cannot land on the downloaded FineWeb
+    folder by accident; inputs whose documents all go to val are an error (train_gpt.py would find no train shards)."""
+    good = _write_jsonl(tmp_path / "t.jsonl.xz", DOCS * 20, xz=True)
+    cut = tmp_path / "cut.jsonl.xz"
+    cut.write_bytes(good.read_bytes()[:-40])
+    bad_txt = tmp_path / "latin1.txt"
+    bad_txt.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    for path in (cut, bad_txt):
+        with pytest.raises(SystemExit, match=rf"build_shards: error: {path}: cannot be read"):
+            builder.main([str(path), "--out", str(tmp_path / f"o_{path.stem}"), "--tokenizer", str(TOKENIZER),
+                          "--workers", "1", "--val-docs", "1"])
+    with pytest.raises(SystemExit) as e:  # argparse: "the following arguments are required: --out"
+        builder.main([str(good), "--tokenizer", str(TOKENIZER), "--workers", "1"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit, match="went to val, none to train"):
+        builder.main([str(good), "--out", str(tmp_path / "allval"), "--tokenizer", str(TOKENIZER), "--workers", "1"])
+
+
+def test_download_says_what_to_install(downloader, tmp_path, monkeypatch):
+    """Guards the downloader's missing-package failures: without huggingface_hub, or without train_gpt.py's own
+    dependencies (its shard reader checks every file), the error says what to pip install, not a bare traceback."""
+    real_import = __import__
+
+    def no_hub(name, *a, **k):
+        if name == "huggingface_hub":
+            raise ImportError("No module named 'huggingface_hub'", name=name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr("builtins.__import__", no_hub)
+    with pytest.raises(RuntimeError, match=r"fineweb_1024_bpe.model.*pip install huggingface_hub"):
+        downloader.fetch("sp1024", 0, tmp_path / "d", log=lambda m: None)
+    monkeypatch.setattr("builtins.__import__", real_import)
+
+    def no_torch():
+        raise ImportError("No module named 'torch'", name="torch")
+
+    monkeypatch.setattr(downloader, "load_train_gpt", no_torch)
+    with pytest.raises(RuntimeError, match=r"needs torch .*pip install -r requirements.txt"):
+        downloader.fetch("sp1024", 0, tmp_path / "d", log=lambda m: None)
