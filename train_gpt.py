@@ -535,8 +535,9 @@ class TrainLoader:
     Every rank runs the same RNG over the whole global batch and keeps windows r, r+W, ... - no communication.
     Shards are memory-mapped; only the windows a rank keeps are read."""
 
-    def __init__(self, files, seed: int, rank: int, world_size: int, device):
+    def __init__(self, files, seed: int, rank: int, world_size: int, device, vocab_size: int = 0):
         self.files = sorted((str(f) for f in files), key=lambda f: (os.path.basename(f), f))
+        self.vocab_size = vocab_size  # > 0: every window read is checked against it (a shard of another tokenizer)
         if not self.files:
             raise FileNotFoundError("TrainLoader got no shard files (check DATA_PATH)")
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
@@ -605,7 +606,12 @@ class TrainLoader:
         windows = self._plan_windows(gns, seq_len)
         self.batches_built += 1
         mine = windows[self.rank::self.world_size]
-        buf = torch.from_numpy(np.stack([self.shards[s][o:o + seq_len + 1] for s, o in mine]).astype(np.int64))
+        arr = np.stack([self.shards[s][o:o + seq_len + 1] for s, o in mine])
+        if self.vocab_size and arr.size and int(arr.max()) >= self.vocab_size:
+            row = int(np.argmax(arr.max(axis=1) >= self.vocab_size))
+            raise ValueError(f"shard {self.files[mine[row][0]]}: token id {int(arr[row].max())} >= VOCAB_SIZE="
+                             f"{self.vocab_size} (a shard of another tokenizer?)")
+        buf = torch.from_numpy(arr.astype(np.int64))
         if self.device.type == "cuda":
             buf = buf.pin_memory()
         buf = buf.to(self.device, non_blocking=True)
@@ -3176,7 +3182,7 @@ def warmup_compile(h: Hyperparameters, d: DistInfo, device, base: nn.Module, mod
         return
     initial = {k: v.detach().clone() for k, v in base.state_dict().items()}
     opt = build_optimizers(h, base, d)
-    loader = TrainLoader(list_shards(h.train_files), h.seed, d.rank, d.world_size, device)
+    loader = TrainLoader(list_shards(h.train_files), h.seed, d.rank, d.world_size, device, h.vocab_size)
     for i in range(h.warmup_steps):
         run_train_step(model, opt, loader, h, d, device, i, 1.0)
         log0(f"warmup_step:{i + 1}/{h.warmup_steps}")
@@ -3193,7 +3199,7 @@ def train_model(h: Hyperparameters, d: DistInfo, device, base: nn.Module, model,
     budget_ms = h.train_budget_ms
     warmup_compile(h, d, device, base, model)
     opt = build_optimizers(h, base, d)
-    loader = TrainLoader(list_shards(h.train_files), h.seed, d.rank, d.world_size, device)
+    loader = TrainLoader(list_shards(h.train_files), h.seed, d.rank, d.world_size, device, h.vocab_size)
     ema = EMA(base)
     base.set_qat(0.0)
     qat_start, train_ms, step, capped = None, 0.0, 0, False
@@ -3255,7 +3261,7 @@ def calibration_batches(h: Hyperparameters, d: DistInfo, device, model) -> list[
         n_seqs = max(1, h.gptq_calib_samples // d.world_size)  # D4: 64 sequences in all, split across ranks
         return generate_calibration(model, h, device, n_seqs, h.train_seq_len, seed=h.seed + d.rank)
     log0(f"gptq:calibrating with {h.gptq_calib_samples} batches (training data)...")
-    loader = TrainLoader(list_shards(h.train_files), h.seed, d.rank, d.world_size, device)
+    loader = TrainLoader(list_shards(h.train_files), h.seed, d.rank, d.world_size, device, h.vocab_size)
     return [loader.next_batch(h.train_batch_tokens, h.train_seq_len, d.grad_accum_steps)[0]
             for _ in range(h.gptq_calib_samples)]
 

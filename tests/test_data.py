@@ -136,6 +136,19 @@ def test_loader_deterministic_and_seeded(tg, tmp_path):
     assert not all(torch.equal(p[0], q[0]) for p, q in zip(a, c))
 
 
+def test_loader_names_a_shard_of_another_tokenizer(tg, tmp_path):
+    """Guards train shards built with a bigger vocabulary: the loader names the shard and the id (the val loader
+    already does) instead of an index error deep in the embedding; in-range shards give the same batches as an
+    unchecked loader."""
+    files = _shards(tg, tmp_path / "ok", [3000] * 4)
+    a = _batches(tg.TrainLoader(files, 1337, 0, 1, CPU, 1024), 3)
+    b = _batches(tg.TrainLoader(files, 1337, 0, 1, CPU), 3)
+    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b))
+    bad = _shards(tg, tmp_path / "bad", [3000] * 4, vocab=4096)
+    with pytest.raises(ValueError, match=r"shard .*fineweb_train_00000\d\.bin: token id \d+ >= VOCAB_SIZE=1024"):
+        _batches(tg.TrainLoader(bad, 1337, 0, 1, CPU, 1024), 3)
+
+
 def test_loader_prefetch_keeps_the_batches_and_their_order(tg, tmp_path):
     """The training loop builds each next step's first batch ahead (TrainLoader.prefetch, PERF #36): the batches and
     their order are those of plain next_batch calls, a second prefetch before the batch is taken builds nothing, and a batch
