@@ -2584,10 +2584,12 @@ def dequantize_state_dict(qsd: dict, template_sd: dict) -> dict:
         raise ValueError(f"quantized state dict and template differ: {sorted(set(m) ^ set(template_sd))[:6]}")
     out = {}
     for name, ref in template_sd.items():
-        if m[name] == "passthrough":
-            out[name] = w[name].to(ref.dtype)
-        else:
-            out[name] = dequantize_rows(w[name + ".q"], w[name + ".scale"], ref.dtype).reshape(ref.shape)
+        t = w[name] if m[name] == "passthrough" else w[name + ".q"]
+        if t.shape != ref.shape:  # another model shape: say so, rather than fail in a reshape or load it scrambled
+            raise ValueError(f"artifact tensor {name} has shape {tuple(t.shape)}, the model here {tuple(ref.shape)}: "
+                             "the model's env vars (MODEL_DIM, NUM_LAYERS, MLP_MULT, BIGRAM_*, VE_*, ...) must be "
+                             "those of the run that wrote it")
+        out[name] = t.to(ref.dtype) if m[name] == "passthrough" else dequantize_rows(t, w[name + ".scale"], ref.dtype)
     return out
 
 # ==============================================================================
@@ -2668,15 +2670,17 @@ def code_size_bytes(path: str | None = None) -> int:
 
 def _prune_candidates(qsd: dict, hessians: dict | None) -> tuple[list, Tensor, Tensor, Tensor, Tensor]:
     """Every ±1 of the int6 tensors, cheapest first (PR #1019's selective pruning): the error of zeroing it is
-    scale_row^2, times diag(H) of its column when a Hessian is known.  Returns (names, tensor id, flat index,
-    global row id, is_plus_one), each sorted by that error."""
+    scale_row^2, times diag(H) of its column over the diagonal's mean when a Hessian is known (its relative input
+    energy: a token sum's magnitude would otherwise rank every tensor without a Hessian, bigram.proj, first).
+    Returns (names, tensor id, flat index, global row id, is_plus_one), each sorted by that error."""
     names, errs, tids, idxs, rows, plus = [], [], [], [], [], []
     row0 = 0
     for name in (n for n, r in qsd["m"].items() if r != "passthrough" and r["type"] == "int6"):
         q, scale = qsd["w"][name + ".q"], qsd["w"][name + ".scale"].float()
         cost = scale.square().unsqueeze(-1).expand(q.shape)
         if hessians and name in hessians and hessians[name].shape[0] == q.shape[-1]:
-            cost = cost * hessians[name].diagonal().float().cpu()
+            diag = hessians[name].diagonal().float().cpu()
+            cost = cost * (diag / diag.mean().clamp_min(1e-30))
         idx = (q.abs() == 1).flatten().nonzero().squeeze(1)
         errs.append(cost.flatten()[idx])
         tids.append(torch.full_like(idx, len(names)))

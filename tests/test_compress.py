@@ -108,7 +108,8 @@ def test_fit_to_budget_noop_when_under(tg):
 
 def test_fit_to_budget_prunes_cheapest_ones_until_it_fits(tg):
     """Over budget: the returned blob fits with the code bytes, decodes to the returned dict, differs from the
-    input only by ±1 -> 0, and pruned values are never costlier (scale^2 * diag H) than surviving ±1 values."""
+    input only by ±1 -> 0, and pruned values are never costlier (scale^2 * diag H / mean diag H) than surviving ±1
+    values."""
     qsd = int6_qsd()
     hess = {"t1": torch.diag(torch.linspace(0.1, 3.0, 256))}  # column weights for one tensor
     hess_w = {"t1": hess["t1"]}
@@ -129,7 +130,8 @@ def test_fit_to_budget_prunes_cheapest_ones_until_it_fits(tg):
         changed += int(diff.sum())
         cost = qsd["w"][f"t{k}.scale"].float()[:, None].square().expand(a.shape)
         if f"t{k}" in hess_w:
-            cost = cost * hess["t1"].diagonal()[None, :]
+            d = hess["t1"].diagonal()
+            cost = cost * (d / d.mean())[None, :]
         if diff.any():
             worst_pruned = max(worst_pruned, float(cost[diff].max()))
         kept = (b.abs() == 1)
@@ -140,9 +142,35 @@ def test_fit_to_budget_prunes_cheapest_ones_until_it_fits(tg):
     assert len(blob) >= (target - code) * 0.98
 
 
+def test_prune_order_does_not_depend_on_the_hessians_scale(tg):
+    """Guards the pruning's units: a Hessian is a sum over a batch's tokens (~1e4-1e5 on its diagonal in a real run),
+    so its raw diagonal ranked every ±1 of a tensor without one (bigram.proj) before any of a block matrix's.  The
+    order must be the same for H and 1e4 * H, and tensors with and without a Hessian must interleave."""
+    qsd = int6_qsd()
+    h = {"t1": torch.diag(torch.linspace(0.1, 3.0, 256))}
+    a = tg._prune_candidates(qsd, h)
+    b = tg._prune_candidates(qsd, {"t1": 1e4 * h["t1"]})
+    assert a[0] == b[0] and all(torch.equal(x, y) for x, y in zip(a[1:], b[1:]))
+    first = b[1][:len(b[1]) // 3]  # the cheapest third holds ±1s of the tensor with a Hessian and of those without
+    assert (first == b[0].index("t1")).any() and (first != b[0].index("t1")).any()
+
+
 def test_fit_to_budget_raises_when_impossible(tg):
     """If even zeroing every ±1 cannot fit, fail before evaluation with the sizes in the message."""
     qsd = int6_qsd(n_tensors=1)
     size0 = len(tg.compress(tg.serialize(qsd)))
     with pytest.raises(RuntimeError, match="TARGET_MB"):
         tg.fit_to_budget(qsd, None, 0, size0 // 3)
+
+
+def test_dequantize_names_a_tensor_of_another_shape(tg):
+    """Guards re-scoring an artifact with the wrong model env vars: a tensor whose shape differs from the model's
+    (even with as many elements, which a reshape would load scrambled) is an error naming it and the env vars."""
+    q = {"w": {"a.q": torch.ones(4, 8, dtype=torch.int8), "a.scale": torch.ones(4, dtype=torch.float16),
+               "b": torch.ones(3)}, "m": {"a": {"type": "int6"}, "b": "passthrough"}}
+    ok = tg.dequantize_state_dict(q, {"a": torch.zeros(4, 8), "b": torch.zeros(3)})
+    assert ok["a"].shape == (4, 8) and torch.equal(ok["b"], torch.ones(3))
+    with pytest.raises(ValueError, match=r"artifact tensor a has shape \(4, 8\), the model here \(8, 4\).*MODEL_DIM"):
+        tg.dequantize_state_dict(q, {"a": torch.zeros(8, 4), "b": torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"artifact tensor b has shape \(3,\), the model here \(4,\)"):
+        tg.dequantize_state_dict(q, {"a": torch.zeros(4, 8), "b": torch.zeros(4)})
