@@ -89,20 +89,25 @@ def test_nonfinite_loss_stops_and_saves_ema(tg_source, tmp_path, monkeypatch):
     assert state and all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
 
 
+def _failed_main_log(tg, tmp_path, monkeypatch, run_id: str, exc: type, match: str) -> list[str]:
+    """Run main() in tmp_path under RUN_ID=run_id, expect it to raise exc (matching match), return its log's lines."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RUN_ID", run_id)
+    try:
+        with pytest.raises(exc, match=match):
+            tg.main()
+    finally:
+        tg.init_logging(None, False)
+    return (tmp_path / "logs" / f"{run_id}.txt").read_text().splitlines()
+
+
 def test_main_writes_the_error_into_the_log(tg, tmp_path, monkeypatch):
     """Guards the archived log of a failed run: main() appends `run_error: type:<type> msg:<message>` to
     logs/<RUN_ID>.txt before re-raising, so the log says why the run stopped, not only the console (here: a
     DATA_PATH without shards); and the header's warning about an env var that nearly spells a setting."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("RUN_ID", "failed")
     monkeypatch.setenv("DATA_PATH", str(tmp_path / "missing"))
     monkeypatch.setenv("SLOT_ENABLE", "0")  # a typo of SLOT_ENABLED: the header warns about it
-    try:
-        with pytest.raises(FileNotFoundError, match="DATA_PATH"):
-            tg.main()
-    finally:
-        tg.init_logging(None, False)
-    lines = (tmp_path / "logs" / "failed.txt").read_text().splitlines()
+    lines = _failed_main_log(tg, tmp_path, monkeypatch, "failed", FileNotFoundError, "DATA_PATH")
     assert "env_warning: unknown:SLOT_ENABLE did_you_mean:SLOT_ENABLED (not a setting: it changes nothing)" in lines
     assert lines[-1].startswith("run_error: type:FileNotFoundError msg:no train shards match ") and "set DATA_PATH" in lines[-1]
 
@@ -110,18 +115,10 @@ def test_main_writes_the_error_into_the_log(tg, tmp_path, monkeypatch):
 def test_run_error_keeps_a_multi_line_message_on_its_line(tg, tmp_path, monkeypatch):
     """Guards the log grammar (one event per line) against errors whose text spans lines (load_state_dict's, dynamo's):
     the run_error line joins them with ' | ' and nothing else follows it."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("RUN_ID", "multiline")
-
     def fail(*a):
         raise RuntimeError("Error(s) in loading state_dict:\n\tMissing key(s): blocks.0.attn.q_gain")
     monkeypatch.setattr(tg, "log_header", fail)  # the first thing main() does once the log is open
-    try:
-        with pytest.raises(RuntimeError, match="Missing key"):
-            tg.main()
-    finally:
-        tg.init_logging(None, False)
-    lines = (tmp_path / "logs" / "multiline.txt").read_text().splitlines()
+    lines = _failed_main_log(tg, tmp_path, monkeypatch, "multiline", RuntimeError, "Missing key")
     assert lines[-1] == ("run_error: type:RuntimeError msg:Error(s) in loading state_dict: | \tMissing key(s): "
                          "blocks.0.attn.q_gain")
 
