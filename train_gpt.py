@@ -1185,7 +1185,7 @@ def qk_norm_rope_op():
     def _(z, targets, cap):
         return z.new_empty(z.size(0), dtype=torch.float32), torch.empty_like(z, memory_format=torch.contiguous_format)
 
-    _QK_KERNELS["op"], _QK_KERNELS["xsa"], _QK_KERNELS["ce"] = fwd, xsa, ce
+    _QK_KERNELS["op"], _QK_KERNELS["bwd"], _QK_KERNELS["xsa"], _QK_KERNELS["ce"] = fwd, bwd, xsa, ce
     return fwd
 
 
@@ -1354,6 +1354,129 @@ def mlp_gemm(a_desc, b_desc, h_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K: 
         (_mlp_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, n_n, n_tiles, K, BM, BN, BK, STAGES, BWD)),
         (_mlp_epilogue, (cbuf, hbuf, cbar, h_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, BM, BN, BWD, EW, CH)),
     ], [1, EW], [40, EREGS])
+
+
+QKV_EPS = gl.constexpr(RMS_EPS)
+
+
+@gluon.jit
+def _halves(x, RCH: gl.constexpr, BN: gl.constexpr, HALF: gl.constexpr):
+    # x [RCH, BN] as qk_fwd's two tiles: of each group of 2 * HALF columns, the first HALF (a) and the second (b)
+    return gl.split(gl.permute(gl.reshape(x, [RCH, BN // (2 * HALF), 2, HALF]), (0, 1, 3, 2)))
+
+
+@gluon.jit
+def _qkv_normed(cbuf, raw_ptr, cos_ptr, sin_ptr, m, pm, pn, T, r: gl.constexpr, RCH: gl.constexpr, BN: gl.constexpr,
+                blk: gl.constexpr, HX: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr):
+    # one chunk of a q/k tile: rows r .. r + RCH of cbuf kept raw, each head RMS-normed over its D columns and, where
+    # HALF > 0, rotated on its first 2 * HALF (qk_fwd's a/b halves, in registers); cos/sin loaded first, so their
+    # latency hides behind the norm
+    if HALF > 0:
+        # cos/sin of the rows' positions (RCH x HALF values), in slices of the a/b halves' layout (of a dead tensor)
+        L3: gl.constexpr = _halves(gl.zeros([RCH, BN], gl.float32, blk), RCH, BN, HALF)[0].type.layout
+        r2 = gl.arange(0, RCH, layout=gl.SliceLayout(1, gl.SliceLayout(1, L3)))
+        w2 = gl.arange(0, HALF, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
+        trig = ((pm + r + r2) % T)[:, None] * HALF + w2[None, :]
+        cs1 = gl.load(cos_ptr + trig)
+        sn1 = gl.load(sin_ptr + trig)
+    c = cbuf.slice(r, RCH, 0).load(blk)
+    cols = gl.arange(0, BN, layout=gl.SliceLayout(0, blk))
+    gl.store(raw_ptr + m * (HX * D) + (pn + cols)[None, :], c)
+    x = gl.reshape(c.to(gl.float32), [RCH, BN // D, D])  # a head's row: a thread's columns and its row's lanes
+    y = x * gl.expand_dims(1.0 / gl.sqrt(gl.sum(x * x, axis=2) / D + QKV_EPS), 2)
+    y = gl.convert_layout(gl.reshape(y, [RCH, BN]), blk)
+    if HALF > 0:
+        a, b = _halves(y, RCH, BN, HALF)
+        g3 = gl.arange(0, BN // (2 * HALF), layout=gl.SliceLayout(0, gl.SliceLayout(2, L3)))
+        first = gl.expand_dims(gl.expand_dims(g3 % (D // (2 * HALF)) == 0, 0), 2)  # each head's first group
+        cs = gl.where(first, gl.expand_dims(cs1.to(gl.float32), 1), 1.0)
+        sn = gl.where(first, gl.expand_dims(sn1.to(gl.float32), 1), 0.0)
+        y = gl.reshape(gl.permute(gl.join(a * cs + b * sn, b * cs - a * sn), (0, 1, 3, 2)), [RCH, BN])
+        y = gl.convert_layout(y, blk)
+    return y
+
+
+@gluon.jit
+def _qkv_epilogue(cbuf, cbar, raw_ptr, q_ptr, k_ptr, v_ptr, vr_ptr, cos_ptr, sin_ptr, gain_ptr, T, n_n, n_tiles,
+                  BM: gl.constexpr, BN: gl.constexpr, EW: gl.constexpr, CH: gl.constexpr, NQ: gl.constexpr,
+                  NK: gl.constexpr, NV: gl.constexpr, REP: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr,
+                  HAS_GAIN: gl.constexpr):
+    # the q/k op's forward (qk_fwd) on each tile of the Q|K|V projection: a q/k tile is kept raw (for qk_bwd) and
+    # normed and rotated (_qkv_normed), q times its gain; k and the v heads (copied) also go out REP times.  The kind
+    # of tile is decided once per tile, outside the loop over its chunks, so their code can interleave
+    RCH: gl.constexpr = CH // BN
+    # a thread holds 2 * HALF neighbouring columns (at least 8: 16-byte stores), so RoPE's halves (_halves) stay in
+    # its registers
+    SPT: gl.constexpr = 2 * HALF if 2 * HALF > 8 else 8
+    TN: gl.constexpr = BN // SPT if BN // SPT < 32 else 32
+    blk: gl.constexpr = gl.BlockedLayout([1, SPT], [32 // TN, TN], [EW, 1], [1, 0])
+    HX: gl.constexpr = NQ + NK + NV
+    rows = gl.arange(0, RCH, layout=gl.SliceLayout(1, blk))
+    cols = gl.arange(0, BN, layout=gl.SliceLayout(0, blk))
+    hc = cols % D  # column within its head
+    hj = cols // D  # head within the tile
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    n = 0
+    for t in range(pid, n_tiles, nprog):
+        pm = (t // n_n) * BM
+        pn = (t % n_n) * BN
+        head0 = pn // D
+        mbarrier.wait(cbar.index(0), n & 1)
+        if head0 < NQ:
+            if HAS_GAIN:
+                gain = gl.load(gain_ptr + head0 + hj).to(gl.float32)[None, :]
+            for r in gl.static_range(0, BM, RCH):
+                m = (pm + r + rows)[:, None]
+                y = _qkv_normed(cbuf, raw_ptr, cos_ptr, sin_ptr, m, pm, pn, T, r, RCH, BN, blk, HX, D, HALF)
+                if HAS_GAIN:
+                    y = y * gain
+                gl.store(q_ptr + m * (NQ * D) + (pn + cols)[None, :], y.to(gl.bfloat16))
+        elif head0 < NQ + NK:
+            kh = head0 - NQ + hj
+            for r in gl.static_range(0, BM, RCH):
+                m = (pm + r + rows)[:, None]
+                y = _qkv_normed(cbuf, raw_ptr, cos_ptr, sin_ptr, m, pm, pn, T, r, RCH, BN, blk, HX, D, HALF)
+                for i in gl.static_range(REP):
+                    gl.store(k_ptr + m * (NK * REP * D) + ((kh * REP + i) * D + hc)[None, :], y.to(gl.bfloat16))
+        else:
+            vh = head0 - NQ - NK + hj
+            for r in gl.static_range(0, BM, RCH):
+                m = (pm + r + rows)[:, None]
+                c = cbuf.slice(r, RCH, 0).load(blk)
+                gl.store(v_ptr + m * (NV * D) + (pn - (NQ + NK) * D + cols)[None, :], c)
+                if REP > 1:
+                    for i in gl.static_range(REP):
+                        gl.store(vr_ptr + m * (NV * REP * D) + ((vh * REP + i) * D + hc)[None, :], c)
+        mbarrier.arrive(cbar.index(1))
+        n += 1
+
+
+@gluon.jit
+def qkv_gemm(a_desc, b_desc, raw_ptr, q_ptr, k_ptr, v_ptr, vr_ptr, cos_ptr, sin_ptr, gain_ptr, T, n_n, n_tiles,
+             K: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+             NW: gl.constexpr, EW: gl.constexpr, EREGS: gl.constexpr, CH: gl.constexpr, NQ: gl.constexpr,
+             NK: gl.constexpr, NV: gl.constexpr, REP: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr,
+             HAS_GAIN: gl.constexpr):
+    a_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BM, BK], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BN, BK], b_desc.layout)
+    cbuf = gl.allocate_shared_memory(gl.bfloat16, [BM, BN], gl.NVMMASharedLayout.get_default_for([BM, BN],
+                                                                                                 gl.bfloat16))
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    cbar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # cbuf full, cbuf free
+    for i in gl.static_range(2):
+        mbarrier.init(cbar.index(i), count=1)
+    fence_async_shared()
+    gl.warp_specialize([
+        (_mlp_consumer, (a_bufs, b_bufs, ready, empty, cbuf, cbar, n_n, n_tiles, K, BM, BN, BK, STAGES, False, NW)),
+        (_mlp_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, n_n, n_tiles, K, BM, BN, BK, STAGES, False)),
+        (_qkv_epilogue, (cbuf, cbar, raw_ptr, q_ptr, k_ptr, v_ptr, vr_ptr, cos_ptr, sin_ptr, gain_ptr, T, n_n,
+                         n_tiles, BM, BN, EW, CH, NQ, NK, NV, REP, D, HALF, HAS_GAIN)),
+    ], [1, EW], [40, EREGS])
 """
 # per GEMM: BM, BN, BK, STAGES, consumer warps, epilogue warps, their registers, elements per epilogue chunk.  The
 # fastest of each at the record shape (PERF #30, #31, #42): the backward's ring holds 5 slots beside h's tile in shared
@@ -1417,7 +1540,81 @@ def mlp_gemm_fits(x: Tensor, w_up: Tensor) -> bool:
             and mlp_tiles_fit(x.numel() // K, K, w_up.size(0)))
 
 
+# the Q|K|V projection with the q/k op's forward in its epilogue (qkv_gemm, PERF #47): the MLP up kernel's loader and
+# consumer partitions, 4 epilogue warps (the fastest of four tiles timed on an H200: 280 us against 313 for cuBLAS +
+# the q/k op at the record shape; 8 warps 284-288)
+QKV_TILE = (128, 128, 64, 6, 4, 4, 152, 4096)
+QKV_HALF = 8  # RoPE's half (ROPE_DIMS / 2) the kernel is built and self-tested at; other widths: cuBLAS + the q/k op
+QKV_GLUON = True  # GPT.set_fused_qk may turn it on (where the kernel builds); gpu_bench's variant qkvref turns it off
+
+
+def _qkv_gemm_launch(x: Tensor, w: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int, n_k: int, D: int,
+                     rep: int, max_ctas: int = 0) -> tuple[Tensor, ...]:
+    """(raw, q, k, v, v_rep) of the Q|K|V projection of x (B, T, K) by w (HX * D, K): raw = x @ w.T as (B, T, HX,
+    D), its v heads not written (the q/k op's backward never reads them); q, k, v, v_rep as _qk_launch returns them
+    for raw.  Shapes as qkv_gemm_fits() accepts."""
+    prev = torch.cuda.current_device()
+    torch.cuda.set_device(x.device)  # as _mlp_gemm_launch: the descriptors need x's context current
+    try:
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+        bm, bn, bk, stages, nw, ew, eregs, ch = QKV_TILE
+        B, T, K = x.shape
+        HX = w.size(0) // D
+        x2, w = x.reshape(-1, K).contiguous(), w.contiguous()
+        raw = x2.new_empty(B, T, HX, D)
+        q, k, v, vr = (x2.new_empty(B, T, n, D) for n in _qkv_out_heads(n_q, n_k, HX - n_q - n_k, rep))
+        descs = [TensorDescriptor.from_tensor(t, blk, gl.NVMMASharedLayout.get_default_for(blk, gl.bfloat16))
+                 for t, blk in ((x2, [bm, bk]), (w, [bn, bk]))]
+        n_tiles = (x2.size(0) // bm) * (w.size(0) // bn)
+        grid = (min(n_tiles, max_ctas or torch.cuda.get_device_properties(x.device).multi_processor_count),)
+        _MLP_GLUON["ns"]["qkv_gemm"][grid](
+            *descs, raw, q, k, v, vr, cos.contiguous(), sin.contiguous(), gain if gain is not None else cos, T,
+            w.size(0) // bn, n_tiles, K=K, BM=bm, BN=bn, BK=bk, STAGES=stages, NW=nw, EW=ew, EREGS=eregs, CH=ch,
+            NQ=n_q, NK=n_k, NV=HX - n_q - n_k, REP=rep, D=D, HALF=cos.size(-1), HAS_GAIN=gain is not None,
+            num_warps=nw)
+        return raw, q, k, v, vr
+    finally:
+        if prev != x.device.index:
+            torch.cuda.set_device(prev)
+
+
+def qkv_tiles_fit(rows: int, K: int, n_q: int, n_k: int, n_v: int, D: int, half: int, rep: int) -> bool:
+    """Whether qkv_gemm takes rows x K tokens into n_q + n_k + n_v heads of D (k and v repeated rep times): whole
+    tiles that never straddle the q, k and v heads, at least STAGES k-steps, RoPE's half the one the kernel is
+    built and self-tested at (QKV_HALF), and element offsets within int32."""
+    bm, bn, bk, stages = QKV_TILE[:4]
+    return (rows > 0 and rows % bm == 0 and K % bk == 0 and K // bk >= stages and D > 0 and bn % D == 0
+            and min(n_q, n_k, n_v) >= 1 and all((n * D) % bn == 0 for n in (n_q, n_k, n_v))
+            and half == QKV_HALF and D % (2 * half) == 0
+            and rows * max(n_q + n_k + n_v, n_k * rep, n_v * rep) * D < 2 ** 31)
+
+
+def qkv_gemm_fits(x: Tensor, w: Tensor, cos: Tensor, n_q: int, n_k: int, D: int, rep: int) -> bool:
+    """Whether qkv_gemm takes x (B, T, K) @ w (HX * D, K).T with RoPE tables cos (>= T, HALF): bf16 on CUDA and
+    qkv_tiles_fit."""
+    K, N = x.size(-1), w.size(0)
+    return (x.is_cuda and x.dim() == 3 and x.dtype == w.dtype == torch.bfloat16 and w.dim() == 2 and w.size(1) == K
+            and D > 0 and N % D == 0 and cos.dim() == 2 and cos.size(0) >= x.size(1)
+            and qkv_tiles_fit(x.numel() // K if K else 0, K, n_q, n_k, N // D - n_q - n_k, D, cos.size(-1), rep))
+
+
 _MLP_GLUON: dict = {}
+
+
+def _gluon_lib() -> str | None:
+    """The Gluon kernels loaded once per process (_MLP_GLUON["ns"]) and the name of their ops' library; None without
+    Gluon (Triton >= 3.6's API) or without a Hopper GPU."""
+    if "lib" not in _MLP_GLUON:
+        _MLP_GLUON["lib"] = None
+        if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
+            try:
+                _MLP_GLUON["ns"] = _load_triton_source(_MLP_GLUON_SRC, "mlp_gluon")
+                _MLP_GLUON["lib"] = "pgolf_mlp_" + "".join(ch if ch.isalnum() else "_" for ch in __name__) + \
+                    f"_{id(_MLP_GLUON):x}"
+            except (ImportError, AttributeError, TypeError):  # no Gluon, or an older Gluon API
+                pass
+    return _MLP_GLUON["lib"]
 
 
 def mlp_gluon_op():
@@ -1426,13 +1623,9 @@ def mlp_gluon_op():
     if "up" in _MLP_GLUON:
         return _MLP_GLUON["up"]
     _MLP_GLUON["up"] = None
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+    lib = _gluon_lib()
+    if lib is None:
         return None
-    try:
-        _MLP_GLUON["ns"] = _load_triton_source(_MLP_GLUON_SRC, "mlp_gluon")
-    except (ImportError, AttributeError, TypeError):  # no Gluon, or an older Gluon API
-        return None
-    lib = "pgolf_mlp_" + "".join(ch if ch.isalnum() else "_" for ch in __name__) + f"_{id(_MLP_GLUON):x}"
 
     @torch.library.custom_op(f"{lib}::mlp_up_act", mutates_args=(),
                              schema="(Tensor x, Tensor w, float slope) -> (Tensor, Tensor)")
@@ -1461,6 +1654,102 @@ def mlp_gluon_op():
         return None
     _MLP_GLUON["up"], _MLP_GLUON["dgrad"] = up, dgrad
     return up
+
+
+def qkv_gluon_op():
+    """The Q|K|V projection + the q/k op's forward as one custom op (built once per process), with its autograd (the
+    backward: the q/k op's, then cuBLAS's two GEMMs); None without Gluon, a Hopper GPU or the Triton q/k op, or if
+    qkv_gemm fails its self-test (_MLP_GLUON["qkv_why"] says why).  op(x, w, cos, sin, gain, n_q, n_k, D, rep) ->
+    (raw, q, k, v, v_rep), raw not differentiable (its v heads are not written)."""
+    if "qkv" in _MLP_GLUON:
+        return _MLP_GLUON["qkv"]
+    _MLP_GLUON["qkv"] = None
+    lib = _gluon_lib()
+    if lib is None or qk_norm_rope_op() is None:
+        return None
+    args = "Tensor x, Tensor w, Tensor cos, Tensor sin, Tensor? gain, int n_q, int n_k, int head_dim, int rep"
+
+    @torch.library.custom_op(f"{lib}::qkv_proj", mutates_args=(),
+                             schema=f"({args}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+    def qkv(x: Tensor, w: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int, n_k: int, head_dim: int,
+            rep: int):
+        return _qkv_gemm_launch(x, w, cos, sin, gain, n_q, n_k, head_dim, rep)
+
+    @qkv.register_fake
+    def _(x, w, cos, sin, gain, n_q, n_k, head_dim, rep):
+        B, T, _ = x.shape
+        HX = w.size(0) // head_dim
+        return (x.new_empty(B, T, HX, head_dim),) + tuple(
+            x.new_empty(B, T, n, head_dim) for n in _qkv_out_heads(n_q, n_k, HX - n_q - n_k, rep))
+
+    def setup_context(ctx, inputs, output):
+        x, w, cos, sin, gain = inputs[:5]
+        ctx.save_for_backward(x, w, output[0], cos, sin, gain)
+        ctx.heads = (inputs[5], inputs[6], inputs[8])
+        ctx.mark_non_differentiable(output[0])
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None (zeros below only where needed)
+
+    def backward(ctx, _, *grads):
+        x, w, raw, cos, sin, gain = ctx.saved_tensors
+        B, T, HX, D = raw.shape
+        n_q, n_k, rep = ctx.heads
+        grads = [raw.new_zeros(B, T, n, D) if g is None else g
+                 for g, n in zip(grads, _qkv_out_heads(n_q, n_k, HX - n_q - n_k, rep))]
+        d_raw, d_gain = _QK_KERNELS["bwd"](*grads, raw, cos, sin, gain, n_q, n_k, rep)
+        d2 = d_raw.view(-1, HX * D)
+        return ((d2 @ w).view(x.shape), d2.t() @ x.reshape(-1, x.size(-1)), None, None,
+                d_gain if gain is not None else None, None, None, None, None)
+
+    qkv.register_autograd(backward, setup_context=setup_context)
+    why = _qkv_gluon_selftest(torch.device("cuda"))
+    if why:
+        _MLP_GLUON["qkv_why"] = why
+        return None
+    _MLP_GLUON["qkv"] = qkv
+    return qkv
+
+
+def _qkv_gluon_selftest(device: torch.device) -> str:
+    """qkv_gemm at a small shape (3 x 8 of its tiles over 4 CTAs: the persistent loop and the hand-overs run; 8 q, 4
+    k and 4 v heads of 64, RoPE on 16 columns, k and v repeated twice, then once): "" if it agrees, else why not.
+    Its projection must be cuBLAS's within a bf16 ulp (another summation order), and q, k, v, v_rep the q/k op's on
+    its own projection within a few (fp32 in another order): an ulp of the projection can move a rotated q/k
+    element by more where RoPE's two products nearly cancel."""
+    g = torch.Generator(device=device).manual_seed(0)
+    B, T, K, D, n_q, n_k = 2, 192, 512, 64, 8, 4
+    x = torch.randn(B, T, K, device=device, generator=g).bfloat16()
+    w = (torch.randn((n_q + 2 * n_k) * D, K, device=device, generator=g) / K ** 0.5).bfloat16()
+    cos, sin = (t.bfloat16() for t in rope_tables(T, 2 * QKV_HALF, 10000.0, device))
+    gain = torch.rand(n_q, device=device, generator=g) + 0.5
+    try:
+        why = []
+        for rep in (2, 1):
+            raw, *outs = _qkv_gemm_launch(x, w, cos, sin, gain, n_q, n_k, D, rep, max_ctas=4)
+            why += _qkv_compare(raw, outs, F.linear(x, w).view(B, T, -1, D), cos, sin, gain, n_q, n_k, rep)
+    except Exception as e:  # another Gluon (API, codegen)
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:160] if str(e).strip() else ''}"
+    return "; ".join(why)
+
+
+def _qkv_compare(raw: Tensor, outs: list, raw_ref: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int,
+                 n_k: int, rep: int) -> list[str]:
+    """What is off in qkv_gemm's (raw, [q, k, v, v_rep]) against cuBLAS's projection raw_ref and the q/k op on raw's
+    q/k heads (raw_ref's v heads: the kernel writes only its v outputs); elementwise, floored at 1e-3 of the rms."""
+    qk = n_q + n_k
+    own = torch.cat((raw[:, :, :qk], raw_ref[:, :, qk:]), 2)
+    pairs = [("raw", raw[:, :, :qk], raw_ref[:, :, :qk], 2 ** -6)] + [
+        (name, a, b, 2 ** -5) for name, a, b in zip(("q", "k", "v", "v_rep"), outs,
+                                                    _qk_launch(own, cos, sin, gain, n_q, n_k, rep))]
+    why = []
+    for name, a, b, tol in pairs:
+        if a.shape != b.shape:
+            why.append(f"{name} (rep {rep}) has shape {tuple(a.shape)}, expected {tuple(b.shape)}")
+        elif b.numel():
+            af, bf = a.float(), b.float()
+            err = ((af - bf).abs() / (bf.abs() + 1e-3 * bf.square().mean().sqrt())).max().item()
+            if not err <= tol:  # NaN (an unwritten tile) fails too
+                why.append(f"{name} (rep {rep}) off by {err:.1e}")
+    return why
 
 
 def _mlp_gluon_selftest(up, dgrad, device: torch.device) -> str:
@@ -1703,6 +1992,7 @@ class CausalSelfAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim, self.xsa = num_heads, num_kv_heads, head_dim, xsa
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
         self.fused_qk = False  # GPT sets it when Triton is there: inputs on FUSED_QK_DEVICES take qk_norm_rope_op()
+        self.fused_qkv = False  # and this one where the Gluon Q|K|V kernel builds (Hopper; PERF #47)
 
     def forward(self, h: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, wo: Tensor, rope: tuple[Tensor, Tensor],
                 ve: Tensor | None, store: dict | None, prefix: str) -> Tensor:
@@ -1712,13 +2002,17 @@ class CausalSelfAttention(nn.Module):
         norm_rope = _QK_KERNELS["op"] if self.fused_qk and h.device.type in FUSED_QK_DEVICES else qkv_norm_rope_ref
         H, Hkv = self.num_heads, self.num_kv_heads
         # one GEMM for Q|K|V (docs/PERF.md #13): the K and V projections alone are narrow, slower GEMMs
-        qkv = F.linear(h, torch.cat((wq, wk, wv))).view(B, T, H + 2 * Hkv, D)
+        w_qkv = torch.cat((wq, wk, wv))
         # K and V at H heads for the attention in training forwards where the Triton op runs and SDPA is the
         # attention (PERF #34: cuDNN then skips its KV-head gradient reduction, and the op sums the copies' and XSA's
         # gradients in one pass); v itself still goes to XSA
         rep = H // Hkv if KV_REP and self.xsa and ve is None and norm_rope is not qkv_norm_rope_ref \
             and torch.is_grad_enabled() and flash_attn_3_func is None and flash_attn_2_func is None else 1
-        q, k, v, v_rep = norm_rope(qkv, *rope, self.q_gain, H, Hkv, rep)
+        if self.fused_qkv and norm_rope is not qkv_norm_rope_ref and store is None and torch.is_grad_enabled() \
+                and qkv_gemm_fits(h, w_qkv, rope[0], H, Hkv, D, rep):  # the q/k op in the GEMM's epilogue (#47)
+            _, q, k, v, v_rep = _MLP_GLUON["qkv"](h, w_qkv, *rope, self.q_gain, H, Hkv, D, rep)
+        else:
+            q, k, v, v_rep = norm_rope(F.linear(h, w_qkv).view(B, T, H + 2 * Hkv, D), *rope, self.q_gain, H, Hkv, rep)
         if ve is not None:
             v = v + ve.view(B, T, Hkv, D)
         y = causal_attention(q, k, v_rep if rep > 1 else v)
@@ -1860,8 +2154,9 @@ class GPT(nn.Module):
         on which they pass their self-test); returns whether the Triton ops are on."""
         on = on and qk_norm_rope_op() is not None
         mlp = on and mlp_gluon_op() is not None
+        qkv = on and QKV_GLUON and qkv_gluon_op() is not None
         for block in self.blocks:
-            block.attn.fused_qk, block.fused_mlp = on, mlp
+            block.attn.fused_qk, block.attn.fused_qkv, block.fused_mlp = on, qkv, mlp
         self.fused_ce = on
         return on
 
@@ -3386,10 +3681,15 @@ def log_header(h: Hyperparameters, d: DistInfo, device) -> None:
     kernels = "triton" if fused else "torch"
     rows = h.train_batch_tokens // (d.world_size * d.grad_accum_steps)  # a micro-batch's tokens on one rank
     gluon = fused and mlp_gluon_op() is not None and mlp_tiles_fit(rows, h.model_dim, h.mlp_dim)
+    qkv = fused and QKV_GLUON and qkv_gluon_op() is not None and qkv_tiles_fit(
+        rows, h.model_dim, h.num_heads, h.num_kv_heads, h.num_kv_heads, h.head_dim, h.rope_dims // 2,
+        h.num_heads // h.num_kv_heads)
     log0(f"qk_norm_rope:{kernels} xsa:{kernels if h.xsa_last_n else 'off'} softcap_ce:{kernels} "
-         f"mlp_act:{'gluon' if gluon else 'torch'}")
+         f"mlp_act:{'gluon' if gluon else 'torch'} qkv_proj:{'gluon' if qkv else 'torch'}")
     if _MLP_GLUON.get("why"):
         log0(f"mlp_act:torch because the Gluon MLP kernels failed their self-test: {_MLP_GLUON['why']}")
+    if _MLP_GLUON.get("qkv_why"):
+        log0(f"qkv_proj:torch because the Gluon Q|K|V kernel failed its self-test: {_MLP_GLUON['qkv_why']}")
     log0(f"attention_mode:gqa num_heads:{h.num_heads} num_kv_heads:{h.num_kv_heads}")
     log0(f"tie_embeddings:{h.tie_embeddings} embed_lr:{h.tied_embed_lr} head_lr:0.0 matrix_lr:{h.matrix_lr} "
          f"scalar_lr:{h.scalar_lr} matrix_lr_early:{h.matrix_lr_early} matrix_lr_late:{h.matrix_lr_late} "

@@ -23,6 +23,9 @@ W_down [512, 1536] read as stored, N-major); 2 plain C = A @ B.T (the main loop 
     python3 scripts/gluon_mlp_bench.py compile     # CPU: cross-compile the configs for sm_90 (GLUON_ONLY=0,2 picks)
     python3 scripts/gluon_mlp_bench.py shipped     # GPU: train_gpt.py's own kernel over the MLP_TILES forms in
                                                    # SHIPPED_TILES (env GLUON_TILES: a Python list of tuples)
+    python3 scripts/gluon_mlp_bench.py qkv         # GPU: train_gpt.py's Q|K|V kernel with the q/k op in its
+                                                   # epilogue (PERF #47) against cuBLAS + the Triton q/k op, at
+                                                   # QKV_TILE and the tiles of env GLUON_QKV_TILES
 
 Timings are do_bench bursts, which start at or near the GPU's full clock; a training step runs power-capped at a
 lower one (docs/PERF.md "Clocks and power"), so a burst gain is not the step's (mostly it overstates it).
@@ -528,6 +531,58 @@ def shipped(args):
     print(f"gluon_mlp_bench shipped tile {tile}: " + "; ".join(line), flush=True)
 
 
+def qkv(args):
+    """train_gpt.py's qkv_gemm at the record shape (48 x 2048 tokens, 512 -> 8 q + 4 k + 4 v heads of 64, RoPE on 16
+    columns, the q gain), K/V repeated twice (training's XSA layers) and once (the value-embedding layers): its raw,
+    q, k, v and v_rep against cuBLAS's projection + the Triton q/k op (bit for bit, else the largest relative error of
+    an element), then both timed.  No argument: each tile (QKV_TILE, then GLUON_QKV_TILES) in its own process."""
+    import subprocess
+    from triton.testing import do_bench
+    bench = lambda fn: do_bench(fn, warmup=25, rep=200, return_mode="median")
+    if not args:
+        tg = _train_gpt()
+        tiles = [tg.QKV_TILE] + (eval(os.environ["GLUON_QKV_TILES"]) if os.environ.get("GLUON_QKV_TILES") else [])
+        for tile in tiles:
+            try:
+                out = subprocess.run([sys.executable, __file__, "qkv", repr(tuple(tile))], capture_output=True,
+                                     text=True, timeout=float(os.environ.get("GLUON_TIMEOUT", "120")))
+                print(out.stdout.strip() or out.stderr.strip()[-1500:], flush=True)
+            except subprocess.TimeoutExpired:
+                print(f"gluon_mlp_bench qkv tile {tile}: timed out (deadlock?)", flush=True)
+        return
+    tile = eval(args[0])
+    tg = _train_gpt()
+    tg.QKV_TILE = tile
+    tg._MLP_GLUON["ns"] = tg._load_triton_source(tg._MLP_GLUON_SRC, "mlp_gluon")
+    if tg.qk_norm_rope_op() is None:
+        raise SystemExit("gluon_mlp_bench qkv: the Triton q/k op does not build here")
+    dev = torch.device("cuda")
+    B, T, K, D, n_q, n_k = 48, 2048, 512, 64, 8, 4
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(B, T, K, device=dev, generator=g).bfloat16()
+    w = (torch.randn((n_q + 2 * n_k) * D, K, device=dev, generator=g) / K ** 0.5).bfloat16()
+    cos, sin = (t.bfloat16() for t in tg.rope_tables(T, 16, 10000.0, dev))
+    gain = torch.rand(n_q, device=dev, generator=g) + 1.0
+    line = []
+    raw_ref = torch.nn.functional.linear(x, w).view(B, T, -1, D)
+    for r in (2, 1):
+        ref = lambda: tg._qk_launch(torch.nn.functional.linear(x, w).view(B, T, -1, D), cos, sin, gain, n_q, n_k, r)
+        fused = lambda: tg._qkv_gemm_launch(x, w, cos, sin, gain, n_q, n_k, D, r)
+        try:
+            raw, *outs = fused()
+            torch.cuda.synchronize()
+        except Exception as e:
+            line.append(f"rep {r} does not run ({type(e).__name__}: {str(e).strip().splitlines()[-1][:160]})")
+            continue
+        # against cuBLAS's projection (within a bf16 ulp) and the q/k op on the kernel's own (within a few)
+        why = tg._qkv_compare(raw, outs, raw_ref, cos, sin, gain, n_q, n_k, r)
+        same = torch.equal(raw[:, :, :n_q + n_k], raw_ref[:, :, :n_q + n_k])
+        t_ref, t_fused = bench(ref), bench(fused)
+        line.append(f"rep {r}: cuBLAS + q/k op {1000 * t_ref:.1f}us, fused {1000 * t_fused:.1f}us, "
+                    + ("; ".join(why) if why else "agrees") + f" (projection bit-identical to cuBLAS's: {same})")
+    print(f"gluon_mlp_bench qkv tile {tile}: " + " | ".join(line), flush=True)
+
+
 def main():
     """No argument: the cuBLAS + compiled-activation baseline, then every config in its own process (a deadlocked
     kernel hangs only that process: GLUON_TIMEOUT seconds each); one integer argument: that config alone."""
@@ -537,6 +592,9 @@ def main():
         return
     if args and args[0] == "shipped":
         shipped(args[1:])
+        return
+    if args and args[0] == "qkv":
+        qkv(args[1:])
         return
     if args and args[0] == "debug":  # debug CFG EPI PINGPONG M: one launch on a small shape, then its error
         cfg, epi, pp, M = CONFIGS[int(args[1])], int(args[2]), args[3] == "1", int(args[4])

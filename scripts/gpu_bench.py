@@ -190,6 +190,10 @@ def bench_train(tg, h, d, device, base, model, tag: str = ""):
         fused = any(getattr(block, "fused_mlp", False) for block in base.blocks)
         why = tg._MLP_GLUON.get("why")
         print(f"bench_train{tag} mlp_act:{'gluon' if fused else 'torch'}" + (f" (self-test: {why})" if why else ""))
+    if hasattr(tg, "QKV_GLUON"):  # and its Q|K|V kernel (PERF #47 on)
+        fused = any(getattr(block.attn, "fused_qkv", False) for block in base.blocks)
+        why = tg._MLP_GLUON.get("qkv_why")
+        print(f"bench_train{tag} qkv_proj:{'gluon' if fused else 'torch'}" + (f" (self-test: {why})" if why else ""))
     n = int(os.environ.get("BENCH_STEPS", "8"))
     with GpuClocks(gpu_uuid(device)) as clocks:
         more, t = timed(lambda: [step(i) for i in range(3, 3 + n)], device)
@@ -334,7 +338,8 @@ def apply_variant(tg, variant: str) -> None:
     KV_REP off), tilered (inductor tiles reductions in two dimensions, config.triton.tile_reductions: the
     per-channel parameter-gradient sums reduce over the token rows of [tokens, 512] tensors, i.e. not along the
     contiguous dimension), ndtile (inductor prefers N-dimensional tiling where it can, config.triton.
-    prefer_nd_tiling).
+    prefer_nd_tiling), qkvref (the Q|K|V projection by cuBLAS and the q/k op as a Triton kernel of its own: the form
+    before PERF #47, QKV_GLUON off).
     #29's form of the Gluon kernels, the epilogue in the consumer warps (mlpov here until PERF #31 removed it from
     train_gpt.py), runs in both directions with TRAIN_GPT = a train_gpt.py from before #30, and in the backward
     alone with TRAIN_GPT = one from #30 (commit 25890d9) and dgtile, BENCH_DGRAD_TILE = (128, 256, 64, 3, 8, 0, 0,
@@ -343,7 +348,7 @@ def apply_variant(tg, variant: str) -> None:
     unknown = flags - {"base", "expand", "xsatorch", "xsaref", "qkref", "vsplit", "aggr", "autotune", "pdl", "split128",
                        "split32", "stages", "maxreads6", "autosplit", "nomix", "mix", "combo", "ceref",
                        "qatgraph", "nocg", "pwtune", "mlpref", "dgtile", "uptile", "ballastcopy", "ballastgemm",
-                       "kvgqa", "tilered", "ndtile"}
+                       "kvgqa", "tilered", "ndtile", "qkvref"}
     if unknown:
         raise ValueError(f"BENCH_VARIANTS: unknown flags {sorted(unknown)}")
     if not ORIGINALS:
@@ -397,6 +402,11 @@ def apply_variant(tg, variant: str) -> None:
     elif "kvgqa" in flags:
         raise ValueError("BENCH_VARIANTS: kvgqa needs a train_gpt.py with KV_REP (PERF #34 on); before it K/V reach "
                          "the attention at their own heads anyway")
+    if hasattr(tg, "QKV_GLUON"):  # read by GPT.set_fused_qk when the model is built
+        tg.QKV_GLUON = "qkvref" not in flags
+    elif "qkvref" in flags:
+        raise ValueError("BENCH_VARIANTS: qkvref needs a train_gpt.py with QKV_GLUON (PERF #47 on); before it the "
+                         "Q|K|V projection is cuBLAS's anyway")
     if ORIGINALS["qk"] is not None:  # GPT.__init__ asks qk_norm_rope_op() whether the Triton op is there
         tg.qk_norm_rope_op = (lambda: None) if "qkref" in flags else ORIGINALS["qk"]
     tg.exclusive_self_attention = xsa_autograd if "xsaref" in flags else ORIGINALS["xsa"]

@@ -548,6 +548,170 @@ def test_gluon_mlp_kernels_compile_for_hopper(tg):
         assert int(fields["smem"]) <= 232_448 and fields["warps"] == ("16" if fields["bwd"] == "True" else "12"), line
 
 
+_QKV_BUILD_CHECK = r"""
+import importlib.util, subprocess, sys, tempfile
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import compile as triton_compile
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+
+spec = importlib.util.spec_from_file_location("tg_gluon_check", sys.argv[1])
+tg = importlib.util.module_from_spec(spec)
+sys.modules["tg_gluon_check"] = tg
+spec.loader.exec_module(tg)
+fn = tg._load_triton_source(tg._MLP_GLUON_SRC, "mlp_gluon")["qkv_gemm"]
+layout = lambda block: repr(gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
+ptrs = ("raw_ptr", "q_ptr", "k_ptr", "v_ptr", "vr_ptr")
+# the runtime specialises 16-byte-aligned pointers (all of these) as multiples of 16: 16-byte vector accesses
+attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in ptrs + ("cos_ptr", "sin_ptr", "gain_ptr")}
+bm, bn, bk, stages, nw, ew, eregs, ch = tg.QKV_TILE
+for rep in (2, 1):  # the record's heads: 8 q, 4 k, 4 v of 64, RoPE on 16 columns
+    sig = {"a_desc": f"tensordesc<bf16{[bm, bk]},{layout([bm, bk])}>",
+           "b_desc": f"tensordesc<bf16{[bn, bk]},{layout([bn, bk])}>", **{p: "*bf16" for p in ptrs},
+           "cos_ptr": "*bf16", "sin_ptr": "*bf16", "gain_ptr": "*fp32", "T": "i32", "n_n": "i32", "n_tiles": "i32"}
+    consts = dict(K=512, BM=bm, BN=bn, BK=bk, STAGES=stages, NW=nw, EW=ew, EREGS=eregs, CH=ch, NQ=8, NK=4, NV=4,
+                  REP=rep, D=64, HALF=8, HAS_GAIN=True)
+    sig.update({name: "constexpr" for name in consts})
+    k = triton_compile(GluonASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": nw})
+    ptx = k.asm["ptx"]
+    with tempfile.TemporaryDirectory() as d:
+        with open(d + "/k.ptx", "w") as f:
+            f.write(ptx)
+        info = subprocess.run([get_ptxas(90).path, "-v", "-arch=sm_90a", d + "/k.ptx", "-o", d + "/k.cubin"],
+                              capture_output=True, text=True).stderr
+    spills = [line for line in info.splitlines() if "spill" in line]
+    # every one-thread mbarrier arrive right after a barrier of its partition's warps (as the MLP kernels' check)
+    code = [ln.strip() for ln in ptx.splitlines() if ln.strip() and not ln.strip().startswith(("//", ".loc"))]
+    arrives = [i for i, ln in enumerate(code) if "mbarrier.arrive.shared::cta" in ln]
+    synced = bool(arrives) and all(any(ln.startswith(("bar.sync", "barrier.sync")) for ln in code[i - 4:i])
+                                   for i in arrives)
+    print(f"rep={rep} arrive_synced={synced} cubin={len(k.asm['cubin']) > 0} smem={k.metadata.shared} "
+          f"warps={k.metadata.num_warps} "
+          f"wgmma={'wgmma.mma_async' in ptx} tma={'cp.async.bulk.tensor' in ptx} "
+          f"no_spills={bool(spills) and all(' 0 bytes spill' in s for s in spills)} "
+          f"vector_stores={ptx.count('st.global.v4') > 0 and 'st.global.b16' not in ptx} "
+          f"shuffles={ptx.count('shfl.sync')}")
+"""
+
+
+def test_gluon_qkv_kernel_compiles_for_hopper(tg):
+    """Guards the Gluon build of the Q|K|V kernel (PERF #47) on a CPU box: sm_90 machine code with wgmma and TMA
+    loads, no spills, 16-byte stores, within shared memory, in QKV_TILE's warps, at K/V repeated twice and once;
+    RoPE's halves stay in each thread's registers (the shuffles are the norm's row sums only: a gather across lanes
+    compiled to ~1,150 of them)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.experimental.gluon", reason="Triton without Gluon")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    res = subprocess.run([sys.executable, "-c", _QKV_BUILD_CHECK, tg.__spec__.origin], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 2, res.stdout
+    nw, ew = tg.QKV_TILE[4:6]
+    for line in lines:
+        fields = dict(kv.split("=") for kv in line.split())
+        assert all(fields[k] == "True" for k in ("cubin", "wgmma", "tma", "no_spills", "vector_stores",
+                                                 "arrive_synced")), line
+        warps = nw + 4 * -(-(1 + ew) // 4)  # the consumer's, then the loader's and the epilogue's, in warpgroups
+        assert int(fields["smem"]) <= 232_448 and int(fields["warps"]) == warps and int(fields["shuffles"]) < 200, line
+
+
+@pytest.mark.parametrize("rep", [2, 1])
+def test_qkv_self_test_comparison(tg, rep):
+    """Guards what the Q|K|V kernel's self-test and bench accept (_qkv_compare, run here through the q/k op in
+    Triton's interpreter): the q/k op's own outputs on a projection that differs from cuBLAS's by one bf16 ulp pass
+    (another summation order); a wrong element of the projection, of an output, a NaN (an unwritten tile) or a wrong
+    shape does not."""
+    assert tg.qk_norm_rope_op() is not None
+    B, T, D, n_q, n_k = 1, 32, 64, 8, 4
+    # compiled Triton (TRITON_INTERPRET=0 on a GPU box) takes CUDA tensors only
+    dev = torch.device("cuda" if os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available() else "cpu")
+    g = torch.Generator().manual_seed(rep)
+    raw_ref = torch.randn(B, T, n_q + 2 * n_k, D, generator=g).bfloat16().to(dev)
+    cos, sin = (t.bfloat16() for t in tg.rope_tables(T, 16, 10000.0, dev))
+    gain = (torch.rand(n_q, generator=g) + 0.5).to(dev)
+    raw = raw_ref.clone()
+    up = torch.tensor(float("inf"), dtype=raw.dtype, device=dev)
+    raw[0, 3, :n_q + n_k] = torch.nextafter(raw[0, 3, :n_q + n_k], up)
+    own = torch.cat((raw[:, :, :n_q + n_k], raw_ref[:, :, n_q + n_k:]), 2)
+    outs = list(tg._qk_launch(own, cos, sin, gain, n_q, n_k, rep))
+    assert tg._qkv_compare(raw, outs, raw_ref, cos, sin, gain, n_q, n_k, rep) == []
+    bad = raw.clone()
+    bad[0, 5, 2, 7] += 1.0
+    assert any(w.startswith("raw") for w in tg._qkv_compare(bad, outs, raw_ref, cos, sin, gain, n_q, n_k, rep))
+    for i, name in enumerate(("q", "k", "v")):
+        wrong = [o.clone() for o in outs]
+        wrong[i][0, 9, 1, 3] = float("nan") if i == 2 else wrong[i][0, 9, 1, 3] * 1.5 + 1.0
+        assert any(w.startswith(name) for w in tg._qkv_compare(raw, wrong, raw_ref, cos, sin, gain, n_q, n_k, rep))
+    assert any("shape" in w for w in tg._qkv_compare(raw, [outs[0][:, :, :4]] + outs[1:], raw_ref, cos, sin, gain,
+                                                     n_q, n_k, rep))
+
+
+def test_qkv_gemm_only_where_it_fits(tg, monkeypatch):
+    """qkv_gemm_fits: the record's training shapes (48 x 2048 tokens, 8 q + 4 k + 4 v heads of 64, RoPE on 16
+    columns) fit; tiles straddling q/k/v, partial tiles, other RoPE widths, int32 overflow and the CPU do not."""
+    class Cuda:  # shape and dtype as a CUDA tensor's, without a GPU
+        def __init__(self, *shape):
+            self.shape, self.dtype, self.is_cuda = torch.Size(shape), torch.bfloat16, True
+
+        def size(self, i=None):
+            return self.shape if i is None else self.shape[i]
+
+        def dim(self):
+            return len(self.shape)
+
+        def numel(self):
+            return self.shape.numel()
+
+    cos = torch.empty(2048, 8)
+    assert tg.qkv_gemm_fits(Cuda(48, 2048, 512), Cuda(1024, 512), cos, 8, 4, 64, 2)
+    assert tg.qkv_gemm_fits(Cuda(48, 2048, 512), Cuda(1024, 512), cos, 8, 4, 64, 1)
+    assert not tg.qkv_gemm_fits(Cuda(48, 2048, 512), Cuda(1088, 512), cos, 9, 4, 64, 1)  # q heads straddle a tile
+    assert not tg.qkv_gemm_fits(Cuda(1, 100, 512), Cuda(1024, 512), cos, 8, 4, 64, 2)  # 100 rows: a partial tile
+    assert not tg.qkv_gemm_fits(Cuda(48, 2048, 512), Cuda(1024, 512), torch.empty(2048, 6), 8, 4, 64, 2)  # RoPE 12
+    assert not tg.qkv_gemm_fits(Cuda(48, 2048, 512), Cuda(1024, 512), torch.empty(2048, 16), 8, 4, 64, 2)  # not 16
+    assert not tg.qkv_gemm_fits(Cuda(48, 2048, 512), Cuda(960, 512), cos, 8, 4, 64, 2)  # 3 v heads: a partial tile
+    assert not tg.qkv_gemm_fits(Cuda(48, 2048, 512), Cuda(1024, 512), torch.empty(2048, 8, 1), 8, 4, 64, 2)  # 3-D
+    assert not tg.qkv_gemm_fits(Cuda(48, 2048, 512), Cuda(1024, 512), torch.empty(1024, 8), 8, 4, 64, 2)  # T > table
+    assert not tg.qkv_gemm_fits(Cuda(2048, 2048, 512), Cuda(1024, 512), cos, 8, 4, 64, 2)  # offsets past int32
+    assert not tg.qkv_gemm_fits(torch.empty(48, 2048, 512, dtype=torch.bfloat16),
+                                torch.empty(1024, 512, dtype=torch.bfloat16), cos, 8, 4, 64, 2)  # CPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs a CUDA GPU with Triton compiling (TRITON_INTERPRET=0)")
+def test_cuda_qkv_op_matches_cublas_and_the_q_k_op(tg):
+    """On a Hopper GPU the Q|K|V op (qkv_gemm + its autograd) must pass its self-test and give, through autograd, the
+    outputs and the gradients of x, W and the q gain of cuBLAS's projection + the q/k op (within bf16 rounding), at
+    K/V repeated twice and once, over 4,096 tokens."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernels need a Hopper GPU")
+    pytest.importorskip("triton.experimental.gluon", reason="Triton without Gluon")
+    op = tg.qkv_gluon_op()
+    assert op is not None, tg._MLP_GLUON.get("qkv_why")
+    g = torch.Generator(device="cuda").manual_seed(2)
+    B, T, K, D, n_q, n_k = 2, 2048, 512, 64, 8, 4
+    cos, sin = (t.bfloat16() for t in tg.rope_tables(T, 16, 10000.0, torch.device("cuda")))
+    for rep in (2, 1):
+        x = torch.randn(B, T, K, device="cuda", generator=g).bfloat16().requires_grad_()
+        w = (torch.randn(1024, K, device="cuda", generator=g) / K ** 0.5).bfloat16().requires_grad_()
+        gain = (torch.rand(n_q, device="cuda", generator=g) + 0.5).requires_grad_()
+        outs = op(x, w, cos, sin, gain, n_q, n_k, D, rep)[1:]
+        refs = tg._QK_KERNELS["op"](torch.nn.functional.linear(x, w).view(B, T, -1, D), cos, sin, gain, n_q, n_k, rep)
+        gys = [torch.randn_like(o) for o in refs]
+        got = list(outs) + list(torch.autograd.grad(outs, (x, w, gain), gys))
+        want = list(refs) + list(torch.autograd.grad(refs, (x, w, gain), gys))
+        for name, a, b in zip(("q", "k", "v", "v_rep", "dx", "dw", "dgain"), got, want):
+            assert a.shape == b.shape, name
+            if b.numel():
+                err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+                assert err < 1e-2, (name, rep, err)
+
+
 def test_gluon_mlp_only_where_it_fits(tg):
     """mlp_gemm_fits: bf16 on CUDA, whole tiles of both kernels (128 x 128), K a multiple of 64 with at least STAGES
     k-steps; anything else (the CPU here, eval shapes, other widths) keeps the torch MLP.  Without a Hopper GPU the
@@ -679,7 +843,9 @@ def test_log_header_says_which_mlp_runs(tg, monkeypatch):
     lines = []
     monkeypatch.setattr(tg, "log0", lambda msg="", console=True: lines.append(msg))
     monkeypatch.setattr(tg, "list_shards", lambda pattern, what="train": ["shard"])
-    mlp_line = lambda: next(line for line in lines if line.startswith("qk_norm_rope:")).split()[-1]
+    field = lambda key: next(f for line in lines if line.startswith("qk_norm_rope:") for f in line.split()
+                             if f.startswith(key + ":"))
+    mlp_line = lambda: field("mlp_act")
     h, d, cpu = tg.Hyperparameters(), tg.DistInfo(), torch.device("cpu")
     tg.log_header(h, d, cpu)
     assert mlp_line() == "mlp_act:torch"
@@ -688,6 +854,15 @@ def test_log_header_says_which_mlp_runs(tg, monkeypatch):
     lines.clear()
     tg.log_header(h, d, cpu)  # the record config: 98,304-token micro-batches, 512 -> 1536
     assert mlp_line() == "mlp_act:gluon"
+    assert field("qkv_proj") == "qkv_proj:torch"  # the Q|K|V kernel not built (PERF #47)
+    monkeypatch.setitem(tg._MLP_GLUON, "qkv", object())
+    lines.clear()
+    tg.log_header(h, d, cpu)
+    assert field("qkv_proj") == "qkv_proj:gluon"
+    monkeypatch.setattr(tg, "QKV_GLUON", False)  # gpu_bench's qkvref
+    lines.clear()
+    tg.log_header(h, d, cpu)
+    assert field("qkv_proj") == "qkv_proj:torch"
     lines.clear()
     tg.log_header(dataclasses.replace(h, mlp_mult=3.1), d, cpu)  # 1587 columns: not whole 128-column tiles
     assert mlp_line() == "mlp_act:torch"
