@@ -33,6 +33,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import tokenize
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -73,8 +74,54 @@ def _minifier():
     return python_minifier
 
 
+def _strip_comments(code: str) -> str:
+    """Python source without its comments (tokenize's COMMENT tokens: a '#' inside a string stays); lines that held
+    only a comment go, other lines lose their trailing comment and spaces.  Raises if what is left does not tokenize
+    to the same tokens."""
+    toks = list(tokenize.generate_tokens(iter(code.splitlines(True)).__next__))
+    cut = {t.start[0]: t.start[1] for t in toks if t.type == tokenize.COMMENT}
+    lines = []
+    for i, line in enumerate(code.splitlines(True), 1):
+        if i in cut:
+            if not line[:cut[i]].strip():
+                continue
+            line = line[:cut[i]].rstrip() + "\n"
+        lines.append(line)
+    out = "".join(lines)
+    kept = lambda ts: [(t.type, t.string) for t in ts if t.type not in (tokenize.COMMENT, tokenize.NL)]
+    if kept(tokenize.generate_tokens(iter(out.splitlines(True)).__next__)) != kept(toks):
+        raise ValueError("stripping its comments changed the code")
+    return out
+
+
+def strip_kernel_comments(source: str) -> str:
+    """`source` with the comments inside its module-level kernel sources (a string constant assigned to a name that
+    ends in _SRC, e.g. train_gpt.py's Triton and Gluon kernels, compiled from the string at run time) removed: the
+    minifier keeps a string's text, so they would count as code bytes.  A string that is not Python is kept as is."""
+    spans = []
+    for node in ast.parse(source).body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and node.targets[0].id.endswith("_SRC") and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str)):
+            try:
+                spans.append((node.value, repr(_strip_comments(node.value.value))))
+            except (SyntaxError, tokenize.TokenError, IndentationError, ValueError):
+                continue
+    lines = source.splitlines(True)
+    offset = [0]
+    for line in lines:
+        offset.append(offset[-1] + len(line))
+    for node, text in sorted(spans, key=lambda s: -s[0].lineno):  # from the end, so earlier offsets hold
+        a = offset[node.lineno - 1] + len(lines[node.lineno - 1].encode()[:node.col_offset].decode())
+        b = offset[node.end_lineno - 1] + len(lines[node.end_lineno - 1].encode()[:node.end_col_offset].decode())
+        source = source[:a] + text + source[b:]
+    return source
+
+
 def minify_source(source: str) -> str:
-    """Minify with options that keep behaviour: no renaming or literal hoisting, class annotations kept."""
+    """Minify with options that keep behaviour: no renaming or literal hoisting, class annotations kept; comments
+    inside kernel sources removed first (strip_kernel_comments)."""
+    source = strip_kernel_comments(source)
     pm = _minifier()
     keep_class_annotations = pm.RemoveAnnotationsOptions(
         remove_variable_annotations=True, remove_return_annotations=True,

@@ -799,8 +799,8 @@ RMS_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default eps: that of it
 # checked against VOCAB_SIZE, but such a token also reaches the token embedding as an input, which fails on it).
 # _softcap: tanh(x) = 1 - 2r with r = 1 / (1 + exp(2x)), which goes to 0 as the exp overflows (tanh -> 1), ~1e-7
 # absolute error; with the derivative 4r(1 - r), per logit two exp2 and one reciprocal in all: the special-function
-# units bound the kernel (2.9 TB/s), not the bytes.  Comments inside the string survive the build's minifier, so they
-# live here.
+# units bound the kernel (2.9 TB/s), not the bytes.  (The build strips the comments inside kernel strings:
+# build_submission.strip_kernel_comments.)
 _QK_TRITON_SRC = """
 import triton
 import triton.language as tl
@@ -1545,14 +1545,15 @@ def mlp_gemm_fits(x: Tensor, w_up: Tensor) -> bool:
 # the q/k op at the record shape; 8 warps 284-288)
 QKV_TILE = (128, 128, 64, 6, 4, 4, 152, 4096)
 QKV_HALF = 8  # RoPE's half (ROPE_DIMS / 2) the kernel is built and self-tested at; other widths: cuBLAS + the q/k op
-QKV_GLUON = True  # GPT.set_fused_qk may turn it on (where the kernel builds); gpu_bench's variant qkvref turns it off
+QKV_GLUON = True  # GPT.set_fused_qk uses the kernel only while this is on; gpu_bench's variant qkvref turns it off
 
 
 def _qkv_gemm_launch(x: Tensor, w: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int, n_k: int, D: int,
-                     rep: int, max_ctas: int = 0) -> tuple[Tensor, ...]:
+                     rep: int, max_ctas: int = 0, fill: float | None = None) -> tuple[Tensor, ...]:
     """(raw, q, k, v, v_rep) of the Q|K|V projection of x (B, T, K) by w (HX * D, K): raw = x @ w.T as (B, T, HX,
-    D), its v heads not written (the q/k op's backward never reads them); q, k, v, v_rep as _qk_launch returns them
-    for raw.  Shapes as qkv_gemm_fits() accepts."""
+    D), its v heads not written (the q/k op's backward never reads them; so torch.library.opcheck would flag the
+    op); q, k, v, v_rep as _qk_launch returns them for raw.  Shapes as qkv_gemm_fits() accepts.  fill: the
+    outputs' value before the launch (the self-test's NaN: an unwritten element shows), else uninitialised."""
     prev = torch.cuda.current_device()
     torch.cuda.set_device(x.device)  # as _mlp_gemm_launch: the descriptors need x's context current
     try:
@@ -1562,8 +1563,9 @@ def _qkv_gemm_launch(x: Tensor, w: Tensor, cos: Tensor, sin: Tensor, gain: Tenso
         B, T, K = x.shape
         HX = w.size(0) // D
         x2, w = x.reshape(-1, K).contiguous(), w.contiguous()
-        raw = x2.new_empty(B, T, HX, D)
-        q, k, v, vr = (x2.new_empty(B, T, n, D) for n in _qkv_out_heads(n_q, n_k, HX - n_q - n_k, rep))
+        out = (lambda *shape: x2.new_full(shape, fill)) if fill is not None else x2.new_empty
+        raw = out(B, T, HX, D)
+        q, k, v, vr = (out(B, T, n, D) for n in _qkv_out_heads(n_q, n_k, HX - n_q - n_k, rep))
         descs = [TensorDescriptor.from_tensor(t, blk, gl.NVMMASharedLayout.get_default_for(blk, gl.bfloat16))
                  for t, blk in ((x2, [bm, bk]), (w, [bn, bk]))]
         n_tiles = (x2.size(0) // bm) * (w.size(0) // bn)
@@ -1656,14 +1658,28 @@ def mlp_gluon_op():
     return up
 
 
-def qkv_gluon_op():
-    """The Q|K|V projection + the q/k op's forward as one custom op (built once per process), with its autograd (the
-    backward: the q/k op's, then cuBLAS's two GEMMs); None without Gluon, a Hopper GPU or the Triton q/k op, or if
-    qkv_gemm fails its self-test (_MLP_GLUON["qkv_why"] says why).  op(x, w, cos, sin, gain, n_q, n_k, D, rep) ->
-    (raw, q, k, v, v_rep), raw not differentiable (its v heads are not written)."""
-    if "qkv" in _MLP_GLUON:
-        return _MLP_GLUON["qkv"]
-    _MLP_GLUON["qkv"] = None
+def qkv_gluon_op(K: int = 512, n_q: int = 8, n_k: int = 4, D: int = 64):
+    """The Q|K|V projection + the q/k op's forward as one custom op (registered once per process, _qkv_gluon_build),
+    for the projection of K features into n_q + 2 * n_k heads of D (the record's by default); None without Gluon, a
+    Hopper GPU or the Triton q/k op, where the kernel does not take that projection (qkv_tiles_fit), or if it fails
+    its self-test at that projection (once per projection; _MLP_GLUON["qkv_why"] says why).  op(x, w, cos, sin,
+    gain, n_q, n_k, D, rep) -> (raw, q, k, v, v_rep), raw not differentiable (its v heads are not written)."""
+    if "qkv" not in _MLP_GLUON:
+        _MLP_GLUON["qkv"] = _qkv_gluon_build()
+    if _MLP_GLUON["qkv"] is None or not qkv_tiles_fit(384, K, n_q, n_k, n_k, D, QKV_HALF, 2):
+        return None
+    key = ("qkv_ok", K, n_q, n_k, D)
+    if key not in _MLP_GLUON:
+        why = _qkv_gluon_selftest(torch.device("cuda"), K, n_q, n_k, D)
+        _MLP_GLUON[key] = not why
+        if why:
+            _MLP_GLUON["qkv_why"] = why
+    return _MLP_GLUON["qkv"] if _MLP_GLUON[key] else None
+
+
+def _qkv_gluon_build():
+    """qkv_gluon_op's custom op and its autograd (the backward: the q/k op's, then cuBLAS's two GEMMs), not yet
+    self-tested; None without Gluon, a Hopper GPU or the Triton q/k op."""
     lib = _gluon_lib()
     if lib is None or qk_norm_rope_op() is None:
         return None
@@ -1701,22 +1717,18 @@ def qkv_gluon_op():
                 d_gain if gain is not None else None, None, None, None, None)
 
     qkv.register_autograd(backward, setup_context=setup_context)
-    why = _qkv_gluon_selftest(torch.device("cuda"))
-    if why:
-        _MLP_GLUON["qkv_why"] = why
-        return None
-    _MLP_GLUON["qkv"] = qkv
     return qkv
 
 
-def _qkv_gluon_selftest(device: torch.device) -> str:
-    """qkv_gemm at a small shape (3 x 8 of its tiles over 4 CTAs: the persistent loop and the hand-overs run; 8 q, 4
-    k and 4 v heads of 64, RoPE on 16 columns, k and v repeated twice, then once): "" if it agrees, else why not.
-    Its projection must be cuBLAS's within a bf16 ulp (another summation order), and q, k, v, v_rep the q/k op's on
-    its own projection within a few (fp32 in another order): an ulp of the projection can move a rotated q/k
-    element by more where RoPE's two products nearly cancel."""
+def _qkv_gluon_selftest(device: torch.device, K: int = 512, n_q: int = 8, n_k: int = 4, D: int = 64) -> str:
+    """qkv_gemm at the projection K -> n_q + 2 * n_k heads of D over 384 tokens (3 row tiles; 3 x 8 tiles at the
+    record's heads, over 4 CTAs: the persistent loop and the hand-overs run), RoPE on 2 * QKV_HALF columns, k and v
+    repeated twice, then once, into NaN-filled outputs: "" if it agrees, else why not.  Its projection must be
+    cuBLAS's within 2^-6 relative (a few bf16 ulps: another summation order), and q, k, v, v_rep the q/k op's on its
+    own projection within 2^-5 (fp32 in another order): an ulp of the projection can move a rotated q/k element by
+    more where RoPE's two products nearly cancel."""
     g = torch.Generator(device=device).manual_seed(0)
-    B, T, K, D, n_q, n_k = 2, 192, 512, 64, 8, 4
+    B, T = 2, 192
     x = torch.randn(B, T, K, device=device, generator=g).bfloat16()
     w = (torch.randn((n_q + 2 * n_k) * D, K, device=device, generator=g) / K ** 0.5).bfloat16()
     cos, sin = (t.bfloat16() for t in rope_tables(T, 2 * QKV_HALF, 10000.0, device))
@@ -1724,7 +1736,7 @@ def _qkv_gluon_selftest(device: torch.device) -> str:
     try:
         why = []
         for rep in (2, 1):
-            raw, *outs = _qkv_gemm_launch(x, w, cos, sin, gain, n_q, n_k, D, rep, max_ctas=4)
+            raw, *outs = _qkv_gemm_launch(x, w, cos, sin, gain, n_q, n_k, D, rep, max_ctas=4, fill=float("nan"))
             why += _qkv_compare(raw, outs, F.linear(x, w).view(B, T, -1, D), cos, sin, gain, n_q, n_k, rep)
     except Exception as e:  # another Gluon (API, codegen)
         return f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:160] if str(e).strip() else ''}"
@@ -2150,11 +2162,14 @@ class GPT(nn.Module):
 
     def set_fused_qk(self, on: bool) -> bool:
         """Use the Triton ops (q/k norm + RoPE, XSA, and the training loss's softcapped cross-entropy) for inputs on
-        FUSED_QK_DEVICES (if Triton imports), and the Gluon MLP GEMMs where mlp_gluon_op() builds them (a Hopper GPU
-        on which they pass their self-test); returns whether the Triton ops are on."""
+        FUSED_QK_DEVICES (if Triton imports), and the Gluon MLP GEMMs where mlp_gluon_op() builds them and the Q|K|V
+        kernel where qkv_gluon_op() does at this model's projection (a Hopper GPU on which they pass their
+        self-tests); returns whether the Triton ops are on."""
         on = on and qk_norm_rope_op() is not None
         mlp = on and mlp_gluon_op() is not None
-        qkv = on and QKV_GLUON and qkv_gluon_op() is not None
+        a = self.blocks[0].attn
+        qkv = on and QKV_GLUON and qkv_gluon_op(self.tok_emb.embedding_dim, a.num_heads, a.num_kv_heads,
+                                                a.head_dim) is not None
         for block in self.blocks:
             block.attn.fused_qk, block.attn.fused_qkv, block.fused_mlp = on, qkv, mlp
         self.fused_ce = on
@@ -3681,9 +3696,9 @@ def log_header(h: Hyperparameters, d: DistInfo, device) -> None:
     kernels = "triton" if fused else "torch"
     rows = h.train_batch_tokens // (d.world_size * d.grad_accum_steps)  # a micro-batch's tokens on one rank
     gluon = fused and mlp_gluon_op() is not None and mlp_tiles_fit(rows, h.model_dim, h.mlp_dim)
-    qkv = fused and QKV_GLUON and qkv_gluon_op() is not None and qkv_tiles_fit(
-        rows, h.model_dim, h.num_heads, h.num_kv_heads, h.num_kv_heads, h.head_dim, h.rope_dims // 2,
-        h.num_heads // h.num_kv_heads)
+    qkv = (fused and QKV_GLUON and qkv_gluon_op(h.model_dim, h.num_heads, h.num_kv_heads, h.head_dim) is not None
+           and qkv_tiles_fit(rows, h.model_dim, h.num_heads, h.num_kv_heads, h.num_kv_heads, h.head_dim,
+                             h.rope_dims // 2, h.num_heads // h.num_kv_heads))
     log0(f"qk_norm_rope:{kernels} xsa:{kernels if h.xsa_last_n else 'off'} softcap_ce:{kernels} "
          f"mlp_act:{'gluon' if gluon else 'torch'} qkv_proj:{'gluon' if qkv else 'torch'}")
     if _MLP_GLUON.get("why"):

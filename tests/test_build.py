@@ -107,6 +107,50 @@ def test_artifact_has_no_asserts_and_keeps_every_definition(bs, tmp_path):
         assert callable(art_mod.main)
 
 
+KERNEL_SRC = '''
+import triton  # a trailing comment
+
+# a comment line
+@triton.jit
+def k(x_ptr, N: tl.constexpr):
+    s = "# not a comment"  # but this is
+    t = \'\'\'
+    # inside a string: kept
+    \'\'\'
+    return N
+'''
+
+
+def test_kernel_sources_lose_their_comments_only(bs):
+    """Guards code bytes and kernels: comments inside a module-level *_SRC string (train_gpt.py's Triton and Gluon
+    kernels, which the minifier keeps as text) are stripped at build time, a '#' inside a string of the kernel code
+    is not, the code's tokens stay the same; other strings and a *_SRC that is not Python are left as they are."""
+    import tokenize
+
+    src = f"A_SRC = {KERNEL_SRC!r}\nB = {KERNEL_SRC!r}\nC_SRC = 'not python (# x'\n"
+    out = bs.strip_kernel_comments(src)
+    ns_in, ns_out = {}, {}
+    exec(src, ns_in)
+    exec(out, ns_out)
+    assert ns_out["B"] == ns_in["B"] and ns_out["C_SRC"] == ns_in["C_SRC"]
+    stripped = ns_out["A_SRC"]
+    assert "trailing" not in stripped and "a comment line" not in stripped and "but this" not in stripped
+    assert '"# not a comment"' in stripped and "# inside a string: kept" in stripped
+    kept = lambda code: [(t.type, t.string) for t in tokenize.generate_tokens(iter(code.splitlines(True)).__next__)
+                         if t.type not in (tokenize.COMMENT, tokenize.NL)]
+    assert kept(stripped) == kept(ns_in["A_SRC"])
+    # train_gpt.py's own kernel sources: comments before the build, none after it, the same code
+    kernels = lambda code: {n.targets[0].id: n.value.value for n in ast.parse(code).body if isinstance(n, ast.Assign)
+                            and isinstance(n.targets[0], ast.Name) and n.targets[0].id.endswith("_SRC")}
+    source, built = kernels(SOURCE.read_text()), kernels(bs.minify_source(SOURCE.read_text()))
+    assert set(built) == set(source) == {"_QK_TRITON_SRC", "_MLP_GLUON_SRC"}
+    comments = lambda c: [t for t in tokenize.generate_tokens(iter(c.splitlines(True)).__next__)
+                          if t.type == tokenize.COMMENT]
+    for name, code in built.items():
+        assert comments(source[name]) and not comments(code), name
+        assert kept(code) == kept(source[name]), name
+
+
 def test_hyperparameters_survive_minification(tg):
     """Guards --remove-class-attribute-annotations: stripping them silently turns the dataclass fields into class
     constants, so from_env would ignore every env var."""

@@ -403,6 +403,73 @@ def test_qk_kernels_compile_for_hopper_with_vector_loads(tg):
     assert all("barrier=False" in line for line in lines[6:8]), lines[6:8]
 
 
+def test_model_takes_the_qkv_op_only_in_training_forwards(tg, monkeypatch):
+    """Guards the wiring of the Q|K|V op (PERF #47; here a stand-in on CPU: cuBLAS's projection + the q/k op, as the
+    kernel computes it): with fused_qkv on, every layer's training forward (autograd recording) takes it, at the rep
+    the q/k op would get (2 at the XSA layer without a value embedding, else 1), with the loss and gradients of the
+    path without it; no forward without autograd (eval, SLOT) and none that records GPTQ's Hessians does."""
+    monkeypatch.setattr(tg, "FUSED_QK_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(tg, "qkv_gemm_fits", lambda *a: True)
+    calls = []
+
+    def stand_in(h, w, cos, sin, gain, n_q, n_k, D, rep):
+        calls.append(rep)
+        raw = torch.nn.functional.linear(h, w).view(*h.shape[:2], -1, D)
+        return (raw.detach(),) + tuple(tg._QK_KERNELS["op"](raw, cos, sin, gain, n_q, n_k, rep))
+
+    h = tiny_config(tg)
+    torch.manual_seed(0)
+    model = randomize_params(tg.GPT(h), std=0.2)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, h.vocab_size, (2, h.train_seq_len), generator=g)
+    assert model.set_fused_qk(True)
+    assert not any(b.attn.fused_qkv for b in model.blocks)  # no Hopper GPU here: the kernel is not built
+    ref = model(ids, ids)
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setitem(tg._MLP_GLUON, "qkv", stand_in)
+    for b in model.blocks:
+        b.attn.fused_qkv = True
+    loss = model(ids, ids)
+    assert calls == [2, 1, 1]  # layer 0: XSA, no value embedding (the tiny config)
+    loss.backward()
+    torch.testing.assert_close(loss, ref, rtol=0, atol=0)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-6, atol=1e-7, msg=n)
+    calls.clear()
+    with torch.no_grad():
+        model(ids, ids)
+    model.hessian_store = {}
+    model(ids, ids)
+    model.hessian_store = None
+    assert calls == [] and model.blocks[0].attn.fused_qkv
+
+
+def test_qkv_op_is_self_tested_at_the_models_projection(tg, monkeypatch):
+    """qkv_gluon_op (with stand-ins for the Gluon build and the kernel's self-test, which need a Hopper GPU): the
+    self-test runs once per projection (K, n_q, n_k, D), at the model's (set_fused_qk passes them), not for one the
+    tiles do not take; a failure means no op for that projection and its reason in the log header."""
+    monkeypatch.setattr(tg, "_MLP_GLUON", {})
+    op, tested, fail = object(), [], {(512, 8, 4, 32): "q (rep 2) off by 1.0e+00"}
+    monkeypatch.setattr(tg, "_qkv_gluon_build", lambda: op)
+    monkeypatch.setattr(tg, "_qkv_gluon_selftest", lambda dev, *shape: tested.append(shape) or fail.get(shape, ""))
+    assert tg.qkv_gluon_op() is op and tg.qkv_gluon_op(512, 8, 4, 64) is op and tested == [(512, 8, 4, 64)]
+    assert tg.qkv_gluon_op(512, 8, 4, 32) is None and tg._MLP_GLUON["qkv_why"] == "q (rep 2) off by 1.0e+00"
+    assert tg.qkv_gluon_op(512, 8, 4, 32) is None and tested == [(512, 8, 4, 64), (512, 8, 4, 32)]
+    assert tg.qkv_gluon_op(520, 8, 4, 65) is None and len(tested) == 2  # K and D no tile takes: not self-tested
+    monkeypatch.setattr(tg, "FUSED_QK_DEVICES", ("cuda", "cpu"))
+    h = tiny_config(tg)  # 64 features into 4 q + 2 k + 2 v heads of 16
+    model = tg.GPT(h)
+    seen = []
+    monkeypatch.setattr(tg, "qkv_gluon_op", lambda *shape: seen.append(shape) or op)
+    assert model.set_fused_qk(True) and all(b.attn.fused_qkv for b in model.blocks)
+    assert seen == [(h.model_dim, h.num_heads, h.num_kv_heads, h.head_dim)]
+    monkeypatch.setattr(tg, "QKV_GLUON", False)
+    model.set_fused_qk(True)
+    assert not any(b.attn.fused_qkv for b in model.blocks)
+
+
 def test_fused_qk_only_for_inputs_on_its_devices(tg, monkeypatch):
     """Guards device moves: a model switched to the op still runs inputs on other devices (CPU here, when only CUDA
     is listed) through torch ops, so a model built on a GPU and moved to the CPU does not hand CPU tensors to Triton;
@@ -854,11 +921,25 @@ def test_log_header_says_which_mlp_runs(tg, monkeypatch):
     lines.clear()
     tg.log_header(h, d, cpu)  # the record config: 98,304-token micro-batches, 512 -> 1536
     assert mlp_line() == "mlp_act:gluon"
-    assert field("qkv_proj") == "qkv_proj:torch"  # the Q|K|V kernel not built (PERF #47)
-    monkeypatch.setitem(tg._MLP_GLUON, "qkv", object())
+    monkeypatch.setattr(tg, "qkv_gluon_op", lambda *shape: None)  # the Q|K|V kernel not built (PERF #47)
     lines.clear()
     tg.log_header(h, d, cpu)
-    assert field("qkv_proj") == "qkv_proj:gluon"
+    assert field("qkv_proj") == "qkv_proj:torch"
+    shapes = []
+    monkeypatch.setattr(tg, "qkv_gluon_op", lambda *shape: shapes.append(shape) or object())
+    lines.clear()
+    tg.log_header(h, d, cpu)
+    assert field("qkv_proj") == "qkv_proj:gluon" and shapes == [(512, 8, 4, 64)]  # self-tested at the run's shape
+    lines.clear()
+    tg.log_header(dataclasses.replace(h, train_batch_tokens=786_432 - 8 * 64), d, cpu)  # rows not whole tiles
+    assert field("qkv_proj") == "qkv_proj:torch"
+    monkeypatch.setattr(tg, "qkv_gluon_op", lambda *shape: None)
+    monkeypatch.setitem(tg._MLP_GLUON, "qkv_why", "k (rep 1) off by 2.0e-01")
+    lines.clear()
+    tg.log_header(h, d, cpu)
+    assert field("qkv_proj") == "qkv_proj:torch"
+    assert "qkv_proj:torch because the Gluon Q|K|V kernel failed its self-test: k (rep 1) off by 2.0e-01" in lines
+    monkeypatch.setattr(tg, "qkv_gluon_op", lambda *shape: object())
     monkeypatch.setattr(tg, "QKV_GLUON", False)  # gpu_bench's qkvref
     lines.clear()
     tg.log_header(h, d, cpu)
