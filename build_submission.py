@@ -78,6 +78,7 @@ def _strip_comments(code: str) -> str:
     """Python source without its comments (tokenize's COMMENT tokens: a '#' inside a string stays); lines that held
     only a comment go, other lines lose their trailing comment and spaces.  Raises if what is left does not tokenize
     to the same tokens."""
+    ast.parse(code)  # Python only: another language's text (e.g. CUDA C's #include lines) can tokenize too
     toks = list(tokenize.generate_tokens(iter(code.splitlines(True)).__next__))
     cut = {t.start[0]: t.start[1] for t in toks if t.type == tokenize.COMMENT}
     lines = []
@@ -97,9 +98,11 @@ def _strip_comments(code: str) -> str:
 def strip_kernel_comments(source: str) -> str:
     """`source` with the comments inside its module-level kernel sources (a string constant assigned to a name that
     ends in _SRC, e.g. train_gpt.py's Triton and Gluon kernels, compiled from the string at run time) removed: the
-    minifier keeps a string's text, so they would count as code bytes.  A string that is not Python is kept as is."""
+    minifier keeps a string's text, so they would count as code bytes.  A string that is not Python is kept as is;
+    raises if the result is not the same module with only those strings changed."""
     spans = []
-    for node in ast.parse(source).body:
+    tree = ast.parse(source)
+    for node in tree.body:
         if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
                 and node.targets[0].id.endswith("_SRC") and isinstance(node.value, ast.Constant)
                 and isinstance(node.value.value, str)):
@@ -107,15 +110,20 @@ def strip_kernel_comments(source: str) -> str:
                 spans.append((node.value, repr(_strip_comments(node.value.value))))
             except (SyntaxError, tokenize.TokenError, IndentationError, ValueError):
                 continue
-    lines = source.splitlines(True)
+    lines = re.split(r"(?<=\n)|(?<=\r)(?!\n)", source)  # as ast numbers lines (str.splitlines splits on more)
     offset = [0]
     for line in lines:
         offset.append(offset[-1] + len(line))
-    for node, text in sorted(spans, key=lambda s: -s[0].lineno):  # from the end, so earlier offsets hold
+    out = source
+    for node, text in sorted(spans, key=lambda s: (-s[0].lineno, -s[0].col_offset)):  # from the end: offsets hold
         a = offset[node.lineno - 1] + len(lines[node.lineno - 1].encode()[:node.col_offset].decode())
         b = offset[node.end_lineno - 1] + len(lines[node.end_lineno - 1].encode()[:node.end_col_offset].decode())
-        source = source[:a] + text + source[b:]
-    return source
+        out = out[:a] + text + out[b:]
+    for node, text in spans:
+        node.value = ast.literal_eval(text)  # node: the string constant
+    if ast.dump(ast.parse(out)) != ast.dump(tree):
+        raise RuntimeError("strip_kernel_comments: the rewritten source is not the same module (a bug in the build)")
+    return out
 
 
 def minify_source(source: str) -> str:

@@ -1662,19 +1662,23 @@ def qkv_gluon_op(K: int = 512, n_q: int = 8, n_k: int = 4, D: int = 64):
     """The Q|K|V projection + the q/k op's forward as one custom op (registered once per process, _qkv_gluon_build),
     for the projection of K features into n_q + 2 * n_k heads of D (the record's by default); None without Gluon, a
     Hopper GPU or the Triton q/k op, where the kernel does not take that projection (qkv_tiles_fit), or if it fails
-    its self-test at that projection (once per projection; _MLP_GLUON["qkv_why"] says why).  op(x, w, cos, sin,
-    gain, n_q, n_k, D, rep) -> (raw, q, k, v, v_rep), raw not differentiable (its v heads are not written)."""
+    its self-test at that projection and its K/V repeats (once per projection; qkv_why says why).  op(x, w, cos,
+    sin, gain, n_q, n_k, D, rep) -> (raw, q, k, v, v_rep), raw not differentiable (its v heads are not written)."""
+    if not qkv_tiles_fit(384, K, n_q, n_k, n_k, D, QKV_HALF, max(n_q // max(n_k, 1), 1)):
+        return None
     if "qkv" not in _MLP_GLUON:
         _MLP_GLUON["qkv"] = _qkv_gluon_build()
-    if _MLP_GLUON["qkv"] is None or not qkv_tiles_fit(384, K, n_q, n_k, n_k, D, QKV_HALF, 2):
+    if _MLP_GLUON["qkv"] is None:
         return None
-    key = ("qkv_ok", K, n_q, n_k, D)
+    key = ("qkv_why", K, n_q, n_k, D)
     if key not in _MLP_GLUON:
-        why = _qkv_gluon_selftest(torch.device("cuda"), K, n_q, n_k, D)
-        _MLP_GLUON[key] = not why
-        if why:
-            _MLP_GLUON["qkv_why"] = why
-    return _MLP_GLUON["qkv"] if _MLP_GLUON[key] else None
+        _MLP_GLUON[key] = _qkv_gluon_selftest(torch.device("cuda"), K, n_q, n_k, D)
+    return None if _MLP_GLUON[key] else _MLP_GLUON["qkv"]
+
+
+def qkv_why(K: int = 512, n_q: int = 8, n_k: int = 4, D: int = 64) -> str:
+    """Why qkv_gluon_op failed its self-test at this projection ("" if it did not, or has not run it)."""
+    return _MLP_GLUON.get(("qkv_why", K, n_q, n_k, D), "")
 
 
 def _qkv_gluon_build():
@@ -1723,7 +1727,8 @@ def _qkv_gluon_build():
 def _qkv_gluon_selftest(device: torch.device, K: int = 512, n_q: int = 8, n_k: int = 4, D: int = 64) -> str:
     """qkv_gemm at the projection K -> n_q + 2 * n_k heads of D over 384 tokens (3 row tiles; 3 x 8 tiles at the
     record's heads, over 4 CTAs: the persistent loop and the hand-overs run), RoPE on 2 * QKV_HALF columns, k and v
-    repeated twice, then once, into NaN-filled outputs: "" if it agrees, else why not.  Its projection must be
+    repeated n_q / n_k times (the XSA layers' K/V for cuDNN), then once, into NaN-filled outputs: "" if it agrees,
+    else why not.  Its projection must be
     cuBLAS's within 2^-6 relative (a few bf16 ulps: another summation order), and q, k, v, v_rep the q/k op's on its
     own projection within 2^-5 (fp32 in another order): an ulp of the projection can move a rotated q/k element by
     more where RoPE's two products nearly cancel."""
@@ -1735,7 +1740,7 @@ def _qkv_gluon_selftest(device: torch.device, K: int = 512, n_q: int = 8, n_k: i
     gain = torch.rand(n_q, device=device, generator=g) + 0.5
     try:
         why = []
-        for rep in (2, 1):
+        for rep in sorted({max(n_q // n_k, 1), 1}, reverse=True):
             raw, *outs = _qkv_gemm_launch(x, w, cos, sin, gain, n_q, n_k, D, rep, max_ctas=4, fill=float("nan"))
             why += _qkv_compare(raw, outs, F.linear(x, w).view(B, T, -1, D), cos, sin, gain, n_q, n_k, rep)
     except Exception as e:  # another Gluon (API, codegen)
@@ -3703,8 +3708,9 @@ def log_header(h: Hyperparameters, d: DistInfo, device) -> None:
          f"mlp_act:{'gluon' if gluon else 'torch'} qkv_proj:{'gluon' if qkv else 'torch'}")
     if _MLP_GLUON.get("why"):
         log0(f"mlp_act:torch because the Gluon MLP kernels failed their self-test: {_MLP_GLUON['why']}")
-    if _MLP_GLUON.get("qkv_why"):
-        log0(f"qkv_proj:torch because the Gluon Q|K|V kernel failed its self-test: {_MLP_GLUON['qkv_why']}")
+    if qkv_why(h.model_dim, h.num_heads, h.num_kv_heads, h.head_dim):
+        log0("qkv_proj:torch because the Gluon Q|K|V kernel failed its self-test: "
+             + qkv_why(h.model_dim, h.num_heads, h.num_kv_heads, h.head_dim))
     log0(f"attention_mode:gqa num_heads:{h.num_heads} num_kv_heads:{h.num_kv_heads}")
     log0(f"tie_embeddings:{h.tie_embeddings} embed_lr:{h.tied_embed_lr} head_lr:0.0 matrix_lr:{h.matrix_lr} "
          f"scalar_lr:{h.scalar_lr} matrix_lr_early:{h.matrix_lr_early} matrix_lr_late:{h.matrix_lr_late} "

@@ -192,7 +192,7 @@ def bench_train(tg, h, d, device, base, model, tag: str = ""):
         print(f"bench_train{tag} mlp_act:{'gluon' if fused else 'torch'}" + (f" (self-test: {why})" if why else ""))
     if hasattr(tg, "QKV_GLUON"):  # and its Q|K|V kernel (PERF #47 on)
         fused = any(getattr(block.attn, "fused_qkv", False) for block in base.blocks)
-        why = tg._MLP_GLUON.get("qkv_why")
+        why = tg.qkv_why(h.model_dim, h.num_heads, h.num_kv_heads, h.head_dim) if hasattr(tg, "qkv_why") else ""
         print(f"bench_train{tag} qkv_proj:{'gluon' if fused else 'torch'}" + (f" (self-test: {why})" if why else ""))
     n = int(os.environ.get("BENCH_STEPS", "8"))
     with GpuClocks(gpu_uuid(device)) as clocks:

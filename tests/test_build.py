@@ -124,15 +124,19 @@ def k(x_ptr, N: tl.constexpr):
 def test_kernel_sources_lose_their_comments_only(bs):
     """Guards code bytes and kernels: comments inside a module-level *_SRC string (train_gpt.py's Triton and Gluon
     kernels, which the minifier keeps as text) are stripped at build time, a '#' inside a string of the kernel code
-    is not, the code's tokens stay the same; other strings and a *_SRC that is not Python are left as they are."""
+    is not, the code's tokens stay the same; other strings and a *_SRC that is not Python (CUDA C's #include lines
+    included) are left as they are."""
     import tokenize
 
-    src = f"A_SRC = {KERNEL_SRC!r}\nB = {KERNEL_SRC!r}\nC_SRC = 'not python (# x'\n"
+    # two on one line, a character str.splitlines ends a line at (ast does not) before them, and CUDA C
+    src = (f"# \u2028 a line separator\nA_SRC = {KERNEL_SRC!r}; B = {KERNEL_SRC!r}; E_SRC = 'x = 1  # e\\n'\n"
+           "C_SRC = 'not python (# x'\nD_SRC = '#include <cuda.h>\\n#define N 4\\nint x;'\n")
     out = bs.strip_kernel_comments(src)
     ns_in, ns_out = {}, {}
     exec(src, ns_in)
     exec(out, ns_out)
-    assert ns_out["B"] == ns_in["B"] and ns_out["C_SRC"] == ns_in["C_SRC"]
+    assert ns_out["E_SRC"] == "x = 1\n"
+    assert all(ns_out[k] == ns_in[k] for k in ("B", "C_SRC", "D_SRC"))
     stripped = ns_out["A_SRC"]
     assert "trailing" not in stripped and "a comment line" not in stripped and "but this" not in stripped
     assert '"# not a comment"' in stripped and "# inside a string: kept" in stripped

@@ -423,7 +423,7 @@ def test_model_takes_the_qkv_op_only_in_training_forwards(tg, monkeypatch):
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(0, h.vocab_size, (2, h.train_seq_len), generator=g)
     assert model.set_fused_qk(True)
-    assert not any(b.attn.fused_qkv for b in model.blocks)  # no Hopper GPU here: the kernel is not built
+    assert not any(b.attn.fused_qkv for b in model.blocks)  # the tiny projection (heads of 16) fits no tile
     ref = model(ids, ids)
     ref.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -455,10 +455,12 @@ def test_qkv_op_is_self_tested_at_the_models_projection(tg, monkeypatch):
     monkeypatch.setattr(tg, "_qkv_gluon_build", lambda: op)
     monkeypatch.setattr(tg, "_qkv_gluon_selftest", lambda dev, *shape: tested.append(shape) or fail.get(shape, ""))
     assert tg.qkv_gluon_op() is op and tg.qkv_gluon_op(512, 8, 4, 64) is op and tested == [(512, 8, 4, 64)]
-    assert tg.qkv_gluon_op(512, 8, 4, 32) is None and tg._MLP_GLUON["qkv_why"] == "q (rep 2) off by 1.0e+00"
+    assert tg.qkv_gluon_op(512, 8, 4, 32) is None and tg.qkv_why(512, 8, 4, 32) == "q (rep 2) off by 1.0e+00"
+    assert tg.qkv_why() == "" and tg.qkv_why(512, 8, 4, 16) == ""  # passed; not tested
     assert tg.qkv_gluon_op(512, 8, 4, 32) is None and tested == [(512, 8, 4, 64), (512, 8, 4, 32)]
     assert tg.qkv_gluon_op(520, 8, 4, 65) is None and len(tested) == 2  # K and D no tile takes: not self-tested
     monkeypatch.setattr(tg, "FUSED_QK_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(tg, "mlp_gluon_op", lambda: None)  # GPT() on a Hopper box would build the MLP's for real
     h = tiny_config(tg)  # 64 features into 4 q + 2 k + 2 v heads of 16
     model = tg.GPT(h)
     seen = []
@@ -468,6 +470,30 @@ def test_qkv_op_is_self_tested_at_the_models_projection(tg, monkeypatch):
     monkeypatch.setattr(tg, "QKV_GLUON", False)
     model.set_fused_qk(True)
     assert not any(b.attn.fused_qkv for b in model.blocks)
+
+
+def test_qkv_self_test_runs_the_models_k_v_repeats(tg, monkeypatch):
+    """_qkv_gluon_selftest launches the kernel at the projection asked for, with K/V repeated n_q / n_k times (what
+    the XSA layers take; REP is a compile-time constant, so each is its own kernel) and once, into NaN-filled
+    outputs; here a stand-in launch (cuBLAS's projection + the q/k op in Triton's interpreter) passes, and one that
+    leaves an output element unwritten does not."""
+    launches = []
+
+    def launch(x, w, cos, sin, gain, n_q, n_k, D, rep, max_ctas=0, fill=None):
+        launches.append((tuple(x.shape), tuple(w.shape), n_q, n_k, D, rep, fill))
+        raw = torch.nn.functional.linear(x, w).view(*x.shape[:2], -1, D)
+        outs = [o.clone() for o in tg._qk_launch(raw, cos, sin, gain, n_q, n_k, rep)]
+        if unwritten:
+            outs[1][0, 5] = fill
+        return (torch.cat((raw[:, :, :n_q + n_k], torch.full_like(raw[:, :, n_q + n_k:], fill)), 2), *outs)
+
+    monkeypatch.setattr(tg, "_qkv_gemm_launch", launch)
+    unwritten = False
+    assert tg._qkv_gluon_selftest(torch.device("cpu"), 128, 4, 1, 64) == ""
+    assert [(a[0], a[1], a[5]) for a in launches] == [((2, 192, 128), (384, 128), 4), ((2, 192, 128), (384, 128), 1)]
+    assert all(a[6] != a[6] for a in launches)  # NaN
+    unwritten = True
+    assert tg._qkv_gluon_selftest(torch.device("cpu"), 128, 4, 1, 64) == "k (rep 4) off by nan; k (rep 1) off by nan"
 
 
 def test_fused_qk_only_for_inputs_on_its_devices(tg, monkeypatch):
@@ -759,7 +785,7 @@ def test_cuda_qkv_op_matches_cublas_and_the_q_k_op(tg):
         pytest.skip("the Gluon kernels need a Hopper GPU")
     pytest.importorskip("triton.experimental.gluon", reason="Triton without Gluon")
     op = tg.qkv_gluon_op()
-    assert op is not None, tg._MLP_GLUON.get("qkv_why")
+    assert op is not None, tg.qkv_why()
     g = torch.Generator(device="cuda").manual_seed(2)
     B, T, K, D, n_q, n_k = 2, 2048, 512, 64, 8, 4
     cos, sin = (t.bfloat16() for t in tg.rope_tables(T, 16, 10000.0, torch.device("cuda")))
@@ -918,13 +944,12 @@ def test_log_header_says_which_mlp_runs(tg, monkeypatch):
     assert mlp_line() == "mlp_act:torch"
     monkeypatch.setattr(tg, "FUSED_QK_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(tg, "mlp_gluon_op", lambda: object())
+    monkeypatch.setattr(tg, "qkv_gluon_op", lambda *shape: None)  # the Q|K|V kernel not built (PERF #47)
+    monkeypatch.setitem(tg._MLP_GLUON, ("qkv_why", 512, 8, 4, 32), "q (rep 2) off by 1.0e+00")  # another shape's
     lines.clear()
     tg.log_header(h, d, cpu)  # the record config: 98,304-token micro-batches, 512 -> 1536
     assert mlp_line() == "mlp_act:gluon"
-    monkeypatch.setattr(tg, "qkv_gluon_op", lambda *shape: None)  # the Q|K|V kernel not built (PERF #47)
-    lines.clear()
-    tg.log_header(h, d, cpu)
-    assert field("qkv_proj") == "qkv_proj:torch"
+    assert field("qkv_proj") == "qkv_proj:torch" and not any(x.startswith("qkv_proj:torch because") for x in lines)
     shapes = []
     monkeypatch.setattr(tg, "qkv_gluon_op", lambda *shape: shapes.append(shape) or object())
     lines.clear()
@@ -934,7 +959,7 @@ def test_log_header_says_which_mlp_runs(tg, monkeypatch):
     tg.log_header(dataclasses.replace(h, train_batch_tokens=786_432 - 8 * 64), d, cpu)  # rows not whole tiles
     assert field("qkv_proj") == "qkv_proj:torch"
     monkeypatch.setattr(tg, "qkv_gluon_op", lambda *shape: None)
-    monkeypatch.setitem(tg._MLP_GLUON, "qkv_why", "k (rep 1) off by 2.0e-01")
+    monkeypatch.setitem(tg._MLP_GLUON, ("qkv_why", 512, 8, 4, 64), "k (rep 1) off by 2.0e-01")
     lines.clear()
     tg.log_header(h, d, cpu)
     assert field("qkv_proj") == "qkv_proj:torch"
