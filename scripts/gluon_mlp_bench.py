@@ -487,18 +487,11 @@ def shipped(args):
     """train_gpt.py's kernel at the record shape: no argument, the cuBLAS + inductor baseline, then each tile of
     GLUON_TILES / SHIPPED_TILES in its own process; one argument, that tile (a tuple) alone: checked bit for bit
     against cuBLAS + the torch activation, then timed (forward: h and u; backward: dh)."""
-    import subprocess
     from triton.testing import do_bench
     bench = lambda fn: do_bench(fn, warmup=25, rep=200, return_mode="median")
     tiles = eval(os.environ["GLUON_TILES"]) if os.environ.get("GLUON_TILES") else SHIPPED_TILES
     if not args:
-        for tile in tiles:
-            try:
-                out = subprocess.run([sys.executable, __file__, "shipped", repr(tuple(tile))], capture_output=True,
-                                     text=True, timeout=float(os.environ.get("GLUON_TIMEOUT", "120")))
-                print(out.stdout.strip() or out.stderr.strip()[-1500:], flush=True)
-            except subprocess.TimeoutExpired:
-                print(f"gluon_mlp_bench shipped tile {tile}: timed out (deadlock?)", flush=True)
+        _each_tile("shipped", tiles)
         return
     tile = eval(args[0])
     tg = _train_gpt()
@@ -531,24 +524,30 @@ def shipped(args):
     print(f"gluon_mlp_bench shipped tile {tile}: " + "; ".join(line), flush=True)
 
 
+def _each_tile(mode: str, tiles: list) -> None:
+    """Run this script's `mode` once per tile, each in its own process (a deadlocked kernel hangs only that one:
+    GLUON_TIMEOUT seconds each), and print what each says."""
+    import subprocess
+    for tile in tiles:
+        try:
+            out = subprocess.run([sys.executable, __file__, mode, repr(tuple(tile))], capture_output=True, text=True,
+                                 timeout=float(os.environ.get("GLUON_TIMEOUT", "120")))
+            print(out.stdout.strip() or out.stderr.strip()[-1500:], flush=True)
+        except subprocess.TimeoutExpired:
+            print(f"gluon_mlp_bench {mode} tile {tile}: timed out (deadlock?)", flush=True)
+
+
 def qkv(args):
     """train_gpt.py's qkv_gemm at the record shape (48 x 2048 tokens, 512 -> 8 q + 4 k + 4 v heads of 64, RoPE on 16
     columns, the q gain), K/V repeated twice (training's XSA layers) and once (the value-embedding layers): its raw,
     q, k, v and v_rep against cuBLAS's projection + the Triton q/k op (bit for bit, else the largest relative error of
     an element), then both timed.  No argument: each tile (QKV_TILE, then GLUON_QKV_TILES) in its own process."""
-    import subprocess
     from triton.testing import do_bench
     bench = lambda fn: do_bench(fn, warmup=25, rep=200, return_mode="median")
     if not args:
         tg = _train_gpt()
-        tiles = [tg.QKV_TILE] + (eval(os.environ["GLUON_QKV_TILES"]) if os.environ.get("GLUON_QKV_TILES") else [])
-        for tile in tiles:
-            try:
-                out = subprocess.run([sys.executable, __file__, "qkv", repr(tuple(tile))], capture_output=True,
-                                     text=True, timeout=float(os.environ.get("GLUON_TIMEOUT", "120")))
-                print(out.stdout.strip() or out.stderr.strip()[-1500:], flush=True)
-            except subprocess.TimeoutExpired:
-                print(f"gluon_mlp_bench qkv tile {tile}: timed out (deadlock?)", flush=True)
+        _each_tile("qkv", [tg.QKV_TILE] + (eval(os.environ["GLUON_QKV_TILES"]) if os.environ.get("GLUON_QKV_TILES")
+                                           else []))
         return
     tile = eval(args[0])
     tg = _train_gpt()

@@ -569,7 +569,12 @@ def test_qk_launch_rejects_tables_and_heads_that_do_not_fit(tg):
 
 
 # The Gluon MLP kernels (PERF #29): Hopper-only, so on CPU they are cross-compiled, and checked against torch on a GPU.
-_GLUON_BUILD_CHECK = r"""
+# the start of both build checks below (each a script run in a fresh process: argv[1] = train_gpt.py's path): the
+# Gluon kernels loaded from the source, and build(fn, sig, consts, attrs, nw): the kernel compiled for sm_90 and the
+# facts the tests check, as "key=value" fields (cubin, shared memory, warps, wgmma, TMA, setmaxnreg, no spills by
+# ptxas, 16-byte stores only, every one-thread mbarrier arrive right after a barrier of its partition's warps, which
+# Gluon inserts: without it a warp could still be using the buffer; and the shuffle count)
+_GLUON_CHECK_PRELUDE = r"""
 import importlib.util, subprocess, sys, tempfile
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
@@ -582,8 +587,49 @@ tg = importlib.util.module_from_spec(spec)
 sys.modules["tg_gluon_check"] = tg
 spec.loader.exec_module(tg)
 ns = tg._load_triton_source(tg._MLP_GLUON_SRC, "mlp_gluon")
-fn = ns["mlp_gemm"]
 layout = lambda block: repr(gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
+
+
+def build(fn, sig, consts, attrs, nw):
+    sig = dict(sig, **{name: "constexpr" for name in consts})
+    k = triton_compile(GluonASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": nw})
+    ptx = k.asm["ptx"]
+    with tempfile.TemporaryDirectory() as d:
+        with open(d + "/k.ptx", "w") as f:
+            f.write(ptx)
+        info = subprocess.run([get_ptxas(90).path, "-v", "-arch=sm_90a", d + "/k.ptx", "-o", d + "/k.cubin"],
+                              capture_output=True, text=True).stderr
+    spills = [line for line in info.splitlines() if "spill" in line]
+    code = [ln.strip() for ln in ptx.splitlines() if ln.strip() and not ln.strip().startswith(("//", ".loc"))]
+    arrives = [i for i, ln in enumerate(code) if "mbarrier.arrive.shared::cta" in ln]
+    synced = bool(arrives) and all(any(ln.startswith(("bar.sync", "barrier.sync")) for ln in code[i - 4:i])
+                                   for i in arrives)
+    return (f"cubin={len(k.asm['cubin']) > 0} smem={k.metadata.shared} warps={k.metadata.num_warps} "
+            f"wgmma={'wgmma.mma_async' in ptx} tma={'cp.async.bulk.tensor' in ptx} setmaxnreg={'setmaxnreg' in ptx} "
+            f"no_spills={bool(spills) and all(' 0 bytes spill' in s for s in spills)} "
+            f"vector_stores={ptx.count('st.global.v4') > 0 and 'st.global.b16' not in ptx} arrive_synced={synced} "
+            f"shuffles={ptx.count('shfl.sync')}")
+"""
+
+def _gluon_build_check(tg, script: str, n: int) -> list:
+    """Run a build-check script (Triton compiling, not interpreting) in a fresh process; its n lines, each with its
+    key=value fields as a dict."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.experimental.gluon", reason="Triton without Gluon")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    res = subprocess.run([sys.executable, "-c", script, tg.__spec__.origin], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == n, res.stdout
+    return [(line, dict(kv.split("=") for kv in line.split())) for line in lines]
+
+
+_GLUON_BUILD_CHECK = _GLUON_CHECK_PRELUDE + r"""
+fn = ns["mlp_gemm"]
 # the runtime specialises the output pointers and the row stride as multiples of 16 (16-byte vector accesses)
 attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in ("o_ptr", "x_ptr", "ldo")}
 # the shipped tiles in their directions
@@ -594,26 +640,7 @@ for tile, bwd in ((tg.MLP_TILES["up"], False), (tg.MLP_TILES["dgrad"], True)):
            f"{layout(b_block)}>", "h_desc": f"tensordesc<bf16{[bm, bn]},{layout([bm, bn])}>", "o_ptr": "*bf16",
            "x_ptr": "*bf16", "ldo": "i32", "n_n": "i32", "n_tiles": "i32", "slope": "fp32"}
     consts = dict(K=512, BM=bm, BN=bn, BK=bk, STAGES=stages, BWD=bwd, NW=nw, EW=ew, EREGS=eregs, CH=ch)
-    sig.update({name: "constexpr" for name in consts})
-    k = triton_compile(GluonASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": nw})
-    ptx = k.asm["ptx"]
-    with tempfile.TemporaryDirectory() as d:
-        with open(d + "/k.ptx", "w") as f:
-            f.write(ptx)
-        info = subprocess.run([get_ptxas(90).path, "-v", "-arch=sm_90a", d + "/k.ptx", "-o", d + "/k.cubin"],
-                              capture_output=True, text=True).stderr
-    spills = [line for line in info.splitlines() if "spill" in line]
-    # every one-thread mbarrier arrive (the consumer's "slot empty", the epilogue's "cbuf full/free") right after a
-    # barrier of its partition's warps, which Gluon inserts: without it a warp could still be using the buffer
-    code = [ln.strip() for ln in ptx.splitlines() if ln.strip() and not ln.strip().startswith(("//", ".loc"))]
-    arrives = [i for i, ln in enumerate(code) if "mbarrier.arrive.shared::cta" in ln]
-    synced = bool(arrives) and all(any(ln.startswith(("bar.sync", "barrier.sync")) for ln in code[i - 4:i])
-                                   for i in arrives)
-    print(f"ew={ew} bwd={bwd} cubin={len(k.asm['cubin']) > 0} smem={k.metadata.shared} warps={k.metadata.num_warps} "
-          f"wgmma={'wgmma.mma_async' in ptx} tma={'cp.async.bulk.tensor' in ptx} setmaxnreg={'setmaxnreg' in ptx} "
-          f"no_spills={bool(spills) and all(' 0 bytes spill' in s for s in spills)} "
-          f"vector_stores={ptx.count('st.global.v4') > 0 and 'st.global.b16' not in ptx} arrive_synced={synced}")
+    print(f"ew={ew} bwd={bwd} " + build(fn, sig, consts, attrs, nw))
 """
 
 
@@ -624,37 +651,14 @@ def test_gluon_mlp_kernels_compile_for_hopper(tg):
     and the 4 epilogue warps, padded to warpgroups: up to 168 registers a thread, for a 128 x 128 accumulator on one
     warpgroup) and 16 backward (8 consumer warps: ptxas caps every thread at 128).  The shipped tiles in their
     directions (the backward's h TMA-loaded into shared memory beside the ring).  In a fresh process, as above."""
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.experimental.gluon", reason="Triton without Gluon")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    res = subprocess.run([sys.executable, "-c", _GLUON_BUILD_CHECK, tg.__spec__.origin], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    lines = res.stdout.strip().splitlines()
-    assert len(lines) == 2, res.stdout
-    for line in lines:
-        fields = dict(kv.split("=") for kv in line.split())
+    for line, fields in _gluon_build_check(tg, _GLUON_BUILD_CHECK, 2):
         assert all(fields[k] == "True" for k in ("cubin", "wgmma", "tma", "setmaxnreg", "no_spills",
                                                  "vector_stores", "arrive_synced")), line
         assert int(fields["smem"]) <= 232_448 and fields["warps"] == ("16" if fields["bwd"] == "True" else "12"), line
 
 
-_QKV_BUILD_CHECK = r"""
-import importlib.util, subprocess, sys, tempfile
-from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas
-from triton.compiler import compile as triton_compile
-from triton.experimental.gluon import language as gl
-from triton.experimental.gluon._runtime import GluonASTSource
-
-spec = importlib.util.spec_from_file_location("tg_gluon_check", sys.argv[1])
-tg = importlib.util.module_from_spec(spec)
-sys.modules["tg_gluon_check"] = tg
-spec.loader.exec_module(tg)
-fn = tg._load_triton_source(tg._MLP_GLUON_SRC, "mlp_gluon")["qkv_gemm"]
-layout = lambda block: repr(gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
+_QKV_BUILD_CHECK = _GLUON_CHECK_PRELUDE + r"""
+fn = ns["qkv_gemm"]
 ptrs = ("raw_ptr", "q_ptr", "k_ptr", "v_ptr", "vr_ptr")
 # the runtime specialises 16-byte-aligned pointers (all of these) as multiples of 16: 16-byte vector accesses
 attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in ptrs + ("cos_ptr", "sin_ptr", "gain_ptr")}
@@ -665,27 +669,7 @@ for rep in (2, 1):  # the record's heads: 8 q, 4 k, 4 v of 64, RoPE on 16 column
            "cos_ptr": "*bf16", "sin_ptr": "*bf16", "gain_ptr": "*fp32", "T": "i32", "n_n": "i32", "n_tiles": "i32"}
     consts = dict(K=512, BM=bm, BN=bn, BK=bk, STAGES=stages, NW=nw, EW=ew, EREGS=eregs, CH=ch, NQ=8, NK=4, NV=4,
                   REP=rep, D=64, HALF=8, HAS_GAIN=True)
-    sig.update({name: "constexpr" for name in consts})
-    k = triton_compile(GluonASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": nw})
-    ptx = k.asm["ptx"]
-    with tempfile.TemporaryDirectory() as d:
-        with open(d + "/k.ptx", "w") as f:
-            f.write(ptx)
-        info = subprocess.run([get_ptxas(90).path, "-v", "-arch=sm_90a", d + "/k.ptx", "-o", d + "/k.cubin"],
-                              capture_output=True, text=True).stderr
-    spills = [line for line in info.splitlines() if "spill" in line]
-    # every one-thread mbarrier arrive right after a barrier of its partition's warps (as the MLP kernels' check)
-    code = [ln.strip() for ln in ptx.splitlines() if ln.strip() and not ln.strip().startswith(("//", ".loc"))]
-    arrives = [i for i, ln in enumerate(code) if "mbarrier.arrive.shared::cta" in ln]
-    synced = bool(arrives) and all(any(ln.startswith(("bar.sync", "barrier.sync")) for ln in code[i - 4:i])
-                                   for i in arrives)
-    print(f"rep={rep} arrive_synced={synced} cubin={len(k.asm['cubin']) > 0} smem={k.metadata.shared} "
-          f"warps={k.metadata.num_warps} "
-          f"wgmma={'wgmma.mma_async' in ptx} tma={'cp.async.bulk.tensor' in ptx} "
-          f"no_spills={bool(spills) and all(' 0 bytes spill' in s for s in spills)} "
-          f"vector_stores={ptx.count('st.global.v4') > 0 and 'st.global.b16' not in ptx} "
-          f"shuffles={ptx.count('shfl.sync')}")
+    print(f"rep={rep} " + build(fn, sig, consts, attrs, nw))
 """
 
 
@@ -694,19 +678,8 @@ def test_gluon_qkv_kernel_compiles_for_hopper(tg):
     loads, no spills, 16-byte stores, within shared memory, in QKV_TILE's warps, at K/V repeated twice and once;
     RoPE's halves stay in each thread's registers (the shuffles are the norm's row sums only: a gather across lanes
     compiled to ~1,150 of them)."""
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.experimental.gluon", reason="Triton without Gluon")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    res = subprocess.run([sys.executable, "-c", _QKV_BUILD_CHECK, tg.__spec__.origin], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    lines = res.stdout.strip().splitlines()
-    assert len(lines) == 2, res.stdout
     nw, ew = tg.QKV_TILE[4:6]
-    for line in lines:
-        fields = dict(kv.split("=") for kv in line.split())
+    for line, fields in _gluon_build_check(tg, _QKV_BUILD_CHECK, 2):
         assert all(fields[k] == "True" for k in ("cubin", "wgmma", "tma", "no_spills", "vector_stores",
                                                  "arrive_synced")), line
         warps = nw + 4 * -(-(1 + ew) // 4)  # the consumer's, then the loader's and the epilogue's, in warpgroups
