@@ -3597,6 +3597,11 @@ def export_artifact(h: Hyperparameters, d: DistInfo, device, base: nn.Module) ->
     if h.use_gptq:
         t0 = time.perf_counter()  # the logged time counts reading the training batches too (D4: inside the reserve)
         hessians = collect_hessians(base, calibration_batches(h, d, device, base), device, t0)
+        calib_ms = 1000 * (time.perf_counter() - t0)
+        if h.gptq_calib == "train" and h.max_wallclock_seconds > 0 and calib_ms > h.gptq_reserve_ms:
+            log0(f"gptq_warning: calibration on training data took {calib_ms:.0f}ms > GPTQ_RESERVE_MS="
+                 f"{h.gptq_reserve_ms}, so training + calibration may exceed MAX_WALLCLOCK_SECONDS (a record's 600 s "
+                 "counts both, SPEC D4); raise GPTQ_RESERVE_MS")
     path = "final_model.int6.ptz"
     if d.is_main:
         t0 = time.perf_counter()

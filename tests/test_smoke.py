@@ -47,8 +47,9 @@ def run_pipeline(tg, h, tmp_path, monkeypatch, max_val_tokens=4096):
 
 def test_pipeline_end_to_end(tg, tmp_path, monkeypatch):
     """Guards the whole chain and the log grammar: training lowers the loss, the artifact is written and reloaded,
-    every final_* line has its _exact twin, and the harness alias is the last line and equals the sliding score."""
-    h = smoke_config(tg)
+    every final_* line has its _exact twin, and the harness alias is the last line and equals the sliding score;
+    a GPTQ calibration on training data that outlasts its GPTQ_RESERVE_MS (1 ms here) is flagged."""
+    h = smoke_config(tg, gptq_reserve_ms=1, max_wallclock_seconds=600)
     compiled, real_compile = [], tg.maybe_compile
     monkeypatch.setattr(tg, "maybe_compile", lambda fn, device, options=None: compiled.append(options) or
                         real_compile(fn, device, options))
@@ -60,6 +61,8 @@ def test_pipeline_end_to_end(tg, tmp_path, monkeypatch):
     assert train[-1] < train[0] - 0.3, train
     assert any(re.match(r"^step:\d+/8 val_loss:[\d.]+ val_bpb:[\d.]+ train_time:\d+ms step_avg:[\d.]+ms$", l) for l in lines)
     assert any(l.startswith("DIAGNOSTIC post_ema val_loss:") for l in lines)
+    assert any(re.match(r"^gptq_warning: calibration on training data took \d+ms > GPTQ_RESERVE_MS=1, ", l)
+               for l in lines)
     sizes = {k: int(v) for k, v in (re.match(r"^(Code size|Serialized model int6\+brotli|Total submission size int6\+brotli): (\d+) bytes$", l).groups() for l in lines if re.match(r"^(Code size|Serialized model int6\+brotli|Total submission size int6\+brotli): \d+ bytes$", l))}
     assert sizes["Total submission size int6+brotli"] == sizes["Serialized model int6+brotli"] + sizes["Code size"]
     assert sizes["Code size"] == len(open(tg.__file__, "rb").read())  # D9: the real bytes of the file that runs
