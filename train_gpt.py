@@ -3591,7 +3591,7 @@ def gptq_reserve_warning(h: Hyperparameters, calib_ms: float) -> str:
     "" otherwise (self-generated calibration reads no training data; no cap, no reserve)."""
     if h.gptq_calib != "train" or h.max_wallclock_seconds <= 0 or calib_ms <= h.gptq_reserve_ms:
         return ""
-    return (f"gptq_warning: calibration on training data took {calib_ms:.0f}ms > GPTQ_RESERVE_MS={h.gptq_reserve_ms}, "
+    return (f"gptq_warning: calibration on training data took {calib_ms:.1f}ms > GPTQ_RESERVE_MS={h.gptq_reserve_ms}, "
             "so training + calibration may exceed MAX_WALLCLOCK_SECONDS (a record's 600 s counts both, SPEC D4); "
             "raise GPTQ_RESERVE_MS")
 

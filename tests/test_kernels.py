@@ -612,6 +612,7 @@ def build(fn, sig, consts, attrs, nw):
             f"shuffles={ptx.count('shfl.sync')}")
 """
 
+
 def _gluon_build_check(tg, script: str, n: int) -> list:
     """Run a build-check script (Triton compiling, not interpreting) in a fresh process; its n lines, each with its
     key=value fields as a dict."""
