@@ -1546,6 +1546,7 @@ def mlp_gemm_fits(x: Tensor, w_up: Tensor) -> bool:
 QKV_TILE = (128, 128, 64, 6, 4, 4, 152, 4096)
 QKV_HALF = 8  # RoPE's half (ROPE_DIMS / 2) the kernel is built and self-tested at; other widths: cuBLAS + the q/k op
 QKV_GLUON = True  # GPT.set_fused_qk uses the kernel only while this is on; gpu_bench's variant qkvref turns it off
+QKV_SELFTEST_SHAPE = (2, 192)  # batch x tokens of _qkv_gluon_selftest: 384 rows, 3 of QKV_TILE's row tiles
 
 
 def _qkv_gemm_launch(x: Tensor, w: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int, n_k: int, D: int,
@@ -1664,7 +1665,7 @@ def qkv_gluon_op(K: int = 512, n_q: int = 8, n_k: int = 4, D: int = 64):
     Hopper GPU or the Triton q/k op, where the kernel does not take that projection (qkv_tiles_fit), or if it fails
     its self-test at that projection and its K/V repeats (once per projection; qkv_why says why).  op(x, w, cos,
     sin, gain, n_q, n_k, D, rep) -> (raw, q, k, v, v_rep), raw not differentiable (its v heads are not written)."""
-    if not qkv_tiles_fit(384, K, n_q, n_k, n_k, D, QKV_HALF, max(n_q // max(n_k, 1), 1)):
+    if not qkv_tiles_fit(math.prod(QKV_SELFTEST_SHAPE), K, n_q, n_k, n_k, D, QKV_HALF, max(n_q // max(n_k, 1), 1)):
         return None
     if "qkv" not in _MLP_GLUON:
         _MLP_GLUON["qkv"] = _qkv_gluon_build()
@@ -1724,16 +1725,29 @@ def _qkv_gluon_build():
     return qkv
 
 
+def _build_error(e: Exception) -> str:
+    """An exception from building or launching a Gluon kernel as one short line: its type and last message line (a
+    different Gluon API fails to compile with several exception types and long tracebacks)."""
+    msg = str(e).strip()
+    return f"{type(e).__name__}: {msg.splitlines()[-1][:160] if msg else ''}"
+
+
+def _max_rel_err(a: Tensor, b: Tensor) -> float:
+    """The largest elementwise |a - b| / |b|, with |b| floored at 1e-3 of b's rms (near-zero entries); NaN if a holds
+    one (an unwritten element)."""
+    af, bf = a.float(), b.float()
+    return ((af - bf).abs() / (bf.abs() + 1e-3 * bf.square().mean().sqrt())).max().item()
+
+
 def _qkv_gluon_selftest(device: torch.device, K: int = 512, n_q: int = 8, n_k: int = 4, D: int = 64) -> str:
     """qkv_gemm at the projection K -> n_q + 2 * n_k heads of D over 384 tokens (3 row tiles; 3 x 8 tiles at the
     record's heads, over 4 CTAs: the persistent loop and the hand-overs run), RoPE on 2 * QKV_HALF columns, k and v
     repeated n_q / n_k times (the XSA layers' K/V for cuDNN), then once, into NaN-filled outputs: "" if it agrees,
-    else why not.  Its projection must be
-    cuBLAS's within 2^-6 relative (a few bf16 ulps: another summation order), and q, k, v, v_rep the q/k op's on its
-    own projection within 2^-5 (fp32 in another order): an ulp of the projection can move a rotated q/k element by
-    more where RoPE's two products nearly cancel."""
+    else why not.  Its projection must be cuBLAS's within 2^-6 relative (a few bf16 ulps: another summation order),
+    and q, k, v, v_rep the q/k op's on its own projection within 2^-5 (fp32 in another order): an ulp of the
+    projection can move a rotated q/k element by more where RoPE's two products nearly cancel."""
     g = torch.Generator(device=device).manual_seed(0)
-    B, T = 2, 192
+    B, T = QKV_SELFTEST_SHAPE
     x = torch.randn(B, T, K, device=device, generator=g).bfloat16()
     w = (torch.randn((n_q + 2 * n_k) * D, K, device=device, generator=g) / K ** 0.5).bfloat16()
     cos, sin = (t.bfloat16() for t in rope_tables(T, 2 * QKV_HALF, 10000.0, device))
@@ -1744,7 +1758,7 @@ def _qkv_gluon_selftest(device: torch.device, K: int = 512, n_q: int = 8, n_k: i
             raw, *outs = _qkv_gemm_launch(x, w, cos, sin, gain, n_q, n_k, D, rep, max_ctas=4, fill=float("nan"))
             why += _qkv_compare(raw, outs, F.linear(x, w).view(B, T, -1, D), cos, sin, gain, n_q, n_k, rep)
     except Exception as e:  # another Gluon (API, codegen)
-        return f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:160] if str(e).strip() else ''}"
+        return _build_error(e)
     return "; ".join(why)
 
 
@@ -1762,8 +1776,7 @@ def _qkv_compare(raw: Tensor, outs: list, raw_ref: Tensor, cos: Tensor, sin: Ten
         if a.shape != b.shape:
             why.append(f"{name} (rep {rep}) has shape {tuple(a.shape)}, expected {tuple(b.shape)}")
         elif b.numel():
-            af, bf = a.float(), b.float()
-            err = ((af - bf).abs() / (bf.abs() + 1e-3 * bf.square().mean().sqrt())).max().item()
+            err = _max_rel_err(a, b)
             if not err <= tol:  # NaN (an unwritten tile) fails too
                 why.append(f"{name} (rep {rep}) off by {err:.1e}")
     return why
@@ -1792,7 +1805,7 @@ def _mlp_gluon_compare(up, dgrad, x: Tensor, w_up: Tensor, gy: Tensor, w_down: T
         if x.is_cuda:
             torch.cuda.synchronize(x.device)  # a kernel's fault surfaces here, not at the comparison
     except Exception as e:  # a different Gluon API fails to compile with several exception types
-        return f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:160] if str(e).strip() else ''}"
+        return _build_error(e)
     h_ref = F.linear(x, w_up)
     hf = h_ref.float()
     refs = (h_ref, F.leaky_relu(h_ref, 0.5).square(),
@@ -1804,9 +1817,7 @@ def _mlp_gluon_compare(up, dgrad, x: Tensor, w_up: Tensor, gy: Tensor, w_down: T
         # elementwise, within 2^-5 of the torch value (floored at 1e-3 of its rms for near-zero entries): a few bf16
         # ulps, room for cuBLAS summing in another order (split-K on few tiles) and for u and dh doubling a 1-ulp
         # difference of h or g; a race, a wrong formula or a dropped tile is off by O(1)
-        af, bf = a.float(), b.float()
-        floor = 1e-3 * bf.square().mean().sqrt()
-        errs.append((name, ((af - bf).abs() / (bf.abs() + floor)).max().item()))
+        errs.append((name, _max_rel_err(a, b)))
     return "; ".join(f"{name} off by {err:.1e}" for name, err in errs if not err <= 2 ** -5)
 
 
@@ -3722,9 +3733,9 @@ def log_header(h: Hyperparameters, d: DistInfo, device) -> None:
          f"mlp_act:{'gluon' if gluon else 'torch'} qkv_proj:{'gluon' if qkv else 'torch'}")
     if _MLP_GLUON.get("why"):
         log0(f"mlp_act:torch because the Gluon MLP kernels failed their self-test: {_MLP_GLUON['why']}")
-    if qkv_why(h.model_dim, h.num_heads, h.num_kv_heads, h.head_dim):
-        log0("qkv_proj:torch because the Gluon Q|K|V kernel failed its self-test: "
-             + qkv_why(h.model_dim, h.num_heads, h.num_kv_heads, h.head_dim))
+    why = qkv_why(h.model_dim, h.num_heads, h.num_kv_heads, h.head_dim)
+    if why:
+        log0(f"qkv_proj:torch because the Gluon Q|K|V kernel failed its self-test: {why}")
     log0(f"attention_mode:gqa num_heads:{h.num_heads} num_kv_heads:{h.num_kv_heads}")
     log0(f"tie_embeddings:{h.tie_embeddings} embed_lr:{h.tied_embed_lr} head_lr:0.0 matrix_lr:{h.matrix_lr} "
          f"scalar_lr:{h.scalar_lr} matrix_lr_early:{h.matrix_lr_early} matrix_lr_late:{h.matrix_lr_late} "

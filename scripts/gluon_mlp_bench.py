@@ -514,7 +514,7 @@ def shipped(args):
             outs = fn()
             torch.cuda.synchronize()
         except Exception as e:
-            line.append(f"{name} does not run ({type(e).__name__}: {str(e).strip().splitlines()[-1][:160]})")
+            line.append(f"{name} does not run ({tg._build_error(e)})")
             continue
         outs = outs if isinstance(outs, tuple) else (outs,)
         same = all(torch.equal(o, r) for o, r in zip(outs, refs))
@@ -571,7 +571,7 @@ def qkv(args):
             raw, *outs = fused()
             torch.cuda.synchronize()
         except Exception as e:
-            line.append(f"rep {r} does not run ({type(e).__name__}: {str(e).strip().splitlines()[-1][:160]})")
+            line.append(f"rep {r} does not run ({tg._build_error(e)})")
             continue
         # against cuBLAS's projection (within a bf16 ulp) and the q/k op on the kernel's own (within a few)
         why = tg._qkv_compare(raw, outs, raw_ref, cos, sin, gain, n_q, n_k, r)
