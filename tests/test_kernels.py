@@ -31,6 +31,13 @@ def _case(tg, B, T, heads, D, rope_dims, seed, dtype=torch.float32, scale=3.0, r
     return x, cos, sin, gain, ups
 
 
+def _triton_device() -> torch.device:
+    """Where tensors for Triton kernels live: CPU under the interpreter (the default suite), CUDA where Triton compiles
+    (TRITON_INTERPRET=0 on a GPU box, e.g. the `-k qkv` run of scripts' device calls): compiled Triton takes CUDA
+    tensors only."""
+    return torch.device("cuda" if os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available() else "cpu")
+
+
 def _loss(outs, ups):
     return sum((o * u.to(o.dtype)).sum() for o, u in zip(outs, ups))
 
@@ -419,9 +426,10 @@ def test_model_takes_the_qkv_op_only_in_training_forwards(tg, monkeypatch):
 
     h = tiny_config(tg)
     torch.manual_seed(0)
-    model = randomize_params(tg.GPT(h), std=0.2)
+    dev = _triton_device()
+    model = randomize_params(tg.GPT(h), std=0.2).to(dev)
     g = torch.Generator().manual_seed(4)
-    ids = torch.randint(0, h.vocab_size, (2, h.train_seq_len), generator=g)
+    ids = torch.randint(0, h.vocab_size, (2, h.train_seq_len), generator=g).to(dev)
     assert model.set_fused_qk(True)
     assert not any(b.attn.fused_qkv for b in model.blocks)  # the tiny projection (heads of 16) fits no tile
     ref = model(ids, ids)
@@ -489,11 +497,11 @@ def test_qkv_self_test_runs_the_models_k_v_repeats(tg, monkeypatch):
 
     monkeypatch.setattr(tg, "_qkv_gemm_launch", launch)
     unwritten = False
-    assert tg._qkv_gluon_selftest(torch.device("cpu"), 128, 4, 1, 64) == ""
+    assert tg._qkv_gluon_selftest(_triton_device(), 128, 4, 1, 64) == ""
     assert [(a[0], a[1], a[5]) for a in launches] == [((2, 192, 128), (384, 128), 4), ((2, 192, 128), (384, 128), 1)]
     assert all(a[6] != a[6] for a in launches)  # NaN
     unwritten = True
-    assert tg._qkv_gluon_selftest(torch.device("cpu"), 128, 4, 1, 64) == "k (rep 4) off by nan; k (rep 1) off by nan"
+    assert tg._qkv_gluon_selftest(_triton_device(), 128, 4, 1, 64) == "k (rep 4) off by nan; k (rep 1) off by nan"
 
 
 def test_fused_qk_only_for_inputs_on_its_devices(tg, monkeypatch):
@@ -695,8 +703,7 @@ def test_qkv_self_test_comparison(tg, rep):
     shape does not."""
     assert tg.qk_norm_rope_op() is not None
     B, T, D, n_q, n_k = 1, 32, 64, 8, 4
-    # compiled Triton (TRITON_INTERPRET=0 on a GPU box) takes CUDA tensors only
-    dev = torch.device("cuda" if os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available() else "cpu")
+    dev = _triton_device()
     g = torch.Generator().manual_seed(rep)
     raw_ref = torch.randn(B, T, n_q + 2 * n_k, D, generator=g).bfloat16().to(dev)
     cos, sin = (t.bfloat16() for t in tg.rope_tables(T, 16, 10000.0, dev))
