@@ -974,6 +974,151 @@ def softcap_ce(Z, Y, LOSS, DZ, M, V, CAP, INV_N, BM: tl.constexpr, BV: tl.conste
     tl.store(LOSS + m, mx - tl.log(rden) - st, mask=rows)
     dz = (p * rden[:, None] - tl.where(j == y[:, None], 1.0, 0.0)) * ds * INV_N
     tl.store(DZ + at, dz.to(DZ.dtype.element_ty), mask=rows[:, None] & (j < V))
+
+
+@triton.jit
+def _res_rows(blk, N, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
+    m = blk.to(tl.int64) * BM + tl.arange(0, BM)
+    j = tl.arange(0, BD)
+    return m[:, None] * D + j[None, :], j, (m < N)[:, None] & (j < D)[None, :]
+
+
+@triton.jit
+def _rms_rstd(x, D: tl.constexpr):
+    return (1.0 / tl.sqrt(tl.sum(x * x, 1) / D + EPS))[:, None]
+
+
+@triton.jit
+def _rms_bwd(gx, gh, x, r, D: tl.constexpr):
+    # gx + d rms_norm(x)/dx . gh (gh with the scale applied): rstd * (gh - n * mean(gh * n)), n = x * rstd
+    n = x * r
+    return gx + r * (gh - n * (tl.sum(gh * n, 1) / D)[:, None])
+
+
+@triton.jit
+def _res_load(XA, XB, SK, X0, blk, N, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, HAS_B: tl.constexpr,
+              SKIP: tl.constexpr):
+    # the row tiles res_mix reads, as stored (the backward keeps the next block's in flight while it works on this
+    # one); tiles a launch does not have are zeros
+    at, j, mask = _res_rows(blk, N, D, BD, BM)
+    xa = tl.load(XA + at, mask=mask, other=0.0)
+    xb, sk = tl.zeros_like(xa), tl.zeros_like(xa)
+    if HAS_B:
+        xb = tl.load(XB + at, mask=mask, other=0.0)
+    if SKIP == 1:
+        sk = tl.load(SK + at, mask=mask, other=0.0)
+    return xa, xb, sk, tl.load(X0 + at, mask=mask, other=0.0)
+
+
+@triton.jit
+def _res_mixed(xa, xb, sk, x0, MIX, SW, GT, j, D: tl.constexpr, HAS_B: tl.constexpr, SKIP: tl.constexpr):
+    xo = xa.to(tl.float32)
+    if HAS_B:
+        xo = (xo + xb.to(tl.float32)).to(xa.dtype).to(tl.float32)
+    jm = j < D
+    sk, s, sg, sw, xi = sk.to(tl.float32), xo, xo, xo, xo
+    if SKIP != 0:
+        if SKIP == 2:
+            sk = xo
+        sw = tl.load(SW + j, mask=jm, other=0.0).to(tl.float32)[None, :]
+        sg = tl.sigmoid(tl.load(GT + j, mask=jm, other=0.0).to(tl.float32))[None, :]
+        s = sw * sk
+        xi = s + sg * (xo - s)
+    x0 = x0.to(tl.float32)
+    m0 = tl.load(MIX + j, mask=jm, other=0.0).to(tl.float32)[None, :]
+    m1 = tl.load(MIX + D + j, mask=jm, other=0.0).to(tl.float32)[None, :]
+    x = (m0 * xi + m1 * x0).to(xa.dtype).to(tl.float32)
+    return xo, sk, s, sg, sw, xi, x0, m0, m1, x
+
+
+@triton.jit
+def res_mix_fwd(XA, XB, SK, X0, MIX, SW, GT, X, H, XO, N, scale, D: tl.constexpr, BD: tl.constexpr,
+                BM: tl.constexpr, HAS_B: tl.constexpr, SKIP: tl.constexpr, STORE_XO: tl.constexpr):
+    at, j, mask = _res_rows(tl.program_id(0), N, D, BD, BM)
+    xa, xb, sk, x0 = _res_load(XA, XB, SK, X0, tl.program_id(0), N, D, BD, BM, HAS_B, SKIP)
+    xo, sk, s, sg, sw, xi, x0, m0, m1, x = _res_mixed(xa, xb, sk, x0, MIX, SW, GT, j, D, HAS_B, SKIP)
+    if STORE_XO:
+        tl.store(XO + at, xo.to(XO.dtype.element_ty), mask=mask)
+    tl.store(X + at, x.to(X.dtype.element_ty), mask=mask)
+    tl.store(H + at, (x * _rms_rstd(x, D) * scale).to(H.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _res_grads_load(GX, GH, GXO, blk, N, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+                    HAS_GXO: tl.constexpr):
+    at, j, mask = _res_rows(blk, N, D, BD, BM)
+    gx = tl.load(GX + at, mask=mask, other=0.0)
+    gxo = tl.zeros_like(gx)
+    if HAS_GXO:
+        gxo = tl.load(GXO + at, mask=mask, other=0.0)
+    return gx, tl.load(GH + at, mask=mask, other=0.0), gxo
+
+
+@triton.jit
+def res_mix_bwd(GX, GH, GXO, XA, XB, SK, X0, MIX, SW, GT, DXO, DSK, DX0, PART, N, scale, ITERS: tl.constexpr,
+                D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, HAS_B: tl.constexpr, SKIP: tl.constexpr,
+                HAS_GXO: tl.constexpr):
+    # program pid takes row blocks pid, pid + nprog, ...; each iteration loads the next block's tiles before it
+    # works on this one's, so a program keeps loads in flight while it computes and stores
+    pid, nprog = tl.program_id(0), tl.num_programs(0)
+    acc0 = tl.zeros((BM, BD), tl.float32)
+    acc1 = tl.zeros((BM, BD), tl.float32)
+    acc2 = tl.zeros((BM, BD), tl.float32)
+    acc3 = tl.zeros((BM, BD), tl.float32)
+    xa, xb, sk, x0 = _res_load(XA, XB, SK, X0, pid, N, D, BD, BM, HAS_B, SKIP)
+    gx, gh, gxo = _res_grads_load(GX, GH, GXO, pid, N, D, BD, BM, HAS_GXO)
+    for it in tl.range(0, ITERS):
+        blk = pid + it * nprog
+        na, nb, ns, n0 = _res_load(XA, XB, SK, X0, blk + nprog, N, D, BD, BM, HAS_B, SKIP)
+        ngx, ngh, ngxo = _res_grads_load(GX, GH, GXO, blk + nprog, N, D, BD, BM, HAS_GXO)
+        at, j, mask = _res_rows(blk, N, D, BD, BM)
+        xo, sk, s, sg, sw, xi, x0, m0, m1, x = _res_mixed(xa, xb, sk, x0, MIX, SW, GT, j, D, HAS_B, SKIP)
+        gt = _rms_bwd(gx.to(tl.float32), gh.to(tl.float32) * scale, x, _rms_rstd(x, D), D)
+        acc0 += gt * xi
+        acc1 += gt * x0
+        tl.store(DX0 + at, (m1 * gt).to(DX0.dtype.element_ty), mask=mask)
+        g_in = m0 * gt
+        g_xo = g_in
+        if SKIP != 0:
+            g_xo = sg * g_in
+            g_s = g_in - g_xo
+            acc2 += g_s * sk
+            acc3 += g_in * (xo - s)
+            if SKIP == 1:
+                tl.store(DSK + at, (sw * g_s).to(DSK.dtype.element_ty), mask=mask)
+            else:
+                g_xo += sw * g_s
+        if HAS_GXO:
+            g_xo += gxo.to(tl.float32)
+        tl.store(DXO + at, g_xo.to(DXO.dtype.element_ty), mask=mask)
+        xa, xb, sk, x0, gx, gh, gxo = na, nb, ns, n0, ngx, ngh, ngxo
+    j = tl.arange(0, BD)
+    jm = j < D
+    out = PART + pid.to(tl.int64) * 4 * D + j
+    tl.store(out, tl.sum(acc0, 0), mask=jm)
+    tl.store(out + D, tl.sum(acc1, 0), mask=jm)
+    if SKIP != 0:
+        sg = tl.sigmoid(tl.load(GT + j, mask=jm, other=0.0).to(tl.float32))
+        tl.store(out + 2 * D, tl.sum(acc2, 0), mask=jm)
+        tl.store(out + 3 * D, tl.sum(acc3, 0) * sg * (1.0 - sg), mask=jm)
+
+
+@triton.jit
+def res_add_fwd(X, A, X2, H2, N, scale, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
+    at, j, mask = _res_rows(tl.program_id(0), N, D, BD, BM)
+    x = tl.load(X + at, mask=mask, other=0.0).to(tl.float32) + tl.load(A + at, mask=mask, other=0.0).to(tl.float32)
+    x = x.to(X2.dtype.element_ty).to(tl.float32)
+    tl.store(X2 + at, x.to(X2.dtype.element_ty), mask=mask)
+    tl.store(H2 + at, (x * _rms_rstd(x, D) * scale).to(H2.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def res_add_bwd(GX2, GH2, X2, DX, N, scale, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
+    at, j, mask = _res_rows(tl.program_id(0), N, D, BD, BM)
+    x = tl.load(X2 + at, mask=mask, other=0.0).to(tl.float32)
+    gh = tl.load(GH2 + at, mask=mask, other=0.0).to(tl.float32) * scale
+    gx = _rms_bwd(tl.load(GX2 + at, mask=mask, other=0.0).to(tl.float32), gh, x, _rms_rstd(x, D), D)
+    tl.store(DX + at, gx.to(DX.dtype.element_ty), mask=mask)
 """
 QK_BLOCK_ROWS, QK_WARPS = 32, 4  # tokens x one head per Triton program, and its warps: within 1% of the best (PERF #17)
 
@@ -1095,6 +1240,81 @@ def _softcap_ce_launch(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, 
     return rows, dz
 
 
+# the residual stream's elementwise work between the GEMMs (PERF #48): RES_BLOCK_ROWS rows of D per program (RES_WARPS
+# warps: 16-byte accesses at D 512); the backward of res_mix runs RES_PROGRAMS_PER_SM programs of RES_BWD_WARPS warps
+# per SM, RES_BWD_BLOCK_ROWS rows at a time, each summing its rows' per-channel parameter gradients, so one small sum
+# finishes them.  ptxas gives res_mix_bwd 168 registers a thread with a skip at 2 warps and one row (6 programs an
+# SM); measured alone at the record shape: 257 us against 295 at 4 warps, 356-373 at 4 warps and 2 rows
+RES_BLOCK_ROWS, RES_WARPS, RES_BWD_BLOCK_ROWS, RES_BWD_WARPS, RES_PROGRAMS_PER_SM = 4, 4, 1, 2, 6
+RES_FUSED = True  # GPT.forward_hidden's training forwards use the ops while this is on; gpu_bench's resref turns it off
+
+
+def _res_rows_of(name: str, ref: Tensor, *ts: Tensor | None) -> int:
+    """Rows of D of ref (..., D); raises if a tensor given does not match it (shape, device, dtype)."""
+    for t in ts:
+        if t is not None and (t.shape != ref.shape or t.device != ref.device or t.dtype != ref.dtype):
+            raise ValueError(f"{name}: {tuple(t.shape)} {t.dtype} on {t.device} does not match {tuple(ref.shape)} "
+                             f"{ref.dtype} on {ref.device}")
+    return ref.numel() // ref.size(-1)
+
+
+def _res_mix_launch(xa: Tensor, xb: Tensor | None, skip: Tensor | None, x0: Tensor, mix: Tensor, sw: Tensor | None,
+                    gate: Tensor | None, scale: float, skip_mode: int, store_xo: bool, grads: tuple | None = None):
+    """The residual mix at a block's input (Block.forward's, with GPT.forward_hidden's add of the previous block's
+    branches and its U-Net skip): xo = xa + xb (the previous block's output; xb None: xa is it), xi = lerp(sw * s, xo,
+    sigmoid(gate)) with s the skip (skip_mode 1), xo itself (2) or no skip (0, xi = xo), x = mix[0] * xi + mix[1] * x0,
+    h = rms_norm(x) * scale; returns (x, h, xo if store_xo else an empty tensor).  With grads = (gx, gh, gxo|None):
+    returns (d xo, d skip (empty unless skip_mode 1), d x0, [4, D] fp32: d mix[0], d mix[1], d sw, d gate)."""
+    D = xa.size(-1)
+    if skip_mode not in (0, 1, 2) or (skip_mode == 1) != (skip is not None) or (skip_mode and (sw is None or gate is None)):
+        raise ValueError(f"res_mix: skip_mode {skip_mode} with skip {skip is not None}, sw {sw is not None}, gate "
+                         f"{gate is not None} (1: a skip tensor, 2: the block output itself; both need sw and gate)")
+    N = _res_rows_of("res_mix", xa, xb, skip, x0, *(grads or ()))
+    if mix.shape != (2, D) or any(t is not None and t.shape != (D,) for t in (sw, gate)):
+        raise ValueError(f"res_mix: mix {tuple(mix.shape)}, sw/gate of {D} channels needed for rows of {D}")
+    xa, x0, mix = xa.contiguous(), x0.contiguous(), mix.contiguous()
+    xb, skip = (t.contiguous() if t is not None else xa for t in (xb, skip))
+    sw, gate = (t.contiguous() if t is not None else mix for t in (sw, gate))
+    meta = dict(D=D, BD=_pow2(D), HAS_B=xb is not xa, SKIP=skip_mode)
+    k = _QK_KERNELS["ns"]
+    if grads is None:
+        x, h = torch.empty_like(xa), torch.empty_like(xa)
+        xo = torch.empty_like(xa) if store_xo else xa.new_empty(0)
+        k["res_mix_fwd"][(-(-N // RES_BLOCK_ROWS),)](xa, xb, skip, x0, mix, sw, gate, x, h, xo if store_xo else x,
+                                                     N, float(scale), **meta, BM=RES_BLOCK_ROWS, STORE_XO=store_xo,
+                                                     num_warps=RES_WARPS)
+        return x, h, xo
+    gx, gh, gxo = (t.contiguous() if t is not None else None for t in grads)
+    sms = torch.cuda.get_device_properties(xa.device).multi_processor_count if xa.device.type == "cuda" else 2
+    blocks = -(-N // RES_BWD_BLOCK_ROWS)
+    progs = max(1, min(blocks, sms * RES_PROGRAMS_PER_SM))
+    dxo, dx0 = torch.empty_like(xa), torch.empty_like(xa)
+    dskip = torch.empty_like(xa) if skip_mode == 1 else xa.new_empty(0)
+    part = torch.zeros(progs, 4, D, device=xa.device, dtype=torch.float32)
+    k["res_mix_bwd"][(progs,)](gx, gh, gxo if gxo is not None else gx, xa, xb, skip, x0, mix, sw, gate, dxo,
+                               dskip if skip_mode == 1 else dxo, dx0, part, N, float(scale), -(-blocks // progs), **meta,
+                               BM=RES_BWD_BLOCK_ROWS, HAS_GXO=gxo is not None, num_warps=RES_BWD_WARPS)
+    return dxo, dskip, dx0, part.sum(0)
+
+
+def _res_add_launch(x: Tensor, a: Tensor, scale: float, grads: tuple | None = None):
+    """x2 = x + a (the attention branch added), h2 = rms_norm(x2) * scale: returns (x2, h2); with grads = (gx2, gh2)
+    and x given as x2 (what the forward returned), the gradient of x and of a (one tensor)."""
+    N = _res_rows_of("res_add", x, a if grads is None else None, *(grads or ()))
+    x = x.contiguous()
+    D = x.size(-1)
+    meta = dict(D=D, BD=_pow2(D), BM=RES_BLOCK_ROWS, num_warps=RES_WARPS)
+    grid = (-(-N // RES_BLOCK_ROWS),)
+    k = _QK_KERNELS["ns"]
+    if grads is None:
+        x2, h2 = torch.empty_like(x), torch.empty_like(x)
+        k["res_add_fwd"][grid](x, a.contiguous(), x2, h2, N, float(scale), **meta)
+        return x2, h2
+    dx = torch.empty_like(x)
+    k["res_add_bwd"][grid](grads[0].contiguous(), grads[1].contiguous(), x, dx, N, float(scale), **meta)
+    return dx
+
+
 _QK_KERNELS: dict = {}
 FUSED_QK_DEVICES = ("cuda",)  # device types the Triton op runs on (the CPU tests add "cpu": Triton's interpreter)
 
@@ -1185,6 +1405,78 @@ def qk_norm_rope_op():
     def _(z, targets, cap):
         return z.new_empty(z.size(0), dtype=torch.float32), torch.empty_like(z, memory_format=torch.contiguous_format)
 
+    margs = "Tensor xa, Tensor? xb, Tensor? skip, Tensor x0, Tensor mix, Tensor? sw, Tensor? gate, float scale, " \
+            "int skip_mode, bool store_xo"
+
+    @torch.library.custom_op(f"{lib}::res_mix", mutates_args=(), schema=f"({margs}) -> (Tensor, Tensor, Tensor)")
+    def res_mix(xa: Tensor, xb: Tensor | None, skip: Tensor | None, x0: Tensor, mix: Tensor, sw: Tensor | None,
+                gate: Tensor | None, scale: float, skip_mode: int, store_xo: bool):
+        return _res_mix_launch(xa, xb, skip, x0, mix, sw, gate, scale, skip_mode, store_xo)
+
+    @res_mix.register_fake
+    def _(xa, xb, skip, x0, mix, sw, gate, scale, skip_mode, store_xo):
+        like = torch.empty_like(xa, memory_format=torch.contiguous_format)
+        return like, torch.empty_like(like), torch.empty_like(like) if store_xo else xa.new_empty(0)
+
+    @torch.library.custom_op(f"{lib}::res_mix_backward", mutates_args=(),
+                             schema=f"(Tensor gx, Tensor gh, Tensor? gxo, {margs}) -> (Tensor, Tensor, Tensor, Tensor)")
+    def res_mix_bwd(gx: Tensor, gh: Tensor, gxo: Tensor | None, xa: Tensor, xb: Tensor | None, skip: Tensor | None,
+                    x0: Tensor, mix: Tensor, sw: Tensor | None, gate: Tensor | None, scale: float, skip_mode: int,
+                    store_xo: bool):
+        return _res_mix_launch(xa, xb, skip, x0, mix, sw, gate, scale, skip_mode, store_xo, (gx, gh, gxo))
+
+    @res_mix_bwd.register_fake
+    def _(gx, gh, gxo, xa, xb, skip, x0, mix, sw, gate, scale, skip_mode, store_xo):
+        like = torch.empty_like(xa, memory_format=torch.contiguous_format)
+        return (like, torch.empty_like(like) if skip_mode == 1 else xa.new_empty(0), torch.empty_like(like),
+                xa.new_empty(4, xa.size(-1), dtype=torch.float32))
+
+    def res_mix_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:7])
+        ctx.consts = inputs[7:]
+
+    def res_mix_backward(ctx, gx, gh, gxo):
+        xa, xb, skip, x0, mix, sw, gate = ctx.saved_tensors
+        gx, gh = (torch.zeros_like(xa) if g is None else g for g in (gx, gh))
+        dxo, dskip, dx0, sums = res_mix_bwd(gx, gh, gxo if ctx.consts[2] else None, xa, xb, skip, x0, mix, sw, gate,
+                                            *ctx.consts)
+        dsw, dgate = (sums[i].to(t.dtype) if t is not None else None for i, t in ((2, sw), (3, gate)))
+        return (dxo, dxo if xb is not None else None, dskip if skip is not None else None, dx0,
+                sums[:2].to(mix.dtype), dsw, dgate, None, None, None)
+
+    res_mix.register_autograd(res_mix_backward, setup_context=res_mix_setup)
+
+    @torch.library.custom_op(f"{lib}::res_add", mutates_args=(),
+                             schema="(Tensor x, Tensor a, float scale) -> (Tensor, Tensor)")
+    def res_add(x: Tensor, a: Tensor, scale: float):
+        return _res_add_launch(x, a, scale)
+
+    @res_add.register_fake
+    def _(x, a, scale):
+        like = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return like, torch.empty_like(like)
+
+    @torch.library.custom_op(f"{lib}::res_add_backward", mutates_args=(),
+                             schema="(Tensor gx2, Tensor gh2, Tensor x2, float scale) -> Tensor")
+    def res_add_bwd(gx2: Tensor, gh2: Tensor, x2: Tensor, scale: float) -> Tensor:
+        return _res_add_launch(x2, x2, scale, (gx2, gh2))
+
+    @res_add_bwd.register_fake
+    def _(gx2, gh2, x2, scale):
+        return torch.empty_like(x2, memory_format=torch.contiguous_format)
+
+    def res_add_setup(ctx, inputs, output):
+        ctx.save_for_backward(output[0])
+        ctx.scale = inputs[2]
+
+    def res_add_backward(ctx, gx2, gh2):
+        x2, = ctx.saved_tensors
+        gx2, gh2 = (torch.zeros_like(x2) if g is None else g for g in (gx2, gh2))
+        dx = res_add_bwd(gx2, gh2, x2, ctx.scale)
+        return dx, dx, None
+
+    res_add.register_autograd(res_add_backward, setup_context=res_add_setup)
+    _QK_KERNELS["res_mix"], _QK_KERNELS["res_add"] = res_mix, res_add
     _QK_KERNELS["op"], _QK_KERNELS["bwd"], _QK_KERNELS["xsa"], _QK_KERNELS["ce"] = fwd, bwd, xsa, ce
     return fwd
 
@@ -2074,23 +2366,27 @@ class Block(nn.Module):
         _record_hessian(store, f"blocks.{self.layer_idx}.mlp.proj", u)
         return F.linear(u, w_down)
 
+    def branch_weights(self, w: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """(wq, wk, wv, wo, w_up, w_down) of this layer with attn_scale in W_O and mlp_scale in W_down:
+        attn_scale * (y @ W_O^T) == y @ (attn_scale[:, None] * W_O)^T, and likewise for the MLP.  The per-channel
+        scales ride on the 512-row weights (product in fp32, rounded back to bf16), so the backward neither keeps the
+        N x 512 projection outputs for their gradients nor writes scaled copies of the residual gradient (PERF #21)."""
+        wq, wk, wv, wo, w_up, w_down = w
+        return (wq, wk, wv, (self.attn_scale[:, None] * wo).to(wo.dtype), w_up,
+                (self.mlp_scale[:, None] * w_down).to(w_down.dtype))
+
+    def attend(self, h: Tensor, w: tuple[Tensor, ...], rope: tuple[Tensor, Tensor], ve: Tensor | None,
+               store: dict | None) -> Tensor:
+        return self.attn(h, *w[:4], rope, ve, store, f"blocks.{self.layer_idx}.attn.")
+
     def forward(self, x: Tensor, x0: Tensor, w: tuple[Tensor, ...], rope: tuple[Tensor, Tensor],
                 ve: Tensor | None, store: dict | None) -> Tensor:
-        wq, wk, wv, wo, w_up, w_down = w
+        w = self.branch_weights(w)
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         dim = (x.size(-1),)
-        # attn_scale * (y @ W_O^T) == y @ (attn_scale[:, None] * W_O)^T, and likewise mlp_scale into W_down: the
-        # per-channel scales ride on the 512-row weights (product in fp32, rounded back to bf16), so the backward
-        # neither keeps the N x 512 projection outputs for their gradients nor writes scaled copies of the residual
-        # gradient (docs/PERF.md #21)
-        wo = (self.attn_scale[:, None] * wo).to(wo.dtype)
-        a = self.attn(F.rms_norm(x, dim) * self.ln_scale, wq, wk, wv, wo, rope, ve, store,
-                      f"blocks.{self.layer_idx}.attn.")
-        x = x + a
-        m = self.mlp(F.rms_norm(x, dim) * self.ln_scale, w_up, (self.mlp_scale[:, None] * w_down).to(w_down.dtype),
-                     store)
-        return x + m
+        x = x + self.attend(F.rms_norm(x, dim) * self.ln_scale, w, rope, ve, store)
+        return x + self.mlp(F.rms_norm(x, dim) * self.ln_scale, w[4], w[5], store)
 
 
 class GPT(nn.Module):
@@ -2188,7 +2484,7 @@ class GPT(nn.Module):
                                                 a.head_dim) is not None
         for block in self.blocks:
             block.attn.fused_qk, block.attn.fused_qkv, block.fused_mlp = on, qkv, mlp
-        self.fused_ce = on
+        self.fused_ce = self.fused_res = on
         return on
 
     def set_qat(self, alpha: float) -> None:
@@ -2225,6 +2521,9 @@ class GPT(nn.Module):
         x0 = x
         ve = self.ve_shared(input_ids, dt) if self.ve_index else None
         rope = self.rope(input_ids.size(1), dt)
+        if self.fused_res and RES_FUSED and store is None and torch.is_grad_enabled() \
+                and x0.device.type in FUSED_QK_DEVICES and _QK_KERNELS.get("res_mix") is not None:
+            return self._hidden_fused(x0, ve, rope, (qo, kv, up, down))
         skips: list[Tensor] = []
         for i, block in enumerate(self.blocks):
             j = i - self.num_encoder
@@ -2236,6 +2535,35 @@ class GPT(nn.Module):
             if i < self.num_encoder:
                 skips.append(x)
         return F.rms_norm(x, (x.size(-1),))
+
+    def _hidden_fused(self, x0: Tensor, ve: Tensor | None, rope: tuple[Tensor, Tensor], banks: tuple) -> Tensor:
+        """forward_hidden's blocks in training forwards through the residual-stream ops (PERF #48), the same math as
+        Block.forward and the loop above: res_mix at each block's input (the previous block's attention-branch sum
+        plus its MLP output, the U-Net skip, resid_mix and the attention's RMSNorm in one kernel and its backward,
+        with the per-channel gradients), res_add after the attention (its add and the MLP's RMSNorm).  A block output
+        is written only where a later skip reads it; the one the next block's skip takes is not written at all."""
+        qo, kv, up, down = banks
+        L, dt = self.num_layers, x0.dtype
+        mix_op, add_op = _QK_KERNELS["res_mix"], _QK_KERNELS["res_add"]
+        xa, xb, skips = x0, None, []
+        for i, block in enumerate(self.blocks):
+            j = i - self.num_encoder
+            push = 0 < i <= self.num_encoder  # the previous block's output goes on the (LIFO) skip stack
+            skip, mode, sw, gate = None, 0, None, None
+            if j >= 0 and (skips or push):
+                sw, gate = self.skip_weights[j].to(dt), self.skip_gates[j].to(dt)
+                if push:  # the skip is this block's own input
+                    mode, push = 2, False
+                else:
+                    skip, mode = skips.pop(), 1
+            x, h, xo = mix_op(xa, xb, skip, x0, block.resid_mix.to(dt), sw, gate, block.ln_scale, mode, push)
+            if push:
+                skips.append(xo)
+            w = block.branch_weights((qo[i], kv[i], kv[L + i], qo[L + i], up[i], down[i]))
+            ve_i = self.ve_layer_scales[self.ve_index[i]].to(dt) * ve if i in self.ve_index else None
+            x2, h2 = add_op(x, block.attend(h, w, rope, ve_i, None), block.ln_scale)
+            xa, xb = x2, block.mlp(h2, w[4], w[5], None)
+        return F.rms_norm(xa + xb, (xa.size(-1),))
 
     def _head_operands(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
         """The tied head's (input, weight) in the activation dtype.  hidden is first rounded to the embedding dtype
@@ -3730,7 +4058,8 @@ def log_header(h: Hyperparameters, d: DistInfo, device) -> None:
            and qkv_tiles_fit(rows, h.model_dim, h.num_heads, h.num_kv_heads, h.num_kv_heads, h.head_dim,
                              h.rope_dims // 2, h.num_heads // h.num_kv_heads))
     log0(f"qk_norm_rope:{kernels} xsa:{kernels if h.xsa_last_n else 'off'} softcap_ce:{kernels} "
-         f"mlp_act:{'gluon' if gluon else 'torch'} qkv_proj:{'gluon' if qkv else 'torch'}")
+         f"mlp_act:{'gluon' if gluon else 'torch'} qkv_proj:{'gluon' if qkv else 'torch'} "
+         f"resid:{kernels if RES_FUSED else 'torch'}")
     if _MLP_GLUON.get("why"):
         log0(f"mlp_act:torch because the Gluon MLP kernels failed their self-test: {_MLP_GLUON['why']}")
     why = qkv_why(h.model_dim, h.num_heads, h.num_kv_heads, h.head_dim)

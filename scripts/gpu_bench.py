@@ -3,7 +3,7 @@ the top CUDA kernels, and the train loop's per-step sync, EMA update and batch p
 sliding-eval throughput per SLOT mode with the projection to the full FineWeb val on 8 GPUs, and GPTQ calibration /
 quantisation / compression times.
 
-    DATA_PATH=data/datasets/proxy_sp1024 python3 scripts/gpu_bench.py [kernels] [ce] [power] [train] [eval] [gptq]
+    DATA_PATH=data/datasets/proxy_sp1024 python3 scripts/gpu_bench.py [kernels] [ce] [resid] [power] [train] [eval] [gptq]
 
 (no mode: all but power)
 
@@ -50,7 +50,7 @@ def timed(fn, device):
 
 
 # Triton first: inductor names its kernels after the ops they fuse ("triton_..._cudnn_attention_backward_...").
-KERNEL_KINDS = (("triton", ("triton_", "qk_fwd", "qk_bwd", "xsa_fwd", "xsa_bwd")),
+KERNEL_KINDS = (("triton", ("triton_", "qk_fwd", "qk_bwd", "xsa_fwd", "xsa_bwd", "softcap_ce", "res_mix_", "res_add_")),
                 ("attention", ("sdpa", "fmha", "flash", "cudnn")),
                 ("gemm", ("nvjet", "gemm", "sm90_xmma", "cutlass")))
 
@@ -339,7 +339,8 @@ def apply_variant(tg, variant: str) -> None:
     per-channel parameter-gradient sums reduce over the token rows of [tokens, 512] tensors, i.e. not along the
     contiguous dimension), ndtile (inductor prefers N-dimensional tiling where it can, config.triton.
     prefer_nd_tiling), qkvref (the Q|K|V projection by cuBLAS and the q/k op as a Triton kernel of its own: the form
-    before PERF #47, QKV_GLUON off).
+    before PERF #47, QKV_GLUON off), resref (the residual mixing, skips and RMSNorms through torch ops, compiled by
+    inductor: the form before PERF #48, RES_FUSED off).
     #29's form of the Gluon kernels, the epilogue in the consumer warps (mlpov here until PERF #31 removed it from
     train_gpt.py), runs in both directions with TRAIN_GPT = a train_gpt.py from before #30, and in the backward
     alone with TRAIN_GPT = one from #30 (commit 25890d9) and dgtile, BENCH_DGRAD_TILE = (128, 256, 64, 3, 8, 0, 0,
@@ -348,7 +349,7 @@ def apply_variant(tg, variant: str) -> None:
     unknown = flags - {"base", "expand", "xsatorch", "xsaref", "qkref", "vsplit", "aggr", "autotune", "pdl", "split128",
                        "split32", "stages", "maxreads6", "autosplit", "nomix", "mix", "combo", "ceref",
                        "qatgraph", "nocg", "pwtune", "mlpref", "dgtile", "uptile", "ballastcopy", "ballastgemm",
-                       "kvgqa", "tilered", "ndtile", "qkvref"}
+                       "kvgqa", "tilered", "ndtile", "qkvref", "resref"}
     if unknown:
         raise ValueError(f"BENCH_VARIANTS: unknown flags {sorted(unknown)}")
     if not ORIGINALS:
@@ -407,6 +408,11 @@ def apply_variant(tg, variant: str) -> None:
     elif "qkvref" in flags:
         raise ValueError("BENCH_VARIANTS: qkvref needs a train_gpt.py with QKV_GLUON (PERF #47 on); before it the "
                          "Q|K|V projection is cuBLAS's anyway")
+    if hasattr(tg, "RES_FUSED"):  # read by GPT.forward_hidden per forward
+        tg.RES_FUSED = "resref" not in flags
+    elif "resref" in flags:
+        raise ValueError("BENCH_VARIANTS: resref needs a train_gpt.py with RES_FUSED (PERF #48 on); before it the "
+                         "residual stream is inductor's anyway")
     if ORIGINALS["qk"] is not None:  # GPT.__init__ asks qk_norm_rope_op() whether the Triton op is there
         tg.qk_norm_rope_op = (lambda: None) if "qkref" in flags else ORIGINALS["qk"]
     tg.exclusive_self_attention = xsa_autograd if "xsaref" in flags else ORIGINALS["xsa"]
@@ -784,6 +790,75 @@ def bench_ce(tg, device) -> None:
               f" fwd+bwd:{1000 * t_fb:.1f}us")
 
 
+def bench_resid(tg, device, N: int = 98304, D: int = 512) -> None:
+    """The residual-stream ops (PERF #48) at the record shape (98,304 tokens x 512, bf16): each kernel alone for
+    each skip form, with its bytes per second, a launch-shape sweep of res_mix's backward, and one block's residual
+    work (res_mix with a skip tensor, then res_add) forward + backward through autograd against the same math in
+    torch ops compiled by inductor, as the training step compiles it."""
+    import triton.testing
+    tg.qk_norm_rope_op()
+    mix_op, add_op = tg._QK_KERNELS["res_mix"], tg._QK_KERNELS["res_add"]
+    bench = lambda f: triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median")
+    g = torch.Generator(device=device).manual_seed(0)
+    t = lambda *shape: torch.randn(*shape, device=device, generator=g).bfloat16()
+    xa, xb, skip, x0, a, gx, gh, gxo = (t(N, D) for _ in range(8))
+    mix, sw, gate = t(2, D) * 0.5 + 1, t(D).abs() + 0.5, t(D)
+    row = N * D * 2
+    for mode, has_b, store in ((0, False, False), (0, True, True), (1, True, False), (2, True, False)):
+        args = (xa, xb if has_b else None, skip if mode == 1 else None, x0, mix, sw if mode else None,
+                gate if mode else None, 0.7, mode, store)
+        n_in = 2 + has_b + (mode == 1)
+        ms = bench(lambda: tg._res_mix_launch(*args))
+        nb = row * (n_in + 2 + store)
+        print(f"bench_resid res_mix_fwd skip:{mode} add:{has_b} store:{store} {1000 * ms:.1f}us "
+              f"({nb / ms / 1e9:.2f}TB/s)")
+        grads = (gx, gh, gxo if store else None)
+        ms = bench(lambda: tg._res_mix_launch(*args, grads))
+        nb = row * (n_in + 2 + store + 2 + (mode == 1))
+        print(f"bench_resid res_mix_bwd skip:{mode} add:{has_b} store:{store} {1000 * ms:.1f}us "
+              f"({nb / ms / 1e9:.2f}TB/s, the per-channel sums' finish included)")
+    ms = bench(lambda: tg._res_add_launch(xa, a, 0.7))
+    print(f"bench_resid res_add_fwd {1000 * ms:.1f}us ({4 * row / ms / 1e9:.2f}TB/s)")
+    ms = bench(lambda: tg._res_add_launch(xa, xa, 0.7, (gx, gh)))
+    print(f"bench_resid res_add_bwd {1000 * ms:.1f}us ({4 * row / ms / 1e9:.2f}TB/s)")
+    shipped = (tg.RES_BWD_BLOCK_ROWS, tg.RES_BWD_WARPS, tg.RES_PROGRAMS_PER_SM)
+    args = (xa, xb, skip, x0, mix, sw, gate, 0.7, 1, False)
+    for rows, warps, per_sm in ((1, 4, 5), (1, 4, 10), (1, 4, 20), (1, 2, 6), (1, 2, 12), (2, 4, 4), (2, 4, 12),
+                                (1, 8, 4)):
+        tg.RES_BWD_BLOCK_ROWS, tg.RES_BWD_WARPS, tg.RES_PROGRAMS_PER_SM = rows, warps, per_sm
+        ms = bench(lambda: tg._res_mix_launch(*args, (gx, gh, None)))
+        print(f"bench_resid sweep res_mix_bwd skip:1 rows:{rows} warps:{warps} programs/SM:{per_sm} {1000 * ms:.1f}us "
+              f"({row * 9 / ms / 1e9:.2f}TB/s)")
+    tg.RES_BWD_BLOCK_ROWS, tg.RES_BWD_WARPS, tg.RES_PROGRAMS_PER_SM = shipped
+
+    def torch_block(xa, xb, skip, x0, mix, sw, gate, a):
+        xo = xa + xb
+        x = mix[0] * torch.lerp(sw * skip, xo, torch.sigmoid(gate)) + mix[1] * x0
+        x2 = x + a
+        return x, torch.nn.functional.rms_norm(x, (D,)) * 0.7, x2, torch.nn.functional.rms_norm(x2, (D,)) * 0.7
+
+    def fused_block(xa, xb, skip, x0, mix, sw, gate, a):
+        x, h, _ = mix_op(xa, xb, skip, x0, mix, sw, gate, 0.7, 1, False)
+        x2, h2 = add_op(x, a, 0.7)
+        return x, h, x2, h2
+
+    leaves = [v.clone().requires_grad_() for v in (xa, xb, skip, x0, mix, sw, gate, a)]
+    ups = [gx, gh, gxo, t(N, D)]
+    outs = {}
+    for name, f in (("fused", fused_block), ("torch_compiled", torch.compile(torch_block, fullgraph=True,
+                                                                           dynamic=False))):
+        def run():
+            y = f(*leaves)
+            return torch.autograd.grad([y[1], y[2], y[3]], leaves, [ups[1], ups[2], ups[3]])
+        outs[name] = run()
+        with torch.no_grad():
+            t_f = bench(lambda: f(*leaves))
+        print(f"bench_resid block {name} fwd:{1000 * t_f:.1f}us "
+              f"fwd+bwd:{1000 * bench(run):.1f}us")
+    errs = [rel_err(p, q.double()) for p, q in zip(outs["fused"], outs["torch_compiled"])]
+    print("bench_resid block fused vs torch_compiled rel_err per input gradient: " + " ".join(f"{e:.1e}" for e in errs))
+
+
 def naive_sliding(tg, h, model, device, val_data, mode: str) -> tuple[float, float]:
     """The straightforward reference for the eval-throughput comparison (issue 7): the same windows, batches of 32
     and SLOT math, but an eager (uncompiled) model of torch ops (the hand-written Triton q/k and XSA kernels off;
@@ -849,7 +924,7 @@ def bench_gptq(tg, h, d, device, base):
 
 def main():
     tg = load_train_gpt()
-    modes = ("kernels", "ce", "power", "train", "eval", "gptq")
+    modes = ("kernels", "ce", "resid", "power", "train", "eval", "gptq")
     what = set(sys.argv[1:]) or set(modes) - {"power"}  # power on request: 35 s of heat just before train
     if what - set(modes):
         raise ValueError(f"gpu_bench.py: unknown modes {sorted(what - set(modes))}; it has {', '.join(modes)}")
@@ -869,6 +944,8 @@ def main():
         bench_kernels(tg, device)
     if "ce" in what:
         bench_ce(tg, device)
+    if "resid" in what:
+        bench_resid(tg, device)
     if "power" in what:
         bench_power(tg, device)
     if "train" in what:

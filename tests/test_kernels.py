@@ -279,6 +279,145 @@ def test_softcap_ce_in_bf16_registration_and_errors(tg):
             tg._softcap_ce_launch(z, bad, 30.0)
 
 
+def _res_mix_ref(xa, xb, skip, x0, mix, sw, gate, scale, mode):
+    """Block.forward's input mix with forward_hidden's add and skip before it, in torch ops: (x, h, xo)."""
+    xo = xa if xb is None else xa + xb
+    xi = xo if mode == 0 else torch.lerp(sw * (skip if mode == 1 else xo), xo, torch.sigmoid(gate))
+    x = mix[0] * xi + mix[1] * x0
+    return x, torch.nn.functional.rms_norm(x, (x.size(-1),)) * scale, xo
+
+
+def _res_mix_case(N, D, mode, has_b, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    t = [torch.randn(N, D, generator=g) for _ in range(3)] + [torch.randn(2, D, generator=g) * 0.5 + 1.0,
+                                                              torch.rand(D, generator=g) + 0.5, torch.randn(D, generator=g)]
+    xa, skip, x0, mix, sw, gate = t[0], t[1], t[2], t[3], t[4], t[5]
+    xb = torch.randn(N, D, generator=g) if has_b else None
+    ins = [xa, xb, skip if mode == 1 else None, x0, mix, sw if mode else None, gate if mode else None]
+    ups = [torch.randn(N, D, generator=g).to(_triton_device()) for _ in range(3)]
+    return [a.to(_triton_device(), dtype) if a is not None else None for a in ins], ups
+
+
+def _res_mix_run(fn, ins, ups, scale, mode, store, dtype=None):
+    """Outputs and input gradients of fn(*ins, scale, mode[, store]) under the loss sum(out * up) (xo's only where
+    stored), with the inputs cast to dtype."""
+    leaves = [a.detach().to(dtype or a.dtype).requires_grad_() if a is not None else None for a in ins]
+    outs = fn(*leaves, scale, mode, store) if fn is not _res_mix_ref else fn(*leaves, scale, mode)
+    used = outs[:2] + ((outs[2],) if store else ())
+    sum((o * u.to(o.dtype)).sum() for o, u in zip(used, ups)).backward()
+    return list(used) + [a.grad for a in leaves if a is not None]
+
+
+@pytest.mark.parametrize("mode,has_b,store,N,D", [(0, False, False, 70, 64), (0, True, True, 23, 24),
+                                                  (1, True, False, 150, 64), (2, True, False, 9, 32),
+                                                  (1, False, True, 41, 16), (2, False, True, 70, 64)])
+def test_res_mix_op_matches_reference(tg, mode, has_b, store, N, D):
+    """Guards the residual-stream kernels at a block's input (PERF #48): x, h, the stored block output and the
+    gradients of all seven inputs (the two branches, the skip, x0, resid_mix, skip_weights, skip_gates) equal torch
+    autograd of the same math in fp64, for each skip form (none, a skip tensor, the block's own input), with and
+    without the add of the second branch, token counts that are not a multiple of the block (and, at 150 rows, that
+    run several blocks per backward program) and channel counts that are not a power of two (24)."""
+    tg.qk_norm_rope_op()
+    op = tg._QK_KERNELS["res_mix"]
+    ins, ups = _res_mix_case(N, D, mode, has_b, torch.float32, seed=N + D + mode)
+    ref = _res_mix_run(_res_mix_ref, ins, ups, 0.7, mode, store, torch.float64)
+    got = _res_mix_run(op, ins, ups, 0.7, mode, store)
+    assert len(got) == len(ref) == (3 if store else 2) + sum(a is not None for a in ins)
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        assert _rel_err(a, b) < 1e-5, (i, _rel_err(a, b))
+    x, h, xo = op(*ins, 0.7, mode, store)
+    assert xo.numel() == (x.numel() if store else 0)
+
+
+def test_res_ops_in_bf16_registration_and_errors(tg):
+    """Guards the training dtypes (bf16 in, bf16 out and gradients, the per-channel gradients summed in fp32, within
+    bf16 rounding of fp64), res_add against torch (x + a and its RMSNorm; the gradient of x and of a is one tensor),
+    the custom ops' plumbing (opcheck: schema, fake kernels, autograd) and the launchers' errors."""
+    tg.qk_norm_rope_op()
+    mix_op, add_op = tg._QK_KERNELS["res_mix"], tg._QK_KERNELS["res_add"]
+    ins, ups = _res_mix_case(37, 64, 1, True, torch.bfloat16, seed=7)
+    got = _res_mix_run(mix_op, ins, ups, 0.5, 1, True)
+    assert all(t.dtype == torch.bfloat16 for t in got)
+    for i, (a, b) in enumerate(zip(got, _res_mix_run(_res_mix_ref, ins, ups, 0.5, 1, True, torch.float64))):
+        assert _rel_err(a, b) < 1e-2, (i, _rel_err(a, b))
+    g = torch.Generator().manual_seed(8)
+    x, a, gx2, gh2 = (torch.randn(2, 19, 48, generator=g).to(_triton_device()) for _ in range(4))
+
+    def add_ref(x, a, scale):
+        x2 = x + a
+        return x2, torch.nn.functional.rms_norm(x2, (48,)) * scale
+
+    res = []
+    for fn, dt in ((add_op, torch.float32), (add_ref, torch.float64)):
+        xl, al = x.detach().to(dt).requires_grad_(), a.detach().to(dt).requires_grad_()
+        x2, h2 = fn(xl, al, 0.3)
+        ((x2 * gx2.to(dt)).sum() + (h2 * gh2.to(dt)).sum()).backward()
+        res.append([x2, h2, xl.grad, al.grad])
+    for i, (p, q) in enumerate(zip(*res)):
+        assert _rel_err(p, q) < 1e-5, (i, _rel_err(p, q))
+    torch.library.opcheck(add_op, (x.requires_grad_(), a.requires_grad_(), 0.3))
+    ins, _ = _res_mix_case(11, 16, 2, True, torch.float32, seed=9)
+    torch.library.opcheck(mix_op, tuple(t.requires_grad_() if t is not None else None for t in ins) + (0.7, 2, True))
+    ins, _ = _res_mix_case(11, 16, 1, False, torch.float32, seed=9)
+    torch.library.opcheck(mix_op, tuple(ins) + (0.7, 1, False))
+    xa, xb, skip, x0, mix, sw, gate = ins
+    with pytest.raises(ValueError, match="res_mix: skip_mode 1 with skip False"):
+        tg._res_mix_launch(xa, None, None, x0, mix, sw, gate, 0.7, 1, False)
+    with pytest.raises(ValueError, match="res_mix: skip_mode 2 with skip True, sw False"):
+        tg._res_mix_launch(xa, None, skip, x0, mix, None, gate, 0.7, 2, False)
+    with pytest.raises(ValueError, match="res_mix: .* does not match"):
+        tg._res_mix_launch(xa, None, skip, x0[:5], mix, sw, gate, 0.7, 1, False)
+    with pytest.raises(ValueError, match="res_mix: mix"):
+        tg._res_mix_launch(xa, None, skip, x0, mix[:1], sw, gate, 0.7, 1, False)
+    with pytest.raises(ValueError, match="res_add: .* does not match"):
+        tg._res_add_launch(x.detach(), a.detach().bfloat16(), 0.3)
+
+
+@pytest.mark.parametrize("layers", [3, 5])
+def test_model_takes_the_residual_ops_only_in_training_forwards(tg, monkeypatch, layers):
+    """Guards the wiring of the residual-stream ops (PERF #48, GPT._hidden_fused): a training forward runs res_mix
+    at every block's input, with the U-Net skips in the forms the stack gives (5 layers: block 1's output written for
+    block 3's skip; block 2's skip its own input; the last block none) and res_add in every block, with the loss and
+    every gradient of the torch path (RES_FUSED off); no forward without autograd and none that records GPTQ's
+    Hessians takes them."""
+    monkeypatch.setattr(tg, "FUSED_QK_DEVICES", ("cuda", "cpu"))
+    h = tiny_config(tg, num_layers=layers)
+    torch.manual_seed(0)
+    model = randomize_params(tg.GPT(h), std=0.2)
+    ids = torch.randint(0, h.vocab_size, (2, h.train_seq_len), generator=torch.Generator().manual_seed(4))
+    assert model.set_fused_qk(True)
+    monkeypatch.setattr(tg, "RES_FUSED", False)
+    ref = model(ids, ids)
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(tg, "RES_FUSED", True)
+    calls = []
+    mix_launch, add_launch = tg._res_mix_launch, tg._res_add_launch
+    monkeypatch.setattr(tg, "_res_mix_launch", lambda *a: calls.append(("mix",) + a[8:10] + (len(a) > 10,))
+                        or mix_launch(*a))
+    monkeypatch.setattr(tg, "_res_add_launch", lambda *a: calls.append(("add", len(a) > 3)) or add_launch(*a))
+    loss = model(ids, ids)
+    skips = [(0, False), (2, False), (0, False)] if layers == 3 else \
+        [(0, False), (0, True), (2, False), (1, False), (0, False)]
+    assert calls == [c for s in skips for c in (("mix",) + s + (False,), ("add", False))]
+    calls.clear()
+    loss.backward()
+    assert calls == [c for s in skips[::-1] for c in (("add", True), ("mix",) + s + (True,))]
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    for n, p in model.named_parameters():
+        r = ref_grads[n]
+        assert (p.grad - r).norm() <= 1e-4 * r.norm() + 1e-7, (n, (p.grad - r).norm().item(), r.norm().item())
+    calls.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, ids), ref, rtol=1e-5, atol=1e-5)
+    model.hessian_store = {}
+    model(ids, ids)
+    model.hessian_store = None
+    assert calls == []
+
+
 @pytest.mark.parametrize("kv_rep", [True, False])
 def test_model_with_fused_qk_matches_torch_ops_and_compiles(tg, monkeypatch, kv_rep):
     """Guards the model wiring: with the ops switched on (q/k, XSA and the loss), the loss and every parameter
@@ -385,6 +524,32 @@ ptx = k.asm["ptx"]
 ok = ".target sm_90" in ptx and len(k.asm["cubin"]) > 0 and "ld.global.v4" in ptx and "st.global.v4" in ptx
 # one 2-byte load per row is the target's logit; the rows themselves move in 16-byte vectors
 print(f"softcap_ce built={ok} scalar_2byte_access={ptx.count('ld.global.b16') > 4 or 'st.global.b16' in ptx}")
+res = [("res_mix_fwd", dict(HAS_B=b, SKIP=m, STORE_XO=st)) for b, m, st in ((False, 0, False), (True, 1, True),
+                                                                               (True, 2, False))]
+res += [("res_mix_bwd", dict(HAS_B=b, SKIP=m, HAS_GXO=g, ITERS=12)) for b, m, g in ((False, 0, False), (True, 1, True),
+                                                                                     (True, 2, False))]
+import os, re, subprocess, tempfile, triton
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+for name, flags in res + [("res_add_fwd", {}), ("res_add_bwd", {})]:
+    fn = ns[name]
+    meta = dict(flags, D=512, BD=512, BM=tg.RES_BWD_BLOCK_ROWS if name == "res_mix_bwd" else tg.RES_BLOCK_ROWS)
+    sig = {a: "constexpr" if a in meta else "i32" if a == "N" else "fp32" if a == "scale" else
+           "*fp32" if a == "PART" else "*bf16" for a in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")}
+    k = triton_compile(ASTSource(fn, sig, meta, attrs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": tg.RES_BWD_WARPS if name == "res_mix_bwd" else tg.RES_WARPS})
+    ptx = k.asm["ptx"]
+    # vector accesses: 16-byte, or 8-byte where a program's rows are 4 bf16 a thread (a launch shape of fewer)
+    ok = ".target sm_90" in ptx and len(k.asm["cubin"]) > 0 and any(f"ld.global.{v}" in ptx and f"st.global.{v}" in ptx
+                                                                   for v in ("v4", "v2"))
+    scalar = "ld.global.b16" in ptx or "st.global.b16" in ptx
+    with tempfile.TemporaryDirectory() as d:  # registers and spills, from the ptxas Triton itself runs
+        open(os.path.join(d, "k.ptx"), "w").write(ptx)
+        info = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", os.path.join(d, "k.ptx"), "-o",
+                               os.path.join(d, "k.cubin")], capture_output=True, text=True).stderr
+    regs, spill = re.search(r"Used (\d+) registers", info), re.search(r"(\d+) bytes spill stores", info)
+    print(f"{name} {sorted(flags.items())} built={ok} scalar_2byte_access={scalar} "
+          f"regs={regs.group(1) if regs else '?'} spills={spill.group(1) if spill else '?'}")
 """
 
 
@@ -393,8 +558,8 @@ def test_qk_kernels_compile_for_hopper_with_vector_loads(tg):
     sm_90 machine code with Triton's own ptxas, for the record shape (bf16 q/k and RoPE tables, D 64, 16 RoPE dims)
     and with RoPE off, and with K/V repeated twice (PERF #34), and their row loads and stores are 16-byte vector
     accesses, none 2-byte; so do the XSA kernels
-    (2 query heads per KV head, D 64), with no barrier (PERF #18), and the softcapped cross-entropy (vocabulary 1024,
-    PERF #24).  In a fresh process:
+    (2 query heads per KV head, D 64), with no barrier (PERF #18), the softcapped cross-entropy (vocabulary 1024,
+    PERF #24) and the residual-stream kernels (512 channels, each skip form; PERF #48).  In a fresh process:
     the interpreter the other tests ran patches triton.language in this one."""
     import subprocess
     import sys
@@ -404,10 +569,14 @@ def test_qk_kernels_compile_for_hopper_with_vector_loads(tg):
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
-    assert len(lines) == 9, res.stdout
+    assert len(lines) == 17, res.stdout
     for line in lines:
         assert "built=True" in line and "scalar_2byte_access=False" in line, line
     assert all("barrier=False" in line for line in lines[6:8]), lines[6:8]
+    for line in lines[9:]:  # the residual-stream kernels: no spills, and >= 12 warps an SM (PERF #48)
+        regs = int(line.split("regs=")[1].split()[0])
+        warps = tg.RES_BWD_WARPS if line.startswith("res_mix_bwd") else tg.RES_WARPS
+        assert "spills=0" in line and 65536 // (regs * 32 * warps) * warps >= 12, line
 
 
 def test_model_takes_the_qkv_op_only_in_training_forwards(tg, monkeypatch):
@@ -922,14 +1091,14 @@ def test_log_header_says_which_mlp_runs(tg, monkeypatch):
     mlp_line = lambda: field("mlp_act")
     h, d, cpu = tg.Hyperparameters(), tg.DistInfo(), torch.device("cpu")
     tg.log_header(h, d, cpu)
-    assert mlp_line() == "mlp_act:torch"
+    assert mlp_line() == "mlp_act:torch" and field("resid") == "resid:torch"
     monkeypatch.setattr(tg, "FUSED_QK_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(tg, "mlp_gluon_op", lambda: object())
     monkeypatch.setattr(tg, "qkv_gluon_op", lambda *shape: None)  # the Q|K|V kernel not built (PERF #47)
     monkeypatch.setitem(tg._MLP_GLUON, ("qkv_why", 512, 8, 4, 32), "q (rep 2) off by 1.0e+00")  # another shape's
     lines.clear()
     tg.log_header(h, d, cpu)  # the record config: 98,304-token micro-batches, 512 -> 1536
-    assert mlp_line() == "mlp_act:gluon"
+    assert mlp_line() == "mlp_act:gluon" and field("resid") == "resid:triton"  # the residual-stream ops (PERF #48)
     assert field("qkv_proj") == "qkv_proj:torch" and not any(x.startswith("qkv_proj:torch because") for x in lines)
     shapes = []
     monkeypatch.setattr(tg, "qkv_gluon_op", lambda *shape: shapes.append(shape) or object())
@@ -947,9 +1116,10 @@ def test_log_header_says_which_mlp_runs(tg, monkeypatch):
     assert "qkv_proj:torch because the Gluon Q|K|V kernel failed its self-test: k (rep 1) off by 2.0e-01" in lines
     monkeypatch.setattr(tg, "qkv_gluon_op", lambda *shape: object())
     monkeypatch.setattr(tg, "QKV_GLUON", False)  # gpu_bench's qkvref
+    monkeypatch.setattr(tg, "RES_FUSED", False)  # and resref
     lines.clear()
     tg.log_header(h, d, cpu)
-    assert field("qkv_proj") == "qkv_proj:torch"
+    assert field("qkv_proj") == "qkv_proj:torch" and field("resid") == "resid:torch"
     lines.clear()
     tg.log_header(dataclasses.replace(h, mlp_mult=3.1), d, cpu)  # 1587 columns: not whole 128-column tiles
     assert mlp_line() == "mlp_act:torch"
