@@ -1097,10 +1097,12 @@ def res_mix_bwd(GX, GH, GXO, XA, XB, SK, X0, MIX, SW, GT, DXO, DSK, DX0, PART, N
     out = PART + pid.to(tl.int64) * 4 * D + j
     tl.store(out, tl.sum(acc0, 0), mask=jm)
     tl.store(out + D, tl.sum(acc1, 0), mask=jm)
+    tl.store(out + 2 * D, tl.sum(acc2, 0), mask=jm)  # zeros without a skip
+    d_gate = tl.sum(acc3, 0)
     if SKIP != 0:
         sg = tl.sigmoid(tl.load(GT + j, mask=jm, other=0.0).to(tl.float32))
-        tl.store(out + 2 * D, tl.sum(acc2, 0), mask=jm)
-        tl.store(out + 3 * D, tl.sum(acc3, 0) * sg * (1.0 - sg), mask=jm)
+        d_gate = d_gate * sg * (1.0 - sg)
+    tl.store(out + 3 * D, d_gate, mask=jm)
 
 
 @triton.jit
@@ -1249,12 +1251,12 @@ RES_BLOCK_ROWS, RES_WARPS, RES_BWD_BLOCK_ROWS, RES_BWD_WARPS, RES_PROGRAMS_PER_S
 RES_FUSED = True  # GPT.forward_hidden's training forwards use the ops while this is on; gpu_bench's resref turns it off
 
 
-def _res_rows_of(name: str, ref: Tensor, *ts: Tensor | None) -> int:
-    """Rows of D of ref (..., D); raises if a tensor given does not match it (shape, device, dtype)."""
-    for t in ts:
+def _res_rows_of(op: str, ref: Tensor, **ts: Tensor | None) -> int:
+    """Rows of D of ref (..., D); raises, naming the tensor, if one given does not match it (shape, device, dtype)."""
+    for name, t in ts.items():
         if t is not None and (t.shape != ref.shape or t.device != ref.device or t.dtype != ref.dtype):
-            raise ValueError(f"{name}: {tuple(t.shape)} {t.dtype} on {t.device} does not match {tuple(ref.shape)} "
-                             f"{ref.dtype} on {ref.device}")
+            raise ValueError(f"{op}: {name} {tuple(t.shape)} {t.dtype} on {t.device} does not match "
+                             f"{tuple(ref.shape)} {ref.dtype} on {ref.device}")
     return ref.numel() // ref.size(-1)
 
 
@@ -1266,16 +1268,19 @@ def _res_mix_launch(xa: Tensor, xb: Tensor | None, skip: Tensor | None, x0: Tens
     h = rms_norm(x) * scale; returns (x, h, xo if store_xo else an empty tensor).  With grads = (gx, gh, gxo|None):
     returns (d xo, d skip (empty unless skip_mode 1), d x0, [4, D] fp32: d mix[0], d mix[1], d sw, d gate)."""
     D = xa.size(-1)
-    if skip_mode not in (0, 1, 2) or (skip_mode == 1) != (skip is not None) or (skip_mode and (sw is None or gate is None)):
+    if skip_mode not in (0, 1, 2) or (skip_mode == 1) != (skip is not None) \
+            or (skip_mode and (sw is None or gate is None)):
         raise ValueError(f"res_mix: skip_mode {skip_mode} with skip {skip is not None}, sw {sw is not None}, gate "
                          f"{gate is not None} (1: a skip tensor, 2: the block output itself; both need sw and gate)")
-    N = _res_rows_of("res_mix", xa, xb, skip, x0, *(grads or ()))
-    if mix.shape != (2, D) or any(t is not None and t.shape != (D,) for t in (sw, gate)):
-        raise ValueError(f"res_mix: mix {tuple(mix.shape)}, sw/gate of {D} channels needed for rows of {D}")
+    N = _res_rows_of("res_mix", xa, xb=xb, skip=skip, x0=x0, **dict(zip(("gx", "gh", "gxo"), grads or ())))
+    for name, t, shape in (("mix", mix, (2, D)), ("sw", sw, (D,)), ("gate", gate, (D,))):
+        if t is not None and (t.shape != shape or t.device != xa.device or t.dtype != xa.dtype):
+            raise ValueError(f"res_mix: {name} {tuple(t.shape)} {t.dtype} on {t.device}: need {shape} {xa.dtype} "
+                             f"on {xa.device} for rows of {D}")
+    meta = dict(D=D, BD=_pow2(D), HAS_B=xb is not None, SKIP=skip_mode)
     xa, x0, mix = xa.contiguous(), x0.contiguous(), mix.contiguous()
     xb, skip = (t.contiguous() if t is not None else xa for t in (xb, skip))
     sw, gate = (t.contiguous() if t is not None else mix for t in (sw, gate))
-    meta = dict(D=D, BD=_pow2(D), HAS_B=xb is not xa, SKIP=skip_mode)
     k = _QK_KERNELS["ns"]
     if grads is None:
         x, h = torch.empty_like(xa), torch.empty_like(xa)
@@ -1290,17 +1295,17 @@ def _res_mix_launch(xa: Tensor, xb: Tensor | None, skip: Tensor | None, x0: Tens
     progs = max(1, min(blocks, sms * RES_PROGRAMS_PER_SM))
     dxo, dx0 = torch.empty_like(xa), torch.empty_like(xa)
     dskip = torch.empty_like(xa) if skip_mode == 1 else xa.new_empty(0)
-    part = torch.zeros(progs, 4, D, device=xa.device, dtype=torch.float32)
+    part = torch.empty(progs, 4, D, device=xa.device, dtype=torch.float32)  # every program writes its 4 rows
     k["res_mix_bwd"][(progs,)](gx, gh, gxo if gxo is not None else gx, xa, xb, skip, x0, mix, sw, gate, dxo,
-                               dskip if skip_mode == 1 else dxo, dx0, part, N, float(scale), -(-blocks // progs), **meta,
-                               BM=RES_BWD_BLOCK_ROWS, HAS_GXO=gxo is not None, num_warps=RES_BWD_WARPS)
+                               dskip if skip_mode == 1 else dxo, dx0, part, N, float(scale), -(-blocks // progs),
+                               **meta, BM=RES_BWD_BLOCK_ROWS, HAS_GXO=gxo is not None, num_warps=RES_BWD_WARPS)
     return dxo, dskip, dx0, part.sum(0)
 
 
 def _res_add_launch(x: Tensor, a: Tensor, scale: float, grads: tuple | None = None):
     """x2 = x + a (the attention branch added), h2 = rms_norm(x2) * scale: returns (x2, h2); with grads = (gx2, gh2)
     and x given as x2 (what the forward returned), the gradient of x and of a (one tensor)."""
-    N = _res_rows_of("res_add", x, a if grads is None else None, *(grads or ()))
+    N = _res_rows_of("res_add", x, a=a if grads is None else None, **dict(zip(("gx2", "gh2"), grads or ())))
     x = x.contiguous()
     D = x.size(-1)
     meta = dict(D=D, BD=_pow2(D), BM=RES_BLOCK_ROWS, num_warps=RES_WARPS)
@@ -1323,7 +1328,8 @@ def qk_norm_rope_op():
     """The custom op (built once per process; None without Triton).  op(x, cos, sin, gain|None, n_q, n_k, rep) ==
     qkv_norm_rope_ref(...): (q, k, v, v_rep) from the fused Q|K|V projection x (B, T, n_q + n_k + n_v, D).  Also builds
     the XSA op, _QK_KERNELS["xsa"](y, v) == exclusive_self_attention(y, v), which the model uses wherever it uses
-    this one."""
+    this one, the loss op ("ce", under _SoftcapCrossEntropy) and the residual-stream ops ("res_mix", "res_add":
+    _res_mix_launch, _res_add_launch; GPT._hidden_fused)."""
     if "op" in _QK_KERNELS:
         return _QK_KERNELS["op"]
     try:
@@ -2473,10 +2479,11 @@ class GPT(nn.Module):
             p.data = p.data.to(torch.bfloat16).float() if fp32 else p.data.to(torch.bfloat16)
 
     def set_fused_qk(self, on: bool) -> bool:
-        """Use the Triton ops (q/k norm + RoPE, XSA, and the training loss's softcapped cross-entropy) for inputs on
-        FUSED_QK_DEVICES (if Triton imports), and the Gluon MLP GEMMs where mlp_gluon_op() builds them and the Q|K|V
-        kernel where qkv_gluon_op() does at this model's projection (a Hopper GPU on which they pass their
-        self-tests); returns whether the Triton ops are on."""
+        """Use the Triton ops (q/k norm + RoPE, XSA, the training loss's softcapped cross-entropy, and in training
+        forwards the residual-stream ops while RES_FUSED is on) for inputs on FUSED_QK_DEVICES (if Triton imports),
+        and the Gluon MLP GEMMs where mlp_gluon_op() builds them and the Q|K|V kernel where qkv_gluon_op() does at
+        this model's projection (a Hopper GPU on which they pass their self-tests); returns whether the Triton ops
+        are on."""
         on = on and qk_norm_rope_op() is not None
         mlp = on and mlp_gluon_op() is not None
         a = self.blocks[0].attn

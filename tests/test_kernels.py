@@ -289,9 +289,9 @@ def _res_mix_ref(xa, xb, skip, x0, mix, sw, gate, scale, mode):
 
 def _res_mix_case(N, D, mode, has_b, dtype, seed):
     g = torch.Generator().manual_seed(seed)
-    t = [torch.randn(N, D, generator=g) for _ in range(3)] + [torch.randn(2, D, generator=g) * 0.5 + 1.0,
-                                                              torch.rand(D, generator=g) + 0.5, torch.randn(D, generator=g)]
-    xa, skip, x0, mix, sw, gate = t[0], t[1], t[2], t[3], t[4], t[5]
+    xa, skip, x0 = (torch.randn(N, D, generator=g) for _ in range(3))
+    mix, sw = torch.randn(2, D, generator=g) * 0.5 + 1.0, torch.rand(D, generator=g) + 0.5
+    gate = torch.randn(D, generator=g)
     xb = torch.randn(N, D, generator=g) if has_b else None
     ins = [xa, xb, skip if mode == 1 else None, x0, mix, sw if mode else None, gate if mode else None]
     ups = [torch.randn(N, D, generator=g).to(_triton_device()) for _ in range(3)]
@@ -362,23 +362,33 @@ def test_res_ops_in_bf16_registration_and_errors(tg):
     ins, _ = _res_mix_case(11, 16, 1, False, torch.float32, seed=9)
     torch.library.opcheck(mix_op, tuple(ins) + (0.7, 1, False))
     xa, xb, skip, x0, mix, sw, gate = ins
+    _, _, xo = mix_op(xa, xa, None, x0, mix, None, None, 0.7, 0, True)  # one tensor as both branches: still added
+    torch.testing.assert_close(xo, 2 * xa, rtol=0, atol=0)
     with pytest.raises(ValueError, match="res_mix: skip_mode 1 with skip False"):
         tg._res_mix_launch(xa, None, None, x0, mix, sw, gate, 0.7, 1, False)
     with pytest.raises(ValueError, match="res_mix: skip_mode 2 with skip True, sw False"):
         tg._res_mix_launch(xa, None, skip, x0, mix, None, gate, 0.7, 2, False)
-    with pytest.raises(ValueError, match="res_mix: .* does not match"):
+    with pytest.raises(ValueError, match=r"res_mix: x0 \(5, 16\) .* does not match"):
         tg._res_mix_launch(xa, None, skip, x0[:5], mix, sw, gate, 0.7, 1, False)
-    with pytest.raises(ValueError, match="res_mix: mix"):
+    with pytest.raises(ValueError, match=r"res_mix: mix \(1, 16\)"):
         tg._res_mix_launch(xa, None, skip, x0, mix[:1], sw, gate, 0.7, 1, False)
-    with pytest.raises(ValueError, match="res_add: .* does not match"):
+    with pytest.raises(ValueError, match=r"res_mix: gate \(16,\) torch.float64"):
+        tg._res_mix_launch(xa, None, skip, x0, mix, sw, gate.double(), 0.7, 1, False)
+    with pytest.raises(ValueError, match="res_mix: gh .* does not match"):
+        tg._res_mix_launch(xa, None, skip, x0, mix, sw, gate, 0.7, 1, False, (x0, x0[:3], None))
+    with pytest.raises(ValueError, match="res_add: a .* does not match"):
         tg._res_add_launch(x.detach(), a.detach().bfloat16(), 0.3)
 
 
-@pytest.mark.parametrize("layers", [3, 5])
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "0", reason="the model runs on CPU tensors here (fp32, to "
+                    "compare at fp32 tolerance), which needs Triton's interpreter; the op tests run on CUDA there")
+@pytest.mark.parametrize("layers", [5, 7])
 def test_model_takes_the_residual_ops_only_in_training_forwards(tg, monkeypatch, layers):
-    """Guards the wiring of the residual-stream ops (PERF #48, GPT._hidden_fused): a training forward runs res_mix
-    at every block's input, with the U-Net skips in the forms the stack gives (5 layers: block 1's output written for
-    block 3's skip; block 2's skip its own input; the last block none) and res_add in every block, with the loss and
+    """Guards the wiring of the residual-stream ops (PERF #48, GPT._hidden_fused; the 3-layer tiny config's in
+    test_model_with_fused_qk_matches_torch_ops_and_compiles): a training forward runs res_mix
+    at every block's input, with the U-Net skips in the forms the stack gives (5 layers: block 0's output, written by
+    block 1's res_mix, is block 3's skip; block 2's skip is its own input, block 1's output; the last block has none;
+    7 layers: blocks 4 and 5 read blocks 1 and 0, last in first out) and res_add in every block, with the loss and
     every gradient of the torch path (RES_FUSED off); no forward without autograd and none that records GPTQ's
     Hessians takes them."""
     monkeypatch.setattr(tg, "FUSED_QK_DEVICES", ("cuda", "cpu"))
@@ -393,15 +403,25 @@ def test_model_takes_the_residual_ops_only_in_training_forwards(tg, monkeypatch,
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     monkeypatch.setattr(tg, "RES_FUSED", True)
-    calls = []
+    calls, fwd = [], []
     mix_launch, add_launch = tg._res_mix_launch, tg._res_add_launch
-    monkeypatch.setattr(tg, "_res_mix_launch", lambda *a: calls.append(("mix",) + a[8:10] + (len(a) > 10,))
-                        or mix_launch(*a))
+
+    def mix(*a):
+        calls.append(("mix",) + a[8:10] + (len(a) > 10,))
+        out = mix_launch(*a)
+        if len(a) == 10:
+            fwd.append((a, out))
+        return out
+
+    monkeypatch.setattr(tg, "_res_mix_launch", mix)
     monkeypatch.setattr(tg, "_res_add_launch", lambda *a: calls.append(("add", len(a) > 3)) or add_launch(*a))
     loss = model(ids, ids)
-    skips = [(0, False), (2, False), (0, False)] if layers == 3 else \
-        [(0, False), (0, True), (2, False), (1, False), (0, False)]
+    skips = {5: [(0, False), (0, True), (2, False), (1, False), (0, False)],
+             7: [(0, False), (0, True), (0, True), (2, False), (1, False), (1, False), (0, False)]}[layers]
     assert calls == [c for s in skips for c in (("mix",) + s + (False,), ("add", False))]
+    if layers == 7:  # block 4's skip is block 1's output (written by block 2's res_mix), block 5's block 0's
+        assert torch.equal(fwd[4][0][2], fwd[2][1][2]) and torch.equal(fwd[5][0][2], fwd[1][1][2])
+        assert not torch.equal(fwd[1][1][2], fwd[2][1][2])
     calls.clear()
     loss.backward()
     assert calls == [c for s in skips[::-1] for c in (("add", True), ("mix",) + s + (True,))]
@@ -420,11 +440,11 @@ def test_model_takes_the_residual_ops_only_in_training_forwards(tg, monkeypatch,
 
 @pytest.mark.parametrize("kv_rep", [True, False])
 def test_model_with_fused_qk_matches_torch_ops_and_compiles(tg, monkeypatch, kv_rep):
-    """Guards the model wiring: with the ops switched on (q/k, XSA and the loss), the loss and every parameter
-    gradient equal those of the torch-ops path, and the training forward + backward still traces as one graph
-    (fullgraph, aot_eager).  K/V go to the attention repeated to the query heads (PERF #34) in the training forward
-    of exactly the layers with XSA and no value embedding (layer 0 of the tiny config; KV_REP off: none), and in no
-    forward without autograd."""
+    """Guards the model wiring: with the ops switched on (q/k, XSA, the loss and the residual stream, PERF #48), the
+    loss and every parameter gradient equal those of the torch-ops path, and the training forward + backward still
+    traces as one graph (fullgraph, aot_eager).  K/V go to the attention repeated to the query heads (PERF #34) in
+    the training forward of exactly the layers with XSA and no value embedding (layer 0 of the tiny config; KV_REP
+    off: none), and in no forward without autograd."""
     monkeypatch.setattr(tg, "KV_REP", kv_rep)
     reps = []
     qk_launch = tg._qk_launch
