@@ -1266,7 +1266,8 @@ def _res_mix_launch(xa: Tensor, xb: Tensor | None, skip: Tensor | None, x0: Tens
     branches and its U-Net skip): xo = xa + xb (the previous block's output; xb None: xa is it), xi = lerp(sw * s, xo,
     sigmoid(gate)) with s the skip (skip_mode 1), xo itself (2) or no skip (0, xi = xo), x = mix[0] * xi + mix[1] * x0,
     h = rms_norm(x) * scale; returns (x, h, xo if store_xo else an empty tensor).  With grads = (gx, gh, gxo|None):
-    returns (d xo, d skip (empty unless skip_mode 1), d x0, [4, D] fp32: d mix[0], d mix[1], d sw, d gate)."""
+    returns (d xo, d skip (empty unless skip_mode 1), d x0, [4, D]: d mix[0], d mix[1], d sw, d gate, summed in fp32
+    and rounded once to the rows' dtype, which mix, sw and gate share)."""
     D = xa.size(-1)
     if skip_mode not in (0, 1, 2) or (skip_mode == 1) != (skip is not None) \
             or (skip_mode and (sw is None or gate is None)):
@@ -1299,7 +1300,7 @@ def _res_mix_launch(xa: Tensor, xb: Tensor | None, skip: Tensor | None, x0: Tens
     k["res_mix_bwd"][(progs,)](gx, gh, gxo if gxo is not None else gx, xa, xb, skip, x0, mix, sw, gate, dxo,
                                dskip if skip_mode == 1 else dxo, dx0, part, N, float(scale), -(-blocks // progs),
                                **meta, BM=RES_BWD_BLOCK_ROWS, HAS_GXO=gxo is not None, num_warps=RES_BWD_WARPS)
-    return dxo, dskip, dx0, part.sum(0)
+    return dxo, dskip, dx0, part.sum(0).to(xa.dtype)
 
 
 def _res_add_launch(x: Tensor, a: Tensor, scale: float, grads: tuple | None = None):
@@ -1435,7 +1436,7 @@ def qk_norm_rope_op():
     def _(gx, gh, gxo, xa, xb, skip, x0, mix, sw, gate, scale, skip_mode, store_xo):
         like = torch.empty_like(xa, memory_format=torch.contiguous_format)
         return (like, torch.empty_like(like) if skip_mode == 1 else xa.new_empty(0), torch.empty_like(like),
-                xa.new_empty(4, xa.size(-1), dtype=torch.float32))
+                xa.new_empty(4, xa.size(-1)))
 
     def res_mix_setup(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:7])
@@ -1446,9 +1447,9 @@ def qk_norm_rope_op():
         gx, gh = (torch.zeros_like(xa) if g is None else g for g in (gx, gh))
         dxo, dskip, dx0, sums = res_mix_bwd(gx, gh, gxo if ctx.consts[2] else None, xa, xb, skip, x0, mix, sw, gate,
                                             *ctx.consts)
-        dsw, dgate = (sums[i].to(t.dtype) if t is not None else None for i, t in ((2, sw), (3, gate)))
+        dsw, dgate = (sums[i] if t is not None else None for i, t in ((2, sw), (3, gate)))
         return (dxo, dxo if xb is not None else None, dskip if skip is not None else None, dx0,
-                sums[:2].to(mix.dtype), dsw, dgate, None, None, None)
+                sums[:2], dsw, dgate, None, None, None)
 
     res_mix.register_autograd(res_mix_backward, setup_context=res_mix_setup)
 

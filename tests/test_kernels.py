@@ -382,17 +382,15 @@ def test_res_ops_in_bf16_registration_and_errors(tg):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "0", reason="the model runs on CPU tensors here (fp32, to "
                     "compare at fp32 tolerance), which needs Triton's interpreter; the op tests run on CUDA there")
-@pytest.mark.parametrize("layers", [5, 7])
-def test_model_takes_the_residual_ops_only_in_training_forwards(tg, monkeypatch, layers):
+def test_model_takes_the_residual_ops_only_in_training_forwards(tg, monkeypatch):
     """Guards the wiring of the residual-stream ops (PERF #48, GPT._hidden_fused; the 3-layer tiny config's in
-    test_model_with_fused_qk_matches_torch_ops_and_compiles): a training forward runs res_mix
-    at every block's input, with the U-Net skips in the forms the stack gives (5 layers: block 0's output, written by
-    block 1's res_mix, is block 3's skip; block 2's skip is its own input, block 1's output; the last block has none;
-    7 layers: blocks 4 and 5 read blocks 1 and 0, last in first out) and res_add in every block, with the loss and
-    every gradient of the torch path (RES_FUSED off); no forward without autograd and none that records GPTQ's
-    Hessians takes them."""
+    test_model_with_fused_qk_matches_torch_ops_and_compiles): a training forward runs res_mix at every block's
+    input, with the U-Net skips in the forms 7 layers give (blocks 0-2 push their outputs, each written by the next
+    block's res_mix; block 3's skip is its own input, block 2's output; blocks 4 and 5 read blocks 1 and 0, last in
+    first out; block 6 has none) and res_add in every block, with the loss and every gradient of the torch path
+    (RES_FUSED off); no forward without autograd and none that records GPTQ's Hessians takes them."""
     monkeypatch.setattr(tg, "FUSED_QK_DEVICES", ("cuda", "cpu"))
-    h = tiny_config(tg, num_layers=layers)
+    h = tiny_config(tg, num_layers=7)
     torch.manual_seed(0)
     model = randomize_params(tg.GPT(h), std=0.2)
     ids = torch.randint(0, h.vocab_size, (2, h.train_seq_len), generator=torch.Generator().manual_seed(4))
@@ -416,12 +414,11 @@ def test_model_takes_the_residual_ops_only_in_training_forwards(tg, monkeypatch,
     monkeypatch.setattr(tg, "_res_mix_launch", mix)
     monkeypatch.setattr(tg, "_res_add_launch", lambda *a: calls.append(("add", len(a) > 3)) or add_launch(*a))
     loss = model(ids, ids)
-    skips = {5: [(0, False), (0, True), (2, False), (1, False), (0, False)],
-             7: [(0, False), (0, True), (0, True), (2, False), (1, False), (1, False), (0, False)]}[layers]
+    skips = [(0, False), (0, True), (0, True), (2, False), (1, False), (1, False), (0, False)]
     assert calls == [c for s in skips for c in (("mix",) + s + (False,), ("add", False))]
-    if layers == 7:  # block 4's skip is block 1's output (written by block 2's res_mix), block 5's block 0's
-        assert torch.equal(fwd[4][0][2], fwd[2][1][2]) and torch.equal(fwd[5][0][2], fwd[1][1][2])
-        assert not torch.equal(fwd[1][1][2], fwd[2][1][2])
+    # block 4's skip is block 1's output (written by block 2's res_mix), block 5's block 0's (block 1's)
+    assert torch.equal(fwd[4][0][2], fwd[2][1][2]) and torch.equal(fwd[5][0][2], fwd[1][1][2])
+    assert not torch.equal(fwd[1][1][2], fwd[2][1][2])
     calls.clear()
     loss.backward()
     assert calls == [c for s in skips[::-1] for c in (("add", True), ("mix",) + s + (True,))]
