@@ -311,12 +311,14 @@ def _res_mix_run(fn, ins, ups, scale, mode, store, dtype=None):
 @pytest.mark.parametrize("mode,has_b,store,N,D", [(0, False, False, 70, 64), (0, True, True, 23, 24),
                                                   (1, True, False, 150, 64), (2, True, False, 9, 32),
                                                   (1, False, True, 41, 16), (2, False, True, 70, 64)])
-def test_res_mix_op_matches_reference(tg, mode, has_b, store, N, D):
+def test_res_mix_op_matches_reference(tg, monkeypatch, mode, has_b, store, N, D):
     """Guards the residual-stream kernels at a block's input (PERF #48): x, h, the stored block output and the
     gradients of all seven inputs (the two branches, the skip, x0, resid_mix, skip_weights, skip_gates) equal torch
     autograd of the same math in fp64, for each skip form (none, a skip tensor, the block's own input), with and
-    without the add of the second branch, token counts that are not a multiple of the block (and, at 150 rows, that
-    run several blocks per backward program) and channel counts that are not a power of two (24)."""
+    without the add of the second branch, token counts that are not a multiple of the block and channel counts that
+    are not a power of two (24).  One backward program per SM, so each runs several row blocks (and loads past the
+    last row), on a GPU too."""
+    monkeypatch.setattr(tg, "RES_PROGRAMS_PER_SM", 1)
     tg.qk_norm_rope_op()
     op = tg._QK_KERNELS["res_mix"]
     ins, ups = _res_mix_case(N, D, mode, has_b, torch.float32, seed=N + D + mode)
