@@ -1625,11 +1625,13 @@ def _mlp_epilogue(cbuf, hbuf, cbar, h_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slo
 
 
 @gluon.jit
-def mlp_gemm(a_desc, b_desc, h_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K: gl.constexpr, BM: gl.constexpr,
-             BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, BWD: gl.constexpr, NW: gl.constexpr,
-             EW: gl.constexpr, EREGS: gl.constexpr, CH: gl.constexpr):
+def _gemm_smem(a_desc, b_desc, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+               B_KN: gl.constexpr, NCBAR: gl.constexpr):
+    # the shared memory both Gluon GEMMs set up: the A and B rings (B as [BK, BN] slices where B_KN, else [BN, BK]),
+    # the accumulator's bf16 tile, the ring's ready / empty barriers and NCBAR barriers for the epilogue hand-overs,
+    # all initialised and fenced
     a_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BM, BK], a_desc.layout)
-    if BWD:
+    if B_KN:
         b_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BK, BN], b_desc.layout)
     else:
         b_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BN, BK], b_desc.layout)
@@ -1640,10 +1642,19 @@ def mlp_gemm(a_desc, b_desc, h_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K: 
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
-    cbar = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())  # cbuf full, cbuf free, h ready
-    for i in gl.static_range(3):
+    cbar = gl.allocate_shared_memory(gl.int64, [NCBAR, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NCBAR):
         mbarrier.init(cbar.index(i), count=1)
     fence_async_shared()
+    return a_bufs, b_bufs, cbuf, ready, empty, cbar
+
+
+@gluon.jit
+def mlp_gemm(a_desc, b_desc, h_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K: gl.constexpr, BM: gl.constexpr,
+             BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, BWD: gl.constexpr, NW: gl.constexpr,
+             EW: gl.constexpr, EREGS: gl.constexpr, CH: gl.constexpr):
+    # cbar: cbuf full, cbuf free, h ready
+    a_bufs, b_bufs, cbuf, ready, empty, cbar = _gemm_smem(a_desc, b_desc, BM, BN, BK, STAGES, BWD, 3)
     if BWD:  # h comes by TMA into a tile of its own (the epilogue partition loads the next one ahead)
         hbuf = gl.allocate_shared_memory(gl.bfloat16, [BM, BN], h_desc.layout)
     else:
@@ -1757,19 +1768,8 @@ def qkv_gemm(a_desc, b_desc, raw_ptr, q_ptr, k_ptr, v_ptr, vr_ptr, cos_ptr, sin_
              NW: gl.constexpr, EW: gl.constexpr, EREGS: gl.constexpr, CH: gl.constexpr, NQ: gl.constexpr,
              NK: gl.constexpr, NV: gl.constexpr, REP: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr,
              HAS_GAIN: gl.constexpr):
-    a_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BM, BK], a_desc.layout)
-    b_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BN, BK], b_desc.layout)
-    cbuf = gl.allocate_shared_memory(gl.bfloat16, [BM, BN], gl.NVMMASharedLayout.get_default_for([BM, BN],
-                                                                                                 gl.bfloat16))
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=1)
-    cbar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # cbuf full, cbuf free
-    for i in gl.static_range(2):
-        mbarrier.init(cbar.index(i), count=1)
-    fence_async_shared()
+    # cbar: cbuf full, cbuf free
+    a_bufs, b_bufs, cbuf, ready, empty, cbar = _gemm_smem(a_desc, b_desc, BM, BN, BK, STAGES, False, 2)
     gl.warp_specialize([
         (_mlp_consumer, (a_bufs, b_bufs, ready, empty, cbuf, cbar, n_n, n_tiles, K, BM, BN, BK, STAGES, False, NW)),
         (_mlp_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, n_n, n_tiles, K, BM, BN, BK, STAGES, False)),
