@@ -2,7 +2,8 @@
 
 One file, read top to bottom in dependency order.  `grep -n '^# ==' train_gpt.py` prints the table of contents.
 
-Run (8 GPUs, the record setting):   torchrun --standalone --nproc_per_node=8 train_gpt.py
+Run (8 GPUs, the record setting):   torchrun --standalone --nproc_per_node=8 train_gpt.py   (records: the minified
+                                    build, dist/train_gpt.py from build_submission.py, is the file to run)
 Run (1 GPU or CPU, quickstart):      python train_gpt.py   (tiny configs via env vars; see README.md)
 
 Every field of `Hyperparameters` is overridable by the env var of the same name in upper case
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import difflib
 import glob
 import io
 import math
@@ -56,6 +58,16 @@ except ImportError:
 # ==============================================================================
 # One frozen dataclass.  The field name is the lower-cased env-var name, by construction, so names cannot drift
 # from the ecosystem's (SPEC §10.2).  Defaults are the record run's values (PR #1172's launch command).
+
+
+# The seed's CONTROL_TENSOR_NAME_PATTERNS, also its INT8_KEEP_FLOAT_FP32_NAME_PATTERNS (SPEC §2.1, §7.4, §10.2)
+CONTROL_PATTERNS = ("attn_scale,attn_scales,mlp_scale,mlp_scales,resid_mix,resid_mixes,q_gain,skip_weight,skip_weights,"
+                    "smear,ve_layer_scales,ve_shared.scale")
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    """A comma-separated env value as its non-empty items."""
+    return tuple(x for x in text.split(",") if x)
 
 
 @dataclass(frozen=True)
@@ -124,6 +136,10 @@ class Hyperparameters:
     gptq_reserve_ms: int = 9000  # carved out of the wallclock cap for calibration
     quant_clip_range: int = 31  # int6 values live in [-31, 31]
     target_mb: float = 16.0  # artifact cap in decimal MB (16.0 -> 16,000,000 bytes); pruning fits it
+    # comma-separated name substrings: params kept in fp32 by the dtype rule (SPEC §2.1), and float tensors over the
+    # passthrough size the quantiser stores in fp32 instead of int6/int8 (§7.4; with the default list, none)
+    control_tensor_name_patterns: str = CONTROL_PATTERNS
+    int8_keep_float_fp32_name_patterns: str = CONTROL_PATTERNS
     # --- evaluation ---
     eval_seq_len: int = 2048
     eval_stride: int = 64
@@ -170,10 +186,20 @@ class Hyperparameters:
                     values[f.name] = raw
             except ValueError as e:
                 raise ValueError(f"{key}={env[key]!r} is not a valid {type(f.default).__name__}: {e}") from None
+        if "control_tensor_name_patterns" in values and "int8_keep_float_fp32_name_patterns" not in values:
+            values["int8_keep_float_fp32_name_patterns"] = values["control_tensor_name_patterns"]  # the seed's default
         h = cls(**values)
         if not h.run_id:
             h = dataclasses.replace(h, run_id=str(uuid.uuid4()))
         return h
+
+    @classmethod
+    def near_misses(cls, env: Mapping[str, str] = os.environ) -> list[tuple[str, str]]:
+        """(env var, setting) for each env var that is not a setting but nearly spells one (SLOT_ENABLE for
+        SLOT_ENABLED): a typo that would otherwise leave the setting at its default without a word."""
+        names = [f.name.upper() for f in dataclasses.fields(cls)]
+        return [(k, m[0]) for k in sorted(env) if k not in names
+                for m in [difflib.get_close_matches(k, names, n=1, cutoff=0.85)] if m]
 
     @property
     def train_files(self) -> str:
@@ -192,8 +218,20 @@ class Hyperparameters:
         return tuple(int(x) for x in self.ve_layers.split(",") if x.strip()) if self.ve_enabled else ()
 
     @property
+    def control_patterns(self) -> tuple[str, ...]:
+        return _csv(self.control_tensor_name_patterns)
+
+    @property
+    def keep_fp32_patterns(self) -> tuple[str, ...]:
+        return _csv(self.int8_keep_float_fp32_name_patterns)
+
+    @property
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.mlp_mult * self.model_dim)
 
     @property
     def target_bytes(self) -> int:
@@ -235,16 +273,19 @@ class Hyperparameters:
         need(len(set(ve)) == len(ve), f"VE_LAYERS={self.ve_layers} names a layer twice (each gets one scale)")
         for name in ("mlp_mult", "logit_softcap", "rope_base", "qk_gain_init", "adam_eps", "target_mb"):
             need(getattr(self, name) > 0, f"{name.upper()}={getattr(self, name)} must be positive")
+        need(self.mlp_dim >= 1,
+             f"MLP_MULT={self.mlp_mult} gives an MLP hidden size of 0 at MODEL_DIM={self.model_dim}")
+        need(not self.ve_enabled or self.ve_dim >= 1, f"VE_DIM={self.ve_dim} must be >= 1 (VE_ENABLED=0 drops the value embedding)")
         for name in ("iterations", "warmup_steps", "warmdown_iters", "max_wallclock_seconds", "gptq_reserve_ms",
                      "train_log_every", "val_loss_every", "bank_split", "grad_clip_norm", "slot_steps",
                      "tied_embed_init_std", "matrix_lr", "matrix_lr_early", "matrix_lr_late", "tied_embed_lr",
-                     "scalar_lr", "slot_lr"):
+                     "scalar_lr", "slot_lr", "muon_wd", "adam_wd"):
             need(getattr(self, name) >= 0, f"{name.upper()}={getattr(self, name)} must be >= 0")
         need(self.train_seq_len >= 2, f"TRAIN_SEQ_LEN={self.train_seq_len} must be >= 2")
         need(self.eval_seq_len >= 2, f"EVAL_SEQ_LEN={self.eval_seq_len} must be >= 2")
         need(1 <= self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} must be in [1, EVAL_SEQ_LEN={self.eval_seq_len}]")
-        need(self.train_batch_tokens % (REFERENCE_WORLD * self.train_seq_len) == 0,
-             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of 8 * TRAIN_SEQ_LEN={self.train_seq_len} "
+        need(self.train_batch_tokens > 0 and self.train_batch_tokens % (REFERENCE_WORLD * self.train_seq_len) == 0,
+             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a positive multiple of 8 * TRAIN_SEQ_LEN={self.train_seq_len} "
              "(8 = world_size * grad_accum_steps)")
         need(self.max_wallclock_seconds == 0 or self.train_budget_ms > 0,
              f"GPTQ_RESERVE_MS={self.gptq_reserve_ms} leaves no training time under MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
@@ -494,8 +535,9 @@ class TrainLoader:
     Every rank runs the same RNG over the whole global batch and keeps windows r, r+W, ... - no communication.
     Shards are memory-mapped; only the windows a rank keeps are read."""
 
-    def __init__(self, files, seed: int, rank: int, world_size: int, device):
+    def __init__(self, files, seed: int, rank: int, world_size: int, device, vocab_size: int = 0):
         self.files = sorted((str(f) for f in files), key=lambda f: (os.path.basename(f), f))
+        self.vocab_size = vocab_size  # > 0: every window read is checked against it (a shard of another tokenizer)
         if not self.files:
             raise FileNotFoundError("TrainLoader got no shard files (check DATA_PATH)")
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
@@ -564,7 +606,12 @@ class TrainLoader:
         windows = self._plan_windows(gns, seq_len)
         self.batches_built += 1
         mine = windows[self.rank::self.world_size]
-        buf = torch.from_numpy(np.stack([self.shards[s][o:o + seq_len + 1] for s, o in mine]).astype(np.int64))
+        arr = np.stack([self.shards[s][o:o + seq_len + 1] for s, o in mine])
+        if self.vocab_size and arr.size and int(arr.max()) >= self.vocab_size:
+            row = int(np.argmax(arr.max(axis=1) >= self.vocab_size))
+            raise ValueError(f"shard {self.files[mine[row][0]]}: token id {int(arr[row].max())} >= VOCAB_SIZE="
+                             f"{self.vocab_size} (a shard of another tokenizer?)")
+        buf = torch.from_numpy(arr.astype(np.int64))
         if self.device.type == "cuda":
             buf = buf.pin_memory()
         buf = buf.to(self.device, non_blocking=True)
@@ -752,8 +799,8 @@ RMS_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default eps: that of it
 # checked against VOCAB_SIZE, but such a token also reaches the token embedding as an input, which fails on it).
 # _softcap: tanh(x) = 1 - 2r with r = 1 / (1 + exp(2x)), which goes to 0 as the exp overflows (tanh -> 1), ~1e-7
 # absolute error; with the derivative 4r(1 - r), per logit two exp2 and one reciprocal in all: the special-function
-# units bound the kernel (2.9 TB/s), not the bytes.  Comments inside the string survive the build's minifier, so they
-# live here.
+# units bound the kernel (2.9 TB/s), not the bytes.  (The build strips the comments inside kernel strings:
+# build_submission.strip_kernel_comments.)
 _QK_TRITON_SRC = """
 import triton
 import triton.language as tl
@@ -927,6 +974,153 @@ def softcap_ce(Z, Y, LOSS, DZ, M, V, CAP, INV_N, BM: tl.constexpr, BV: tl.conste
     tl.store(LOSS + m, mx - tl.log(rden) - st, mask=rows)
     dz = (p * rden[:, None] - tl.where(j == y[:, None], 1.0, 0.0)) * ds * INV_N
     tl.store(DZ + at, dz.to(DZ.dtype.element_ty), mask=rows[:, None] & (j < V))
+
+
+@triton.jit
+def _res_rows(blk, N, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
+    m = blk.to(tl.int64) * BM + tl.arange(0, BM)
+    j = tl.arange(0, BD)
+    return m[:, None] * D + j[None, :], j, (m < N)[:, None] & (j < D)[None, :]
+
+
+@triton.jit
+def _rms_rstd(x, D: tl.constexpr):
+    return (1.0 / tl.sqrt(tl.sum(x * x, 1) / D + EPS))[:, None]
+
+
+@triton.jit
+def _rms_bwd(gx, gh, x, r, D: tl.constexpr):
+    # gx + d rms_norm(x)/dx . gh (gh with the scale applied): rstd * (gh - n * mean(gh * n)), n = x * rstd
+    n = x * r
+    return gx + r * (gh - n * (tl.sum(gh * n, 1) / D)[:, None])
+
+
+@triton.jit
+def _res_load(XA, XB, SK, X0, blk, N, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, HAS_B: tl.constexpr,
+              SKIP: tl.constexpr):
+    # the row tiles res_mix reads, as stored (the backward keeps the next block's in flight while it works on this
+    # one); tiles a launch does not have are zeros
+    at, j, mask = _res_rows(blk, N, D, BD, BM)
+    xa = tl.load(XA + at, mask=mask, other=0.0)
+    xb, sk = tl.zeros_like(xa), tl.zeros_like(xa)
+    if HAS_B:
+        xb = tl.load(XB + at, mask=mask, other=0.0)
+    if SKIP == 1:
+        sk = tl.load(SK + at, mask=mask, other=0.0)
+    return xa, xb, sk, tl.load(X0 + at, mask=mask, other=0.0)
+
+
+@triton.jit
+def _res_mixed(xa, xb, sk, x0, MIX, SW, GT, j, D: tl.constexpr, HAS_B: tl.constexpr, SKIP: tl.constexpr):
+    xo = xa.to(tl.float32)
+    if HAS_B:
+        xo = (xo + xb.to(tl.float32)).to(xa.dtype).to(tl.float32)
+    jm = j < D
+    sk, s, sg, sw, xi = sk.to(tl.float32), xo, xo, xo, xo
+    if SKIP != 0:
+        if SKIP == 2:
+            sk = xo
+        sw = tl.load(SW + j, mask=jm, other=0.0).to(tl.float32)[None, :]
+        sg = tl.sigmoid(tl.load(GT + j, mask=jm, other=0.0).to(tl.float32))[None, :]
+        s = sw * sk
+        xi = s + sg * (xo - s)
+    x0 = x0.to(tl.float32)
+    m0 = tl.load(MIX + j, mask=jm, other=0.0).to(tl.float32)[None, :]
+    m1 = tl.load(MIX + D + j, mask=jm, other=0.0).to(tl.float32)[None, :]
+    x = (m0 * xi + m1 * x0).to(xa.dtype).to(tl.float32)
+    return xo, sk, s, sg, sw, xi, x0, m0, m1, x
+
+
+@triton.jit
+def res_mix_fwd(XA, XB, SK, X0, MIX, SW, GT, X, H, XO, N, scale, D: tl.constexpr, BD: tl.constexpr,
+                BM: tl.constexpr, HAS_B: tl.constexpr, SKIP: tl.constexpr, STORE_XO: tl.constexpr):
+    at, j, mask = _res_rows(tl.program_id(0), N, D, BD, BM)
+    xa, xb, sk, x0 = _res_load(XA, XB, SK, X0, tl.program_id(0), N, D, BD, BM, HAS_B, SKIP)
+    xo, sk, s, sg, sw, xi, x0, m0, m1, x = _res_mixed(xa, xb, sk, x0, MIX, SW, GT, j, D, HAS_B, SKIP)
+    if STORE_XO:
+        tl.store(XO + at, xo.to(XO.dtype.element_ty), mask=mask)
+    tl.store(X + at, x.to(X.dtype.element_ty), mask=mask)
+    tl.store(H + at, (x * _rms_rstd(x, D) * scale).to(H.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _res_grads_load(GX, GH, GXO, blk, N, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+                    HAS_GXO: tl.constexpr):
+    at, j, mask = _res_rows(blk, N, D, BD, BM)
+    gx = tl.load(GX + at, mask=mask, other=0.0)
+    gxo = tl.zeros_like(gx)
+    if HAS_GXO:
+        gxo = tl.load(GXO + at, mask=mask, other=0.0)
+    return gx, tl.load(GH + at, mask=mask, other=0.0), gxo
+
+
+@triton.jit
+def res_mix_bwd(GX, GH, GXO, XA, XB, SK, X0, MIX, SW, GT, DXO, DSK, DX0, PART, N, scale, ITERS: tl.constexpr,
+                D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, HAS_B: tl.constexpr, SKIP: tl.constexpr,
+                HAS_GXO: tl.constexpr):
+    # program pid takes row blocks pid, pid + nprog, ...; each iteration loads the next block's tiles before it
+    # works on this one's, so a program keeps loads in flight while it computes and stores
+    pid, nprog = tl.program_id(0), tl.num_programs(0)
+    acc0 = tl.zeros((BM, BD), tl.float32)
+    acc1 = tl.zeros((BM, BD), tl.float32)
+    acc2 = tl.zeros((BM, BD), tl.float32)
+    acc3 = tl.zeros((BM, BD), tl.float32)
+    xa, xb, sk, x0 = _res_load(XA, XB, SK, X0, pid, N, D, BD, BM, HAS_B, SKIP)
+    gx, gh, gxo = _res_grads_load(GX, GH, GXO, pid, N, D, BD, BM, HAS_GXO)
+    for it in tl.range(0, ITERS):
+        blk = pid + it * nprog
+        na, nb, ns, n0 = _res_load(XA, XB, SK, X0, blk + nprog, N, D, BD, BM, HAS_B, SKIP)
+        ngx, ngh, ngxo = _res_grads_load(GX, GH, GXO, blk + nprog, N, D, BD, BM, HAS_GXO)
+        at, j, mask = _res_rows(blk, N, D, BD, BM)
+        xo, sk, s, sg, sw, xi, x0, m0, m1, x = _res_mixed(xa, xb, sk, x0, MIX, SW, GT, j, D, HAS_B, SKIP)
+        gt = _rms_bwd(gx.to(tl.float32), gh.to(tl.float32) * scale, x, _rms_rstd(x, D), D)
+        acc0 += gt * xi
+        acc1 += gt * x0
+        tl.store(DX0 + at, (m1 * gt).to(DX0.dtype.element_ty), mask=mask)
+        g_in = m0 * gt
+        g_xo = g_in
+        if SKIP != 0:
+            g_xo = sg * g_in
+            g_s = g_in - g_xo
+            acc2 += g_s * sk
+            acc3 += g_in * (xo - s)
+            if SKIP == 1:
+                tl.store(DSK + at, (sw * g_s).to(DSK.dtype.element_ty), mask=mask)
+            else:
+                g_xo += sw * g_s
+        if HAS_GXO:
+            g_xo += gxo.to(tl.float32)
+        tl.store(DXO + at, g_xo.to(DXO.dtype.element_ty), mask=mask)
+        xa, xb, sk, x0, gx, gh, gxo = na, nb, ns, n0, ngx, ngh, ngxo
+    j = tl.arange(0, BD)
+    jm = j < D
+    out = PART + pid.to(tl.int64) * 4 * D + j
+    tl.store(out, tl.sum(acc0, 0), mask=jm)
+    tl.store(out + D, tl.sum(acc1, 0), mask=jm)
+    tl.store(out + 2 * D, tl.sum(acc2, 0), mask=jm)  # zeros without a skip
+    d_gate = tl.sum(acc3, 0)
+    if SKIP != 0:
+        sg = tl.sigmoid(tl.load(GT + j, mask=jm, other=0.0).to(tl.float32))
+        d_gate = d_gate * sg * (1.0 - sg)
+    tl.store(out + 3 * D, d_gate, mask=jm)
+
+
+@triton.jit
+def res_add_fwd(X, A, X2, H2, N, scale, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
+    at, j, mask = _res_rows(tl.program_id(0), N, D, BD, BM)
+    x = tl.load(X + at, mask=mask, other=0.0).to(tl.float32) + tl.load(A + at, mask=mask, other=0.0).to(tl.float32)
+    x = x.to(X2.dtype.element_ty).to(tl.float32)
+    tl.store(X2 + at, x.to(X2.dtype.element_ty), mask=mask)
+    tl.store(H2 + at, (x * _rms_rstd(x, D) * scale).to(H2.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def res_add_bwd(GX2, GH2, X2, DX, N, scale, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
+    at, j, mask = _res_rows(tl.program_id(0), N, D, BD, BM)
+    x = tl.load(X2 + at, mask=mask, other=0.0).to(tl.float32)
+    gh = tl.load(GH2 + at, mask=mask, other=0.0).to(tl.float32) * scale
+    gx = _rms_bwd(tl.load(GX2 + at, mask=mask, other=0.0).to(tl.float32), gh, x, _rms_rstd(x, D), D)
+    tl.store(DX + at, gx.to(DX.dtype.element_ty), mask=mask)
 """
 QK_BLOCK_ROWS, QK_WARPS = 32, 4  # tokens x one head per Triton program, and its warps: within 1% of the best (PERF #17)
 
@@ -1048,6 +1242,85 @@ def _softcap_ce_launch(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, 
     return rows, dz
 
 
+# the residual stream's elementwise work between the GEMMs (PERF #48): RES_BLOCK_ROWS rows of D per program (RES_WARPS
+# warps: 16-byte accesses at D 512); the backward of res_mix runs RES_PROGRAMS_PER_SM programs of RES_BWD_WARPS warps
+# per SM, RES_BWD_BLOCK_ROWS rows at a time, each summing its rows' per-channel parameter gradients, so one small sum
+# finishes them.  ptxas gives res_mix_bwd 168 registers a thread with a skip at 2 warps and one row (6 programs an
+# SM); measured alone at the record shape: 257 us against 295 at 4 warps, 356-373 at 4 warps and 2 rows
+RES_BLOCK_ROWS, RES_WARPS, RES_BWD_BLOCK_ROWS, RES_BWD_WARPS, RES_PROGRAMS_PER_SM = 4, 4, 1, 2, 6
+RES_FUSED = True  # GPT.forward_hidden's training forwards use the ops while this is on; gpu_bench's resref turns it off
+
+
+def _res_rows_of(op: str, ref: Tensor, **ts: Tensor | None) -> int:
+    """Rows of D of ref (..., D); raises, naming the tensor, if one given does not match it (shape, device, dtype)."""
+    for name, t in ts.items():
+        if t is not None and (t.shape != ref.shape or t.device != ref.device or t.dtype != ref.dtype):
+            raise ValueError(f"{op}: {name} {tuple(t.shape)} {t.dtype} on {t.device} does not match "
+                             f"{tuple(ref.shape)} {ref.dtype} on {ref.device}")
+    return ref.numel() // ref.size(-1)
+
+
+def _res_mix_launch(xa: Tensor, xb: Tensor | None, skip: Tensor | None, x0: Tensor, mix: Tensor, sw: Tensor | None,
+                    gate: Tensor | None, scale: float, skip_mode: int, store_xo: bool, grads: tuple | None = None):
+    """The residual mix at a block's input (Block.forward's, with GPT.forward_hidden's add of the previous block's
+    branches and its U-Net skip): xo = xa + xb (the previous block's output; xb None: xa is it), xi = lerp(sw * s, xo,
+    sigmoid(gate)) with s the skip (skip_mode 1), xo itself (2) or no skip (0, xi = xo), x = mix[0] * xi + mix[1] * x0,
+    h = rms_norm(x) * scale; returns (x, h, xo if store_xo else an empty tensor).  With grads = (gx, gh, gxo|None):
+    returns (d xo, d skip (empty unless skip_mode 1), d x0, [4, D]: d mix[0], d mix[1], d sw, d gate, summed in fp32
+    and rounded once to the rows' dtype, which mix, sw and gate share)."""
+    D = xa.size(-1)
+    if skip_mode not in (0, 1, 2) or (skip_mode == 1) != (skip is not None) \
+            or (skip_mode and (sw is None or gate is None)):
+        raise ValueError(f"res_mix: skip_mode {skip_mode} with skip {skip is not None}, sw {sw is not None}, gate "
+                         f"{gate is not None} (1: a skip tensor, 2: the block output itself; both need sw and gate)")
+    N = _res_rows_of("res_mix", xa, xb=xb, skip=skip, x0=x0, **dict(zip(("gx", "gh", "gxo"), grads or ())))
+    for name, t, shape in (("mix", mix, (2, D)), ("sw", sw, (D,)), ("gate", gate, (D,))):
+        if t is not None and (t.shape != shape or t.device != xa.device or t.dtype != xa.dtype):
+            raise ValueError(f"res_mix: {name} {tuple(t.shape)} {t.dtype} on {t.device}: need {shape} {xa.dtype} "
+                             f"on {xa.device} for rows of {D}")
+    meta = dict(D=D, BD=_pow2(D), HAS_B=xb is not None, SKIP=skip_mode)
+    xa, x0, mix = xa.contiguous(), x0.contiguous(), mix.contiguous()
+    xb, skip = (t.contiguous() if t is not None else xa for t in (xb, skip))
+    sw, gate = (t.contiguous() if t is not None else mix for t in (sw, gate))
+    k = _QK_KERNELS["ns"]
+    if grads is None:
+        x, h = torch.empty_like(xa), torch.empty_like(xa)
+        xo = torch.empty_like(xa) if store_xo else xa.new_empty(0)
+        k["res_mix_fwd"][(-(-N // RES_BLOCK_ROWS),)](xa, xb, skip, x0, mix, sw, gate, x, h, xo if store_xo else x,
+                                                     N, float(scale), **meta, BM=RES_BLOCK_ROWS, STORE_XO=store_xo,
+                                                     num_warps=RES_WARPS)
+        return x, h, xo
+    gx, gh, gxo = (t.contiguous() if t is not None else None for t in grads)
+    sms = torch.cuda.get_device_properties(xa.device).multi_processor_count if xa.device.type == "cuda" else 2
+    blocks = -(-N // RES_BWD_BLOCK_ROWS)
+    progs = max(1, min(blocks, sms * RES_PROGRAMS_PER_SM))
+    dxo, dx0 = torch.empty_like(xa), torch.empty_like(xa)
+    dskip = torch.empty_like(xa) if skip_mode == 1 else xa.new_empty(0)
+    part = torch.empty(progs, 4, D, device=xa.device, dtype=torch.float32)  # every program writes its 4 rows
+    k["res_mix_bwd"][(progs,)](gx, gh, gxo if gxo is not None else gx, xa, xb, skip, x0, mix, sw, gate, dxo,
+                               dskip if skip_mode == 1 else dxo, dx0, part, N, float(scale), -(-blocks // progs),
+                               **meta, BM=RES_BWD_BLOCK_ROWS, HAS_GXO=gxo is not None, num_warps=RES_BWD_WARPS)
+    return dxo, dskip, dx0, part.sum(0).to(xa.dtype)
+
+
+def _res_add_launch(x: Tensor, a: Tensor, scale: float, grads: tuple | None = None):
+    """x2 = x + a (the attention branch added), h2 = rms_norm(x2) * scale: returns (x2, h2); with grads = (gx2, gh2)
+    and x given as x2 (what the forward returned), the gradient of x and of a (one tensor)."""
+    N = _res_rows_of("res_add", x, a=a if grads is None else None, **dict(zip(("gx2", "gh2"), grads or ())))
+    x = x.contiguous()
+    D = x.size(-1)
+    meta = dict(D=D, BD=_pow2(D), BM=RES_BLOCK_ROWS, num_warps=RES_WARPS)
+    grid = (-(-N // RES_BLOCK_ROWS),)
+    k = _QK_KERNELS["ns"]
+    if grads is None:
+        x2, h2 = torch.empty_like(x), torch.empty_like(x)
+        k["res_add_fwd"][grid](x, a.contiguous(), x2, h2, N, float(scale), **meta)
+        return x2, h2
+    dx = torch.empty_like(x)
+    k["res_add_bwd"][grid](grads[0].contiguous(), grads[1].contiguous(), x, dx, N, float(scale), **meta)
+    return dx
+
+
 _QK_KERNELS: dict = {}
 FUSED_QK_DEVICES = ("cuda",)  # device types the Triton op runs on (the CPU tests add "cpu": Triton's interpreter)
 
@@ -1056,7 +1329,8 @@ def qk_norm_rope_op():
     """The custom op (built once per process; None without Triton).  op(x, cos, sin, gain|None, n_q, n_k, rep) ==
     qkv_norm_rope_ref(...): (q, k, v, v_rep) from the fused Q|K|V projection x (B, T, n_q + n_k + n_v, D).  Also builds
     the XSA op, _QK_KERNELS["xsa"](y, v) == exclusive_self_attention(y, v), which the model uses wherever it uses
-    this one."""
+    this one, the loss op ("ce", under _SoftcapCrossEntropy) and the residual-stream ops ("res_mix", "res_add":
+    _res_mix_launch, _res_add_launch; GPT._hidden_fused)."""
     if "op" in _QK_KERNELS:
         return _QK_KERNELS["op"]
     try:
@@ -1138,7 +1412,79 @@ def qk_norm_rope_op():
     def _(z, targets, cap):
         return z.new_empty(z.size(0), dtype=torch.float32), torch.empty_like(z, memory_format=torch.contiguous_format)
 
-    _QK_KERNELS["op"], _QK_KERNELS["xsa"], _QK_KERNELS["ce"] = fwd, xsa, ce
+    margs = "Tensor xa, Tensor? xb, Tensor? skip, Tensor x0, Tensor mix, Tensor? sw, Tensor? gate, float scale, " \
+            "int skip_mode, bool store_xo"
+
+    @torch.library.custom_op(f"{lib}::res_mix", mutates_args=(), schema=f"({margs}) -> (Tensor, Tensor, Tensor)")
+    def res_mix(xa: Tensor, xb: Tensor | None, skip: Tensor | None, x0: Tensor, mix: Tensor, sw: Tensor | None,
+                gate: Tensor | None, scale: float, skip_mode: int, store_xo: bool):
+        return _res_mix_launch(xa, xb, skip, x0, mix, sw, gate, scale, skip_mode, store_xo)
+
+    @res_mix.register_fake
+    def _(xa, xb, skip, x0, mix, sw, gate, scale, skip_mode, store_xo):
+        like = torch.empty_like(xa, memory_format=torch.contiguous_format)
+        return like, torch.empty_like(like), torch.empty_like(like) if store_xo else xa.new_empty(0)
+
+    @torch.library.custom_op(f"{lib}::res_mix_backward", mutates_args=(),
+                             schema=f"(Tensor gx, Tensor gh, Tensor? gxo, {margs}) -> (Tensor, Tensor, Tensor, Tensor)")
+    def res_mix_bwd(gx: Tensor, gh: Tensor, gxo: Tensor | None, xa: Tensor, xb: Tensor | None, skip: Tensor | None,
+                    x0: Tensor, mix: Tensor, sw: Tensor | None, gate: Tensor | None, scale: float, skip_mode: int,
+                    store_xo: bool):
+        return _res_mix_launch(xa, xb, skip, x0, mix, sw, gate, scale, skip_mode, store_xo, (gx, gh, gxo))
+
+    @res_mix_bwd.register_fake
+    def _(gx, gh, gxo, xa, xb, skip, x0, mix, sw, gate, scale, skip_mode, store_xo):
+        like = torch.empty_like(xa, memory_format=torch.contiguous_format)
+        return (like, torch.empty_like(like) if skip_mode == 1 else xa.new_empty(0), torch.empty_like(like),
+                xa.new_empty(4, xa.size(-1)))
+
+    def res_mix_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:7])
+        ctx.consts = inputs[7:]
+
+    def res_mix_backward(ctx, gx, gh, gxo):
+        xa, xb, skip, x0, mix, sw, gate = ctx.saved_tensors
+        gx, gh = (torch.zeros_like(xa) if g is None else g for g in (gx, gh))
+        dxo, dskip, dx0, sums = res_mix_bwd(gx, gh, gxo if ctx.consts[2] else None, xa, xb, skip, x0, mix, sw, gate,
+                                            *ctx.consts)
+        dsw, dgate = (sums[i] if t is not None else None for i, t in ((2, sw), (3, gate)))
+        return (dxo, dxo if xb is not None else None, dskip if skip is not None else None, dx0,
+                sums[:2], dsw, dgate, None, None, None)
+
+    res_mix.register_autograd(res_mix_backward, setup_context=res_mix_setup)
+
+    @torch.library.custom_op(f"{lib}::res_add", mutates_args=(),
+                             schema="(Tensor x, Tensor a, float scale) -> (Tensor, Tensor)")
+    def res_add(x: Tensor, a: Tensor, scale: float):
+        return _res_add_launch(x, a, scale)
+
+    @res_add.register_fake
+    def _(x, a, scale):
+        like = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return like, torch.empty_like(like)
+
+    @torch.library.custom_op(f"{lib}::res_add_backward", mutates_args=(),
+                             schema="(Tensor gx2, Tensor gh2, Tensor x2, float scale) -> Tensor")
+    def res_add_bwd(gx2: Tensor, gh2: Tensor, x2: Tensor, scale: float) -> Tensor:
+        return _res_add_launch(x2, x2, scale, (gx2, gh2))
+
+    @res_add_bwd.register_fake
+    def _(gx2, gh2, x2, scale):
+        return torch.empty_like(x2, memory_format=torch.contiguous_format)
+
+    def res_add_setup(ctx, inputs, output):
+        ctx.save_for_backward(output[0])
+        ctx.scale = inputs[2]
+
+    def res_add_backward(ctx, gx2, gh2):
+        x2, = ctx.saved_tensors
+        gx2, gh2 = (torch.zeros_like(x2) if g is None else g for g in (gx2, gh2))
+        dx = res_add_bwd(gx2, gh2, x2, ctx.scale)
+        return dx, dx, None
+
+    res_add.register_autograd(res_add_backward, setup_context=res_add_setup)
+    _QK_KERNELS["res_mix"], _QK_KERNELS["res_add"] = res_mix, res_add
+    _QK_KERNELS["op"], _QK_KERNELS["bwd"], _QK_KERNELS["xsa"], _QK_KERNELS["ce"] = fwd, bwd, xsa, ce
     return fwd
 
 
@@ -1152,10 +1498,12 @@ def qk_norm_rope_op():
 # (N, K); stores h = bf16(x @ W_up.T) and u = bf16(leaky(h)²).  Backward: A = the output gradient g (M, K), B =
 # W_down (K, N) as stored; stores dh = bf16(bf16(g @ W_down) * d leaky(h)²/dh), with h TMA-loaded into a tile of its
 # own (hbuf; the next tile's as soon as the partition is done with the last).  Same math as the torch path: GEMM
-# output rounded to bf16, then the activation in fp32.  At 12 warps (8 + the loader's 1 + EW = 2, padded to a
-# warpgroup) ptxas gives every thread up to 168 registers; at 16 it caps them at 128, under the ~154 the 128 x 256
-# accumulator needs.  Measured alone at the record shape (MLP_TILES), machine to machine: forward 270-308 us, backward
-# 339-354, against 378-383 and 440-449 for cuBLAS + inductor's kernel (PERF #30, #31).  Hopper (sm_90) only: wgmma.
+# output rounded to bf16, then the activation in fp32.  The epilogue's 4 warps keep up with the tensor cores where 2
+# did not (PERF #42); the warps are padded to warpgroups, and ptxas caps every thread at 168 registers in 12 warps
+# (forward: 4 consumer warps, a 128 x 128 accumulator at 128 registers a thread) and at 128 in 16 (backward: 8
+# consumer warps, 64 a thread).  Measured alone at the record shape (MLP_TILES): forward 266 us, backward 299, against
+# 309-317 and 353 for the 2-warp epilogue on the same machine and 375-380 and 444 for cuBLAS + inductor's kernel
+# (PERF #30, #31, #42).  Hopper (sm_90) only: wgmma.
 _MLP_GLUON_SRC = """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -1277,11 +1625,13 @@ def _mlp_epilogue(cbuf, hbuf, cbar, h_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slo
 
 
 @gluon.jit
-def mlp_gemm(a_desc, b_desc, h_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K: gl.constexpr, BM: gl.constexpr,
-             BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, BWD: gl.constexpr, NW: gl.constexpr,
-             EW: gl.constexpr, EREGS: gl.constexpr, CH: gl.constexpr):
+def _gemm_smem(a_desc, b_desc, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+               B_KN: gl.constexpr, NCBAR: gl.constexpr):
+    # the shared memory both Gluon GEMMs set up: the A and B rings (B as [BK, BN] slices where B_KN, else [BN, BK]),
+    # the accumulator's bf16 tile, the ring's ready / empty barriers and NCBAR barriers for the epilogue hand-overs,
+    # all initialised and fenced
     a_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BM, BK], a_desc.layout)
-    if BWD:
+    if B_KN:
         b_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BK, BN], b_desc.layout)
     else:
         b_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BN, BK], b_desc.layout)
@@ -1292,10 +1642,19 @@ def mlp_gemm(a_desc, b_desc, h_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K: 
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
-    cbar = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())  # cbuf full, cbuf free, h ready
-    for i in gl.static_range(3):
+    cbar = gl.allocate_shared_memory(gl.int64, [NCBAR, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NCBAR):
         mbarrier.init(cbar.index(i), count=1)
     fence_async_shared()
+    return a_bufs, b_bufs, cbuf, ready, empty, cbar
+
+
+@gluon.jit
+def mlp_gemm(a_desc, b_desc, h_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K: gl.constexpr, BM: gl.constexpr,
+             BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, BWD: gl.constexpr, NW: gl.constexpr,
+             EW: gl.constexpr, EREGS: gl.constexpr, CH: gl.constexpr):
+    # cbar: cbuf full, cbuf free, h ready
+    a_bufs, b_bufs, cbuf, ready, empty, cbar = _gemm_smem(a_desc, b_desc, BM, BN, BK, STAGES, BWD, 3)
     if BWD:  # h comes by TMA into a tile of its own (the epilogue partition loads the next one ahead)
         hbuf = gl.allocate_shared_memory(gl.bfloat16, [BM, BN], h_desc.layout)
     else:
@@ -1305,12 +1664,124 @@ def mlp_gemm(a_desc, b_desc, h_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K: 
         (_mlp_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, n_n, n_tiles, K, BM, BN, BK, STAGES, BWD)),
         (_mlp_epilogue, (cbuf, hbuf, cbar, h_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, BM, BN, BWD, EW, CH)),
     ], [1, EW], [40, EREGS])
+
+
+QKV_EPS = gl.constexpr(RMS_EPS)
+
+
+@gluon.jit
+def _halves(x, RCH: gl.constexpr, BN: gl.constexpr, HALF: gl.constexpr):
+    # x [RCH, BN] as qk_fwd's two tiles: of each group of 2 * HALF columns, the first HALF (a) and the second (b)
+    return gl.split(gl.permute(gl.reshape(x, [RCH, BN // (2 * HALF), 2, HALF]), (0, 1, 3, 2)))
+
+
+@gluon.jit
+def _qkv_normed(cbuf, raw_ptr, cos_ptr, sin_ptr, m, pm, pn, T, r: gl.constexpr, RCH: gl.constexpr, BN: gl.constexpr,
+                blk: gl.constexpr, HX: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr):
+    # one chunk of a q/k tile: rows r .. r + RCH of cbuf kept raw, each head RMS-normed over its D columns and, where
+    # HALF > 0, rotated on its first 2 * HALF (qk_fwd's a/b halves, in registers); cos/sin loaded first, so their
+    # latency hides behind the norm
+    if HALF > 0:
+        # cos/sin of the rows' positions (RCH x HALF values), in slices of the a/b halves' layout (of a dead tensor)
+        L3: gl.constexpr = _halves(gl.zeros([RCH, BN], gl.float32, blk), RCH, BN, HALF)[0].type.layout
+        r2 = gl.arange(0, RCH, layout=gl.SliceLayout(1, gl.SliceLayout(1, L3)))
+        w2 = gl.arange(0, HALF, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
+        trig = ((pm + r + r2) % T)[:, None] * HALF + w2[None, :]
+        cs1 = gl.load(cos_ptr + trig)
+        sn1 = gl.load(sin_ptr + trig)
+    c = cbuf.slice(r, RCH, 0).load(blk)
+    cols = gl.arange(0, BN, layout=gl.SliceLayout(0, blk))
+    gl.store(raw_ptr + m * (HX * D) + (pn + cols)[None, :], c)
+    x = gl.reshape(c.to(gl.float32), [RCH, BN // D, D])  # a head's row: a thread's columns and its row's lanes
+    y = x * gl.expand_dims(1.0 / gl.sqrt(gl.sum(x * x, axis=2) / D + QKV_EPS), 2)
+    y = gl.convert_layout(gl.reshape(y, [RCH, BN]), blk)
+    if HALF > 0:
+        a, b = _halves(y, RCH, BN, HALF)
+        g3 = gl.arange(0, BN // (2 * HALF), layout=gl.SliceLayout(0, gl.SliceLayout(2, L3)))
+        first = gl.expand_dims(gl.expand_dims(g3 % (D // (2 * HALF)) == 0, 0), 2)  # each head's first group
+        cs = gl.where(first, gl.expand_dims(cs1.to(gl.float32), 1), 1.0)
+        sn = gl.where(first, gl.expand_dims(sn1.to(gl.float32), 1), 0.0)
+        y = gl.reshape(gl.permute(gl.join(a * cs + b * sn, b * cs - a * sn), (0, 1, 3, 2)), [RCH, BN])
+        y = gl.convert_layout(y, blk)
+    return y
+
+
+@gluon.jit
+def _qkv_epilogue(cbuf, cbar, raw_ptr, q_ptr, k_ptr, v_ptr, vr_ptr, cos_ptr, sin_ptr, gain_ptr, T, n_n, n_tiles,
+                  BM: gl.constexpr, BN: gl.constexpr, EW: gl.constexpr, CH: gl.constexpr, NQ: gl.constexpr,
+                  NK: gl.constexpr, NV: gl.constexpr, REP: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr,
+                  HAS_GAIN: gl.constexpr):
+    # the q/k op's forward (qk_fwd) on each tile of the Q|K|V projection: a q/k tile is kept raw (for qk_bwd) and
+    # normed and rotated (_qkv_normed), q times its gain; k and the v heads (copied) also go out REP times.  The kind
+    # of tile is decided once per tile, outside the loop over its chunks, so their code can interleave
+    RCH: gl.constexpr = CH // BN
+    # a thread holds 2 * HALF neighbouring columns (at least 8: 16-byte stores), so RoPE's halves (_halves) stay in
+    # its registers
+    SPT: gl.constexpr = 2 * HALF if 2 * HALF > 8 else 8
+    TN: gl.constexpr = BN // SPT if BN // SPT < 32 else 32
+    blk: gl.constexpr = gl.BlockedLayout([1, SPT], [32 // TN, TN], [EW, 1], [1, 0])
+    HX: gl.constexpr = NQ + NK + NV
+    rows = gl.arange(0, RCH, layout=gl.SliceLayout(1, blk))
+    cols = gl.arange(0, BN, layout=gl.SliceLayout(0, blk))
+    hc = cols % D  # column within its head
+    hj = cols // D  # head within the tile
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    n = 0
+    for t in range(pid, n_tiles, nprog):
+        pm = (t // n_n) * BM
+        pn = (t % n_n) * BN
+        head0 = pn // D
+        mbarrier.wait(cbar.index(0), n & 1)
+        if head0 < NQ:
+            if HAS_GAIN:
+                gain = gl.load(gain_ptr + head0 + hj).to(gl.float32)[None, :]
+            for r in gl.static_range(0, BM, RCH):
+                m = (pm + r + rows)[:, None]
+                y = _qkv_normed(cbuf, raw_ptr, cos_ptr, sin_ptr, m, pm, pn, T, r, RCH, BN, blk, HX, D, HALF)
+                if HAS_GAIN:
+                    y = y * gain
+                gl.store(q_ptr + m * (NQ * D) + (pn + cols)[None, :], y.to(gl.bfloat16))
+        elif head0 < NQ + NK:
+            kh = head0 - NQ + hj
+            for r in gl.static_range(0, BM, RCH):
+                m = (pm + r + rows)[:, None]
+                y = _qkv_normed(cbuf, raw_ptr, cos_ptr, sin_ptr, m, pm, pn, T, r, RCH, BN, blk, HX, D, HALF)
+                for i in gl.static_range(REP):
+                    gl.store(k_ptr + m * (NK * REP * D) + ((kh * REP + i) * D + hc)[None, :], y.to(gl.bfloat16))
+        else:
+            vh = head0 - NQ - NK + hj
+            for r in gl.static_range(0, BM, RCH):
+                m = (pm + r + rows)[:, None]
+                c = cbuf.slice(r, RCH, 0).load(blk)
+                gl.store(v_ptr + m * (NV * D) + (pn - (NQ + NK) * D + cols)[None, :], c)
+                if REP > 1:
+                    for i in gl.static_range(REP):
+                        gl.store(vr_ptr + m * (NV * REP * D) + ((vh * REP + i) * D + hc)[None, :], c)
+        mbarrier.arrive(cbar.index(1))
+        n += 1
+
+
+@gluon.jit
+def qkv_gemm(a_desc, b_desc, raw_ptr, q_ptr, k_ptr, v_ptr, vr_ptr, cos_ptr, sin_ptr, gain_ptr, T, n_n, n_tiles,
+             K: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+             NW: gl.constexpr, EW: gl.constexpr, EREGS: gl.constexpr, CH: gl.constexpr, NQ: gl.constexpr,
+             NK: gl.constexpr, NV: gl.constexpr, REP: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr,
+             HAS_GAIN: gl.constexpr):
+    # cbar: cbuf full, cbuf free
+    a_bufs, b_bufs, cbuf, ready, empty, cbar = _gemm_smem(a_desc, b_desc, BM, BN, BK, STAGES, False, 2)
+    gl.warp_specialize([
+        (_mlp_consumer, (a_bufs, b_bufs, ready, empty, cbuf, cbar, n_n, n_tiles, K, BM, BN, BK, STAGES, False, NW)),
+        (_mlp_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, n_n, n_tiles, K, BM, BN, BK, STAGES, False)),
+        (_qkv_epilogue, (cbuf, cbar, raw_ptr, q_ptr, k_ptr, v_ptr, vr_ptr, cos_ptr, sin_ptr, gain_ptr, T, n_n,
+                         n_tiles, BM, BN, EW, CH, NQ, NK, NV, REP, D, HALF, HAS_GAIN)),
+    ], [1, EW], [40, EREGS])
 """
 # per GEMM: BM, BN, BK, STAGES, consumer warps, epilogue warps, their registers, elements per epilogue chunk.  The
-# fastest of each at the record shape (PERF #30, #31); the backward's 128 x 256 tiles beside h's tile in shared
-# memory leave room for only 32-wide k-slices in its ring.  #29's form, the epilogue in the consumer warps
-# (overlapped with the next tile's first k-steps), ran the backward as fast and the forward slower; gone since #31
-MLP_TILES = {"up": (128, 128, 64, 6, 8, 2, 152, 2048), "dgrad": (128, 256, 32, 4, 8, 2, 152, 2048)}
+# fastest of each at the record shape (PERF #30, #31, #42): the backward's ring holds 5 slots beside h's tile in shared
+# memory (6 do not fit).  #29's form, the epilogue in the consumer warps (overlapped with the next tile's first
+# k-steps), ran the backward as fast as #31's and the forward slower; gone since #31
+MLP_TILES = {"up": (128, 128, 64, 6, 4, 4, 152, 2048), "dgrad": (128, 128, 64, 5, 8, 4, 152, 2048)}
 
 
 def _mlp_gemm_launch(a: Tensor, w: Tensor, slope: float, h: Tensor | None = None, max_ctas: int = 0,
@@ -1368,7 +1839,84 @@ def mlp_gemm_fits(x: Tensor, w_up: Tensor) -> bool:
             and mlp_tiles_fit(x.numel() // K, K, w_up.size(0)))
 
 
+# the Q|K|V projection with the q/k op's forward in its epilogue (qkv_gemm, PERF #47): the MLP up kernel's loader and
+# consumer partitions, 4 epilogue warps (the fastest of four tiles timed on an H200: 280 us against 313 for cuBLAS +
+# the q/k op at the record shape; 8 warps 284-288)
+QKV_TILE = (128, 128, 64, 6, 4, 4, 152, 4096)
+QKV_HALF = 8  # RoPE's half (ROPE_DIMS / 2) the kernel is built and self-tested at; other widths: cuBLAS + the q/k op
+QKV_GLUON = True  # GPT.set_fused_qk uses the kernel only while this is on; gpu_bench's variant qkvref turns it off
+QKV_SELFTEST_SHAPE = (2, 192)  # batch x tokens of _qkv_gluon_selftest: 384 rows, 3 of QKV_TILE's row tiles
+
+
+def _qkv_gemm_launch(x: Tensor, w: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int, n_k: int, D: int,
+                     rep: int, max_ctas: int = 0, fill: float | None = None) -> tuple[Tensor, ...]:
+    """(raw, q, k, v, v_rep) of the Q|K|V projection of x (B, T, K) by w (HX * D, K): raw = x @ w.T as (B, T, HX,
+    D), its v heads not written (the q/k op's backward never reads them; so torch.library.opcheck would flag the
+    op); q, k, v, v_rep as _qk_launch returns them for raw.  Shapes as qkv_gemm_fits() accepts.  fill: the
+    outputs' value before the launch (the self-test's NaN: an unwritten element shows), else uninitialised."""
+    prev = torch.cuda.current_device()
+    torch.cuda.set_device(x.device)  # as _mlp_gemm_launch: the descriptors need x's context current
+    try:
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+        bm, bn, bk, stages, nw, ew, eregs, ch = QKV_TILE
+        B, T, K = x.shape
+        HX = w.size(0) // D
+        x2, w = x.reshape(-1, K).contiguous(), w.contiguous()
+        out = (lambda *shape: x2.new_full(shape, fill)) if fill is not None else x2.new_empty
+        raw = out(B, T, HX, D)
+        q, k, v, vr = (out(B, T, n, D) for n in _qkv_out_heads(n_q, n_k, HX - n_q - n_k, rep))
+        descs = [TensorDescriptor.from_tensor(t, blk, gl.NVMMASharedLayout.get_default_for(blk, gl.bfloat16))
+                 for t, blk in ((x2, [bm, bk]), (w, [bn, bk]))]
+        n_tiles = (x2.size(0) // bm) * (w.size(0) // bn)
+        grid = (min(n_tiles, max_ctas or torch.cuda.get_device_properties(x.device).multi_processor_count),)
+        _MLP_GLUON["ns"]["qkv_gemm"][grid](
+            *descs, raw, q, k, v, vr, cos.contiguous(), sin.contiguous(), gain if gain is not None else cos, T,
+            w.size(0) // bn, n_tiles, K=K, BM=bm, BN=bn, BK=bk, STAGES=stages, NW=nw, EW=ew, EREGS=eregs, CH=ch,
+            NQ=n_q, NK=n_k, NV=HX - n_q - n_k, REP=rep, D=D, HALF=cos.size(-1), HAS_GAIN=gain is not None,
+            num_warps=nw)
+        return raw, q, k, v, vr
+    finally:
+        if prev != x.device.index:
+            torch.cuda.set_device(prev)
+
+
+def qkv_tiles_fit(rows: int, K: int, n_q: int, n_k: int, n_v: int, D: int, half: int, rep: int) -> bool:
+    """Whether qkv_gemm takes rows x K tokens into n_q + n_k + n_v heads of D (k and v repeated rep times): whole
+    tiles that never straddle the q, k and v heads, at least STAGES k-steps, RoPE's half the one the kernel is
+    built and self-tested at (QKV_HALF), and element offsets within int32."""
+    bm, bn, bk, stages = QKV_TILE[:4]
+    return (rows > 0 and rows % bm == 0 and K % bk == 0 and K // bk >= stages and D > 0 and bn % D == 0
+            and min(n_q, n_k, n_v) >= 1 and all((n * D) % bn == 0 for n in (n_q, n_k, n_v))
+            and half == QKV_HALF and D % (2 * half) == 0
+            and rows * max(n_q + n_k + n_v, n_k * rep, n_v * rep) * D < 2 ** 31)
+
+
+def qkv_gemm_fits(x: Tensor, w: Tensor, cos: Tensor, n_q: int, n_k: int, D: int, rep: int) -> bool:
+    """Whether qkv_gemm takes x (B, T, K) @ w (HX * D, K).T with RoPE tables cos (>= T, HALF): bf16 on CUDA and
+    qkv_tiles_fit."""
+    K, N = x.size(-1), w.size(0)
+    return (x.is_cuda and x.dim() == 3 and x.dtype == w.dtype == torch.bfloat16 and w.dim() == 2 and w.size(1) == K
+            and D > 0 and N % D == 0 and cos.dim() == 2 and cos.size(0) >= x.size(1)
+            and qkv_tiles_fit(x.numel() // K if K else 0, K, n_q, n_k, N // D - n_q - n_k, D, cos.size(-1), rep))
+
+
 _MLP_GLUON: dict = {}
+
+
+def _gluon_lib() -> str | None:
+    """The Gluon kernels loaded once per process (_MLP_GLUON["ns"]) and the name of their ops' library; None without
+    Gluon (Triton >= 3.6's API) or without a Hopper GPU."""
+    if "lib" not in _MLP_GLUON:
+        _MLP_GLUON["lib"] = None
+        if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
+            try:
+                _MLP_GLUON["ns"] = _load_triton_source(_MLP_GLUON_SRC, "mlp_gluon")
+                _MLP_GLUON["lib"] = "pgolf_mlp_" + "".join(ch if ch.isalnum() else "_" for ch in __name__) + \
+                    f"_{id(_MLP_GLUON):x}"
+            except (ImportError, AttributeError, TypeError):  # no Gluon, or an older Gluon API
+                pass
+    return _MLP_GLUON["lib"]
 
 
 def mlp_gluon_op():
@@ -1377,13 +1925,9 @@ def mlp_gluon_op():
     if "up" in _MLP_GLUON:
         return _MLP_GLUON["up"]
     _MLP_GLUON["up"] = None
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+    lib = _gluon_lib()
+    if lib is None:
         return None
-    try:
-        _MLP_GLUON["ns"] = _load_triton_source(_MLP_GLUON_SRC, "mlp_gluon")
-    except (ImportError, AttributeError, TypeError):  # no Gluon, or an older Gluon API
-        return None
-    lib = "pgolf_mlp_" + "".join(ch if ch.isalnum() else "_" for ch in __name__) + f"_{id(_MLP_GLUON):x}"
 
     @torch.library.custom_op(f"{lib}::mlp_up_act", mutates_args=(),
                              schema="(Tensor x, Tensor w, float slope) -> (Tensor, Tensor)")
@@ -1403,7 +1947,7 @@ def mlp_gluon_op():
     def _(g, w, h, slope):
         return torch.empty_like(h, memory_format=torch.contiguous_format)
 
-    # four CTAs over 3 x 3 (dgrad) and 3 x 6 (up) tiles, unevenly: the persistent loop, the ring's phases and the
+    # four CTAs over 3 x 3 tiles in each direction, unevenly: the persistent loop, the ring's phases and the
     # epilogue's hand-over all run
     why = _mlp_gluon_selftest(lambda x, w, s: _mlp_gemm_launch(x, w, s, max_ctas=4),
                               lambda g, w, h, s: _mlp_gemm_launch(g, w, s, h, max_ctas=4), torch.device("cuda"))
@@ -1414,8 +1958,131 @@ def mlp_gluon_op():
     return up
 
 
+def qkv_gluon_op(K: int = 512, n_q: int = 8, n_k: int = 4, D: int = 64):
+    """The Q|K|V projection + the q/k op's forward as one custom op (registered once per process, _qkv_gluon_build),
+    for the projection of K features into n_q + 2 * n_k heads of D (the record's by default); None without Gluon, a
+    Hopper GPU or the Triton q/k op, where the kernel does not take that projection (qkv_tiles_fit), or if it fails
+    its self-test at that projection and its K/V repeats (once per projection; qkv_why says why).  op(x, w, cos,
+    sin, gain, n_q, n_k, D, rep) -> (raw, q, k, v, v_rep), raw not differentiable (its v heads are not written)."""
+    if not qkv_tiles_fit(math.prod(QKV_SELFTEST_SHAPE), K, n_q, n_k, n_k, D, QKV_HALF, max(n_q // max(n_k, 1), 1)):
+        return None
+    if "qkv" not in _MLP_GLUON:
+        _MLP_GLUON["qkv"] = _qkv_gluon_build()
+    if _MLP_GLUON["qkv"] is None:
+        return None
+    key = ("qkv_why", K, n_q, n_k, D)
+    if key not in _MLP_GLUON:
+        _MLP_GLUON[key] = _qkv_gluon_selftest(torch.device("cuda"), K, n_q, n_k, D)
+    return None if _MLP_GLUON[key] else _MLP_GLUON["qkv"]
+
+
+def qkv_why(K: int = 512, n_q: int = 8, n_k: int = 4, D: int = 64) -> str:
+    """Why qkv_gluon_op failed its self-test at this projection ("" if it did not, or has not run it)."""
+    return _MLP_GLUON.get(("qkv_why", K, n_q, n_k, D), "")
+
+
+def _qkv_gluon_build():
+    """qkv_gluon_op's custom op and its autograd (the backward: the q/k op's, then cuBLAS's two GEMMs), not yet
+    self-tested; None without Gluon, a Hopper GPU or the Triton q/k op."""
+    lib = _gluon_lib()
+    if lib is None or qk_norm_rope_op() is None:
+        return None
+    args = "Tensor x, Tensor w, Tensor cos, Tensor sin, Tensor? gain, int n_q, int n_k, int head_dim, int rep"
+
+    @torch.library.custom_op(f"{lib}::qkv_proj", mutates_args=(),
+                             schema=f"({args}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+    def qkv(x: Tensor, w: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int, n_k: int, head_dim: int,
+            rep: int):
+        return _qkv_gemm_launch(x, w, cos, sin, gain, n_q, n_k, head_dim, rep)
+
+    @qkv.register_fake
+    def _(x, w, cos, sin, gain, n_q, n_k, head_dim, rep):
+        B, T, _ = x.shape
+        HX = w.size(0) // head_dim
+        return (x.new_empty(B, T, HX, head_dim),) + tuple(
+            x.new_empty(B, T, n, head_dim) for n in _qkv_out_heads(n_q, n_k, HX - n_q - n_k, rep))
+
+    def setup_context(ctx, inputs, output):
+        x, w, cos, sin, gain = inputs[:5]
+        ctx.save_for_backward(x, w, output[0], cos, sin, gain)
+        ctx.heads = (inputs[5], inputs[6], inputs[8])
+        ctx.mark_non_differentiable(output[0])
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None (zeros below only where needed)
+
+    def backward(ctx, _, *grads):
+        x, w, raw, cos, sin, gain = ctx.saved_tensors
+        B, T, HX, D = raw.shape
+        n_q, n_k, rep = ctx.heads
+        grads = [raw.new_zeros(B, T, n, D) if g is None else g
+                 for g, n in zip(grads, _qkv_out_heads(n_q, n_k, HX - n_q - n_k, rep))]
+        d_raw, d_gain = _QK_KERNELS["bwd"](*grads, raw, cos, sin, gain, n_q, n_k, rep)
+        d2 = d_raw.view(-1, HX * D)
+        return ((d2 @ w).view(x.shape), d2.t() @ x.reshape(-1, x.size(-1)), None, None,
+                d_gain if gain is not None else None, None, None, None, None)
+
+    qkv.register_autograd(backward, setup_context=setup_context)
+    return qkv
+
+
+def _build_error(e: Exception) -> str:
+    """An exception from building or launching a Gluon kernel as one short line: its type and last message line (a
+    different Gluon API fails to compile with several exception types and long tracebacks)."""
+    msg = str(e).strip()
+    return f"{type(e).__name__}: {msg.splitlines()[-1][:160] if msg else ''}"
+
+
+def _max_rel_err(a: Tensor, b: Tensor) -> float:
+    """The largest elementwise |a - b| / |b|, with |b| floored at 1e-3 of b's rms (near-zero entries); NaN if a holds
+    one (an unwritten element)."""
+    af, bf = a.float(), b.float()
+    return ((af - bf).abs() / (bf.abs() + 1e-3 * bf.square().mean().sqrt())).max().item()
+
+
+def _qkv_gluon_selftest(device: torch.device, K: int = 512, n_q: int = 8, n_k: int = 4, D: int = 64) -> str:
+    """qkv_gemm at the projection K -> n_q + 2 * n_k heads of D over 384 tokens (3 row tiles; 3 x 8 tiles at the
+    record's heads, over 4 CTAs: the persistent loop and the hand-overs run), RoPE on 2 * QKV_HALF columns, k and v
+    repeated n_q / n_k times (the XSA layers' K/V for cuDNN), then once, into NaN-filled outputs: "" if it agrees,
+    else why not.  Its projection must be cuBLAS's within 2^-6 relative (a few bf16 ulps: another summation order),
+    and q, k, v, v_rep the q/k op's on its own projection within 2^-5 (fp32 in another order): an ulp of the
+    projection can move a rotated q/k element by more where RoPE's two products nearly cancel."""
+    g = torch.Generator(device=device).manual_seed(0)
+    B, T = QKV_SELFTEST_SHAPE
+    x = torch.randn(B, T, K, device=device, generator=g).bfloat16()
+    w = (torch.randn((n_q + 2 * n_k) * D, K, device=device, generator=g) / K ** 0.5).bfloat16()
+    cos, sin = (t.bfloat16() for t in rope_tables(T, 2 * QKV_HALF, 10000.0, device))
+    gain = torch.rand(n_q, device=device, generator=g) + 0.5
+    try:
+        why = []
+        for rep in sorted({max(n_q // n_k, 1), 1}, reverse=True):
+            raw, *outs = _qkv_gemm_launch(x, w, cos, sin, gain, n_q, n_k, D, rep, max_ctas=4, fill=float("nan"))
+            why += _qkv_compare(raw, outs, F.linear(x, w).view(B, T, -1, D), cos, sin, gain, n_q, n_k, rep)
+    except Exception as e:  # another Gluon (API, codegen)
+        return _build_error(e)
+    return "; ".join(why)
+
+
+def _qkv_compare(raw: Tensor, outs: list, raw_ref: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, n_q: int,
+                 n_k: int, rep: int) -> list[str]:
+    """What is off in qkv_gemm's (raw, [q, k, v, v_rep]) against cuBLAS's projection raw_ref and the q/k op on raw's
+    q/k heads (raw_ref's v heads: the kernel writes only its v outputs); elementwise, floored at 1e-3 of the rms."""
+    qk = n_q + n_k
+    own = torch.cat((raw[:, :, :qk], raw_ref[:, :, qk:]), 2)
+    pairs = [("raw", raw[:, :, :qk], raw_ref[:, :, :qk], 2 ** -6)] + [
+        (name, a, b, 2 ** -5) for name, a, b in zip(("q", "k", "v", "v_rep"), outs,
+                                                    _qk_launch(own, cos, sin, gain, n_q, n_k, rep))]
+    why = []
+    for name, a, b, tol in pairs:
+        if a.shape != b.shape:
+            why.append(f"{name} (rep {rep}) has shape {tuple(a.shape)}, expected {tuple(b.shape)}")
+        elif b.numel():
+            err = _max_rel_err(a, b)
+            if not err <= tol:  # NaN (an unwritten tile) fails too
+                why.append(f"{name} (rep {rep}) off by {err:.1e}")
+    return why
+
+
 def _mlp_gluon_selftest(up, dgrad, device: torch.device) -> str:
-    """Both kernels on a small case (3 x 3 of the larger tiles, 128 x 256, and K 512: 8-16 k-steps) against the torch
+    """Both kernels on a small case (3 x 3 of their tiles, 128 x 128, and K 512: 8 k-steps) against the torch
     math (_mlp_gluon_compare): "" if they agree, else why not, e.g. under another Triton's Gluon, which is
     experimental and changes between releases.  up(x, w_up, slope) -> (h, u), dgrad(g, w_down, h, slope) -> dh."""
     g = torch.Generator(device=device).manual_seed(0)
@@ -1437,7 +2104,7 @@ def _mlp_gluon_compare(up, dgrad, x: Tensor, w_up: Tensor, gy: Tensor, w_down: T
         if x.is_cuda:
             torch.cuda.synchronize(x.device)  # a kernel's fault surfaces here, not at the comparison
     except Exception as e:  # a different Gluon API fails to compile with several exception types
-        return f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:160] if str(e).strip() else ''}"
+        return _build_error(e)
     h_ref = F.linear(x, w_up)
     hf = h_ref.float()
     refs = (h_ref, F.leaky_relu(h_ref, 0.5).square(),
@@ -1449,9 +2116,7 @@ def _mlp_gluon_compare(up, dgrad, x: Tensor, w_up: Tensor, gy: Tensor, w_down: T
         # elementwise, within 2^-5 of the torch value (floored at 1e-3 of its rms for near-zero entries): a few bf16
         # ulps, room for cuBLAS summing in another order (split-K on few tiles) and for u and dh doubling a 1-ulp
         # difference of h or g; a race, a wrong formula or a dropped tile is off by O(1)
-        af, bf = a.float(), b.float()
-        floor = 1e-3 * bf.square().mean().sqrt()
-        errs.append((name, ((af - bf).abs() / (bf.abs() + floor)).max().item()))
+        errs.append((name, _max_rel_err(a, b)))
     return "; ".join(f"{name} off by {err:.1e}" for name, err in errs if not err <= 2 ** -5)
 
 
@@ -1654,6 +2319,7 @@ class CausalSelfAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim, self.xsa = num_heads, num_kv_heads, head_dim, xsa
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
         self.fused_qk = False  # GPT sets it when Triton is there: inputs on FUSED_QK_DEVICES take qk_norm_rope_op()
+        self.fused_qkv = False  # and this one where the Gluon Q|K|V kernel builds (Hopper; PERF #47)
 
     def forward(self, h: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, wo: Tensor, rope: tuple[Tensor, Tensor],
                 ve: Tensor | None, store: dict | None, prefix: str) -> Tensor:
@@ -1663,13 +2329,17 @@ class CausalSelfAttention(nn.Module):
         norm_rope = _QK_KERNELS["op"] if self.fused_qk and h.device.type in FUSED_QK_DEVICES else qkv_norm_rope_ref
         H, Hkv = self.num_heads, self.num_kv_heads
         # one GEMM for Q|K|V (docs/PERF.md #13): the K and V projections alone are narrow, slower GEMMs
-        qkv = F.linear(h, torch.cat((wq, wk, wv))).view(B, T, H + 2 * Hkv, D)
+        w_qkv = torch.cat((wq, wk, wv))
         # K and V at H heads for the attention in training forwards where the Triton op runs and SDPA is the
         # attention (PERF #34: cuDNN then skips its KV-head gradient reduction, and the op sums the copies' and XSA's
         # gradients in one pass); v itself still goes to XSA
         rep = H // Hkv if KV_REP and self.xsa and ve is None and norm_rope is not qkv_norm_rope_ref \
             and torch.is_grad_enabled() and flash_attn_3_func is None and flash_attn_2_func is None else 1
-        q, k, v, v_rep = norm_rope(qkv, *rope, self.q_gain, H, Hkv, rep)
+        if self.fused_qkv and norm_rope is not qkv_norm_rope_ref and store is None and torch.is_grad_enabled() \
+                and qkv_gemm_fits(h, w_qkv, rope[0], H, Hkv, D, rep):  # the q/k op in the GEMM's epilogue (#47)
+            _, q, k, v, v_rep = _MLP_GLUON["qkv"](h, w_qkv, *rope, self.q_gain, H, Hkv, D, rep)
+        else:
+            q, k, v, v_rep = norm_rope(F.linear(h, w_qkv).view(B, T, H + 2 * Hkv, D), *rope, self.q_gain, H, Hkv, rep)
         if ve is not None:
             v = v + ve.view(B, T, Hkv, D)
         y = causal_attention(q, k, v_rep if rep > 1 else v)
@@ -1703,23 +2373,27 @@ class Block(nn.Module):
         _record_hessian(store, f"blocks.{self.layer_idx}.mlp.proj", u)
         return F.linear(u, w_down)
 
+    def branch_weights(self, w: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """(wq, wk, wv, wo, w_up, w_down) of this layer with attn_scale in W_O and mlp_scale in W_down:
+        attn_scale * (y @ W_O^T) == y @ (attn_scale[:, None] * W_O)^T, and likewise for the MLP.  The per-channel
+        scales ride on the 512-row weights (product in fp32, rounded back to bf16), so the backward neither keeps the
+        N x 512 projection outputs for their gradients nor writes scaled copies of the residual gradient (PERF #21)."""
+        wq, wk, wv, wo, w_up, w_down = w
+        return (wq, wk, wv, (self.attn_scale[:, None] * wo).to(wo.dtype), w_up,
+                (self.mlp_scale[:, None] * w_down).to(w_down.dtype))
+
+    def attend(self, h: Tensor, w: tuple[Tensor, ...], rope: tuple[Tensor, Tensor], ve: Tensor | None,
+               store: dict | None) -> Tensor:
+        return self.attn(h, *w[:4], rope, ve, store, f"blocks.{self.layer_idx}.attn.")
+
     def forward(self, x: Tensor, x0: Tensor, w: tuple[Tensor, ...], rope: tuple[Tensor, Tensor],
                 ve: Tensor | None, store: dict | None) -> Tensor:
-        wq, wk, wv, wo, w_up, w_down = w
+        w = self.branch_weights(w)
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         dim = (x.size(-1),)
-        # attn_scale * (y @ W_O^T) == y @ (attn_scale[:, None] * W_O)^T, and likewise mlp_scale into W_down: the
-        # per-channel scales ride on the 512-row weights (product in fp32, rounded back to bf16), so the backward
-        # neither keeps the N x 512 projection outputs for their gradients nor writes scaled copies of the residual
-        # gradient (docs/PERF.md #21)
-        wo = (self.attn_scale[:, None] * wo).to(wo.dtype)
-        a = self.attn(F.rms_norm(x, dim) * self.ln_scale, wq, wk, wv, wo, rope, ve, store,
-                      f"blocks.{self.layer_idx}.attn.")
-        x = x + a
-        m = self.mlp(F.rms_norm(x, dim) * self.ln_scale, w_up, (self.mlp_scale[:, None] * w_down).to(w_down.dtype),
-                     store)
-        return x + m
+        x = x + self.attend(F.rms_norm(x, dim) * self.ln_scale, w, rope, ve, store)
+        return x + self.mlp(F.rms_norm(x, dim) * self.ln_scale, w[4], w[5], store)
 
 
 class GPT(nn.Module):
@@ -1730,7 +2404,7 @@ class GPT(nn.Module):
         if h.rope_dims == 2:
             raise ValueError("ROPE_DIMS=2 is not supported: the NTK exponent rope_dims/(rope_dims-2) is undefined")
         L, d, V = h.num_layers, h.model_dim, h.vocab_size
-        kv_dim, mlp_dim = h.num_kv_heads * h.head_dim, int(h.mlp_mult * d)
+        kv_dim, mlp_dim = h.num_kv_heads * h.head_dim, h.mlp_dim
         self.num_layers, self.logit_softcap, self.qat_clip = L, h.logit_softcap, h.quant_clip_range
         self.qat_enabled = h.qat_enabled  # QAT_ENABLED=0 keeps the QAT ops out of the graph (the seed's math)
         self.num_encoder = L // 2
@@ -1769,7 +2443,7 @@ class GPT(nn.Module):
         self.set_fused_qk(torch.cuda.is_available())  # per forward, only inputs on CUDA take it (moves are fine)
         self.rope_ntk_len = 0  # > 0: RoPE's NTK base of this length for shorter inputs (selfgen sampling windows)
         self._init_weights(h)
-        self._apply_dtype_rule()
+        self._apply_dtype_rule(h.control_patterns)
 
     def _init_weights(self, h: Hyperparameters) -> None:
         """SPEC §2.1.  proj_scale 1/sqrt(2L) multiplies W_O and W_down, which are zero, so it is omitted."""
@@ -1796,22 +2470,29 @@ class GPT(nn.Module):
                     if min(m.weight.shape) >= 64:
                         nn.init.orthogonal_(m.weight)
 
-    def _apply_dtype_rule(self) -> None:
-        """SPEC §2.1: the seed casts the model to bf16 and restores fp32 for banks, CastedLinear and control
-        params, so fp32 params carry bf16-rounded init values; embeddings and skip_gates stay bf16."""
+    def _apply_dtype_rule(self, control: tuple[str, ...]) -> None:
+        """SPEC §2.1: the seed casts the model to bf16 and restores fp32 for the banks, the CastedLinear weights and
+        every param of ndim < 2 or whose name holds a control pattern, so fp32 params carry bf16-rounded init values;
+        with the seed's patterns the embeddings and skip_gates stay bf16."""
+        linear = {n + ".weight" for n, m in self.named_modules() if isinstance(m, CastedLinear)}
         for name, p in self.named_parameters():
-            keep_bf16 = classify_param(name) == "embed" or name == "skip_gates"
-            p.data = p.data.to(torch.bfloat16) if keep_bf16 else p.data.to(torch.bfloat16).float()
+            fp32 = name in BANK_PARAM_NAMES or name in linear or p.ndim < 2 or any(c in name for c in control)
+            p.data = p.data.to(torch.bfloat16).float() if fp32 else p.data.to(torch.bfloat16)
 
     def set_fused_qk(self, on: bool) -> bool:
-        """Use the Triton ops (q/k norm + RoPE, XSA, and the training loss's softcapped cross-entropy) for inputs on
-        FUSED_QK_DEVICES (if Triton imports), and the Gluon MLP GEMMs where mlp_gluon_op() builds them (a Hopper GPU
-        on which they pass their self-test); returns whether the Triton ops are on."""
+        """Use the Triton ops (q/k norm + RoPE, XSA, the training loss's softcapped cross-entropy, and in training
+        forwards the residual-stream ops while RES_FUSED is on) for inputs on FUSED_QK_DEVICES (if Triton imports),
+        and the Gluon MLP GEMMs where mlp_gluon_op() builds them and the Q|K|V kernel where qkv_gluon_op() does at
+        this model's projection (a Hopper GPU on which they pass their self-tests); returns whether the Triton ops
+        are on."""
         on = on and qk_norm_rope_op() is not None
         mlp = on and mlp_gluon_op() is not None
+        a = self.blocks[0].attn
+        qkv = on and QKV_GLUON and qkv_gluon_op(self.tok_emb.embedding_dim, a.num_heads, a.num_kv_heads,
+                                                a.head_dim) is not None
         for block in self.blocks:
-            block.attn.fused_qk, block.fused_mlp = on, mlp
-        self.fused_ce = on
+            block.attn.fused_qk, block.attn.fused_qkv, block.fused_mlp = on, qkv, mlp
+        self.fused_ce = self.fused_res = on
         return on
 
     def set_qat(self, alpha: float) -> None:
@@ -1848,6 +2529,9 @@ class GPT(nn.Module):
         x0 = x
         ve = self.ve_shared(input_ids, dt) if self.ve_index else None
         rope = self.rope(input_ids.size(1), dt)
+        if self.fused_res and RES_FUSED and store is None and torch.is_grad_enabled() \
+                and x0.device.type in FUSED_QK_DEVICES and _QK_KERNELS.get("res_mix") is not None:
+            return self._hidden_fused(x0, ve, rope, (qo, kv, up, down))
         skips: list[Tensor] = []
         for i, block in enumerate(self.blocks):
             j = i - self.num_encoder
@@ -1859,6 +2543,35 @@ class GPT(nn.Module):
             if i < self.num_encoder:
                 skips.append(x)
         return F.rms_norm(x, (x.size(-1),))
+
+    def _hidden_fused(self, x0: Tensor, ve: Tensor | None, rope: tuple[Tensor, Tensor], banks: tuple) -> Tensor:
+        """forward_hidden's blocks in training forwards through the residual-stream ops (PERF #48), the same math as
+        Block.forward and the loop above: res_mix at each block's input (the previous block's attention-branch sum
+        plus its MLP output, the U-Net skip, resid_mix and the attention's RMSNorm in one kernel and its backward,
+        with the per-channel gradients), res_add after the attention (its add and the MLP's RMSNorm).  A block output
+        is written only where a later skip reads it; the one the next block's skip takes is not written at all."""
+        qo, kv, up, down = banks
+        L, dt = self.num_layers, x0.dtype
+        mix_op, add_op = _QK_KERNELS["res_mix"], _QK_KERNELS["res_add"]
+        xa, xb, skips = x0, None, []
+        for i, block in enumerate(self.blocks):
+            j = i - self.num_encoder
+            push = 0 < i <= self.num_encoder  # the previous block's output goes on the (LIFO) skip stack
+            skip, mode, sw, gate = None, 0, None, None
+            if j >= 0 and (skips or push):
+                sw, gate = self.skip_weights[j].to(dt), self.skip_gates[j].to(dt)
+                if push:  # the skip is this block's own input
+                    mode, push = 2, False
+                else:
+                    skip, mode = skips.pop(), 1
+            x, h, xo = mix_op(xa, xb, skip, x0, block.resid_mix.to(dt), sw, gate, block.ln_scale, mode, push)
+            if push:
+                skips.append(xo)
+            w = block.branch_weights((qo[i], kv[i], kv[L + i], qo[L + i], up[i], down[i]))
+            ve_i = self.ve_layer_scales[self.ve_index[i]].to(dt) * ve if i in self.ve_index else None
+            x2, h2 = add_op(x, block.attend(h, w, rope, ve_i, None), block.ln_scale)
+            xa, xb = x2, block.mlp(h2, w[4], w[5], None)
+        return F.rms_norm(xa + xb, (xa.size(-1),))
 
     def _head_operands(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
         """The tied head's (input, weight) in the activation dtype.  hidden is first rounded to the embedding dtype
@@ -2122,6 +2835,27 @@ class Optimizers:
             opt.step()
         self.muon.step()
 
+    def backward(self, loss: Tensor) -> None:
+        """loss.backward() into the .grad buffers, the micro-batch's gradients added by one foreach add per dtype:
+        autograd's AccumulateGrad adds each parameter's with a kernel of its own, ~58 small kernels after every
+        micro-batch's backward (PERF #40).  The same sums: g added in place to each existing .grad, as AccumulateGrad
+        does (the buffers exist from __init__; a .grad set to None since is made again, zeroed).  Only the parameters
+        in self.params get gradients (build_optimizers routes every one of the model's, once each), and
+        post-accumulate-grad hooks do not run (none are registered)."""
+        params = [p for p in self.params if p.requires_grad]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        acc, new = [], []
+        for p, g in zip(params, grads):
+            if g is not None:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                acc.append(p.grad)
+                new.append(g)
+        if acc:
+            with torch.no_grad():
+                for (a, n), _ in _group_tensors_by_device_and_dtype([acc, new]).values():
+                    torch._foreach_add_(a, n)
+
     def _grad_groups(self) -> list[list[Tensor]]:
         """The grads grouped by (device, dtype) by torch's own helper, in its order (a hash map's, not first-seen), so
         that clip_grads stacks the norms exactly as clip_grad_norm_ does."""
@@ -2255,12 +2989,13 @@ def _damp_(H: Tensor) -> Tensor:
     return H
 
 
-def collect_hessians(model: nn.Module, batches: list, device: torch.device) -> dict:
+def collect_hessians(model: nn.Module, batches: list, device: torch.device, t0: float | None = None) -> dict:
     """H = mean over batches (and, D4, over ranks) of X^T X for the four recorded inputs of every block, damped,
-    as CPU fp32 tensors keyed by the per-layer weight names they serve (c_q/c_k/c_v share one)."""
+    as CPU fp32 tensors keyed by the per-layer weight names they serve (c_q/c_k/c_v share one).  The logged time
+    runs from t0 (default: now), so a caller can count the batches' loading too."""
     if not batches:
         raise ValueError("collect_hessians got no batches (GPTQ_CALIB_SAMPLES must be >= 1)")
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if t0 is None else t0
     model.hessian_store = {}
     try:
         with eval_mode(model), torch.inference_mode(), autocast_ctx(device):
@@ -2455,7 +3190,8 @@ def _as_rows(t: Tensor) -> Tensor:
 
 def quantize_state_dict(sd: dict, hessians: dict | None, h: Hyperparameters, device: torch.device | None = None) -> dict:
     """Route every tensor of the state dict (SPEC §7.4; banks are split per layer first) and quantise it:
-    non-float or numel <= SMALL_TENSOR_NUMEL -> fp16 passthrough; classify_param == "embed" -> int8 per row;
+    non-float or numel <= SMALL_TENSOR_NUMEL -> fp16 passthrough; a name holding an INT8_KEEP_FLOAT_FP32_NAME_PATTERNS
+    entry -> fp32 passthrough; classify_param == "embed" -> int8 per row;
     everything else -> int6 (GPTQ where a Hessian exists, batched per shape on `device`, default: the weights'
     device; naive otherwise).  Returns {'w': tensors on CPU, 'm': per-name route} (SPEC §8)."""
     if "qo_bank" in sd:
@@ -2469,6 +3205,9 @@ def quantize_state_dict(sd: dict, hessians: dict | None, h: Hyperparameters, dev
         if not t.is_floating_point() or t.numel() <= SMALL_TENSOR_NUMEL:
             m[name] = "passthrough"
             w[name] = t.to(torch.float16) if t.is_floating_point() else t
+        elif any(c in name for c in h.keep_fp32_patterns):  # after the size test, as the seed's (§7.4)
+            m[name] = "passthrough"
+            w[name] = t.float()
         elif classify_param(name) == "embed":
             m[name] = {"type": "int8"}
             w[name + ".q"], w[name + ".scale"] = quantize_rows_int8(_as_rows(t))
@@ -2507,10 +3246,12 @@ def dequantize_state_dict(qsd: dict, template_sd: dict) -> dict:
         raise ValueError(f"quantized state dict and template differ: {sorted(set(m) ^ set(template_sd))[:6]}")
     out = {}
     for name, ref in template_sd.items():
-        if m[name] == "passthrough":
-            out[name] = w[name].to(ref.dtype)
-        else:
-            out[name] = dequantize_rows(w[name + ".q"], w[name + ".scale"], ref.dtype).reshape(ref.shape)
+        t = w[name] if m[name] == "passthrough" else w[name + ".q"]
+        if t.shape != ref.shape:  # another model shape: say so, rather than fail in a reshape or load it scrambled
+            raise ValueError(f"artifact tensor {name} has shape {tuple(t.shape)}, the model here {tuple(ref.shape)}: "
+                             "the model's env vars (MODEL_DIM, NUM_LAYERS, MLP_MULT, BIGRAM_*, VE_*, ...) must be "
+                             "those of the run that wrote it")
+        out[name] = t.to(ref.dtype) if m[name] == "passthrough" else dequantize_rows(t, w[name + ".scale"], ref.dtype)
     return out
 
 # ==============================================================================
@@ -2521,13 +3262,16 @@ def dequantize_state_dict(qsd: dict, template_sd: dict) -> dict:
 # The artifact is torch.save of the quantised dict, byte-shuffled and Brotli-11 compressed (PR #1172).  The int8
 # values and the fp16 scales' low/high bytes have very different statistics; the stride-2 shuffle puts like bytes
 # together so the entropy coder sees two cleaner streams.  Total size = compressed model + the real bytes of the
-# code file that runs (D9); must be <= TARGET_MB * 1e6.
+# code file that runs (D9); must be under TARGET_MB * 1e6.
 try:
     import brotli
 except ImportError:
     brotli = None
 
 SHUFFLE_MAGIC = b"BSHF"
+RESUME_HINT = ("the trained weights are in final_model.pt (TRAIN_GPT=<this train_gpt.py> torchrun --standalone "
+               "--nproc_per_node=<the run's GPU count> scripts/eval_artifact.py final_model.pt exports and scores them "
+               "without retraining, e.g. at a larger TARGET_MB)")
 FIT_MAX_COMPRESSES = 8  # exact brotli-11 passes allowed when pruning (80-150 s each for 27 MB on a slow 2-core box)
 FIT_SLACK_FRAC = 1e-3  # stop refining once a fitting blob is within this fraction of the model budget
 
@@ -2588,15 +3332,17 @@ def code_size_bytes(path: str | None = None) -> int:
 
 def _prune_candidates(qsd: dict, hessians: dict | None) -> tuple[list, Tensor, Tensor, Tensor, Tensor]:
     """Every ±1 of the int6 tensors, cheapest first (PR #1019's selective pruning): the error of zeroing it is
-    scale_row^2, times diag(H) of its column when a Hessian is known.  Returns (names, tensor id, flat index,
-    global row id, is_plus_one), each sorted by that error."""
+    scale_row^2, times diag(H) of its column over the diagonal's mean when a Hessian is known (its relative input
+    energy: a token sum's magnitude would otherwise rank every tensor without a Hessian, bigram.proj, first).
+    Returns (names, tensor id, flat index, global row id, is_plus_one), each sorted by that error."""
     names, errs, tids, idxs, rows, plus = [], [], [], [], [], []
     row0 = 0
     for name in (n for n, r in qsd["m"].items() if r != "passthrough" and r["type"] == "int6"):
         q, scale = qsd["w"][name + ".q"], qsd["w"][name + ".scale"].float()
         cost = scale.square().unsqueeze(-1).expand(q.shape)
         if hessians and name in hessians and hessians[name].shape[0] == q.shape[-1]:
-            cost = cost * hessians[name].diagonal().float().cpu()
+            diag = hessians[name].diagonal().float().cpu()
+            cost = cost * (diag / diag.mean().clamp_min(1e-30))
         idx = (q.abs() == 1).flatten().nonzero().squeeze(1)
         errs.append(cost.flatten()[idx])
         tids.append(torch.full_like(idx, len(names)))
@@ -2660,20 +3406,25 @@ def _solve_count(entropy, lo: int, hi: int, goal: float) -> int:
     return lo
 
 
+def model_budget(target_bytes: int, code_bytes: int) -> int:
+    """The most bytes the compressed model may take: SPEC §8 wants model + code under the cap, not equal to it."""
+    return target_bytes - code_bytes - 1
+
+
 def fit_to_budget(qsd: dict, hessians: dict | None, code_bytes: int, target_bytes: int) -> tuple[dict, bytes, dict]:
-    """Compress qsd; if blob + code exceeds target_bytes, zero the cheapest ±1 int6 values until it fits.
+    """Compress qsd; unless blob + code is under target_bytes, zero the cheapest ±1 int6 values until it is.
     The count is searched on an entropy proxy of the blob size, corrected by secant steps between exact
     brotli-11 sizes (at most FIT_MAX_COMPRESSES of them), keeping the smallest count that really fits.
     Returns (qsd, blob, {"pruned", "bytes", "candidates", "compresses"}); raises RuntimeError if nothing fits."""
-    budget = target_bytes - code_bytes
+    budget = model_budget(target_bytes, code_bytes)
     blob = compress(serialize(qsd))
     if len(blob) <= budget:
         return qsd, blob, {"pruned": 0, "bytes": len(blob), "candidates": 0, "compresses": 1}
     names, tids, idxs, rows, plus = _prune_candidates(qsd, hessians)
     total = len(idxs)
     if total == 0:
-        raise RuntimeError(f"model blob {len(blob)} + code {code_bytes} bytes exceeds TARGET_MB budget {target_bytes} "
-                           "and there are no ±1 int6 values to prune")
+        raise RuntimeError(f"model blob {len(blob)} + code {code_bytes} bytes is not under the TARGET_MB cap {target_bytes} "
+                           f"and there are no ±1 int6 values to prune; {RESUME_HINT}")
     entropy = _prune_estimator(qsd, names, rows, plus)
     over, fit = (0, entropy(0), len(blob)), None  # (count, proxy bytes, exact bytes)
     slope, calls = 1.0, 1
@@ -2699,8 +3450,8 @@ def fit_to_budget(qsd: dict, hessians: dict | None, code_bytes: int, target_byte
             if n == total:
                 break
     if fit is None:
-        raise RuntimeError(f"model blob {over[2]} + code {code_bytes} bytes exceeds TARGET_MB budget {target_bytes} "
-                           f"even after pruning {over[0]} of {total} ±1 values; the full-precision weights are saved")
+        raise RuntimeError(f"model blob {over[2]} + code {code_bytes} bytes is not under the TARGET_MB cap {target_bytes} "
+                           f"even after pruning {over[0]} of {total} ±1 values; {RESUME_HINT}")
     log0(f"selective_prune: pruned:{fit[0]} candidates:{total} bytes:{fit[2]} target:{budget} compresses:{calls}")
     return best[0], best[1], {"pruned": fit[0], "bytes": fit[2], "candidates": total, "compresses": calls}
 
@@ -2723,7 +3474,8 @@ def fit_to_budget(qsd: dict, hessians: dict | None, code_bytes: int, target_byte
 # time.  The transformer runs once per batch without grad; each step reruns only `compute_logits` and the CE.
 #   standard: the seed.  One delta per batch of windows, fitted on the mean CE over positions 0..T-2 of every window
 #             (padding included), i.e. on the very targets it then scores, so a scored token's probability depends
-#             on that token (PR #1240's flip test, issue #1336).  Kept to reproduce the seed's numbers.
+#             on that token (PR #1240's flip test, issue #1336).  Kept to reproduce the seed's numbers; over D10's
+#             windows, so at more than one rank its batches group windows a little differently from the seed's.
 #   causal (D5, default): one delta PER WINDOW, fitted only on positions [0, s) of that window, which earlier windows
 #             have already scored, then used to score [s, wlen).  Why not one delta shared by the batch: window k's
 #             context [0, s) holds targets that window k-1 of the same batch scores, so a shared delta fitted on all
@@ -2950,15 +3702,17 @@ class EMA:
         self.shadow = [p.detach().float().clone() for p in self.params]
         self.previous = [t.clone() for t in self.shadow]
         # the lerp's fp32 sources taken once (detached aliases of the parameters, which the optimizers update in
-        # place): update() runs between the per-step sync and the next step's first forward, and a detach + float per
-        # parameter was 120 host calls there (PERF #37); bf16 parameters are still cast each update
-        self.sources = [p.detach() if p.dtype == torch.float32 else None for p in self.params]
+        # place), and again only if a parameter's data is replaced: update() runs between the per-step sync and the
+        # next step's first forward, and a detach + float per parameter was 120 host calls there (PERF #37); bf16
+        # parameters are still cast each update
+        self.sources: list[Tensor | None] = []
 
     @torch.no_grad()
     def update(self, step: int) -> None:
         torch._foreach_copy_(self.previous, self.shadow)
-        if any(s is not None and s.data_ptr() != p.data_ptr() for s, p in zip(self.sources, self.params)):
-            self.sources = [p.detach() if p.dtype == torch.float32 else None for p in self.params]  # p.data replaced
+        if not self.sources or any(s is not None and s.data_ptr() != p.data_ptr()
+                                   for s, p in zip(self.sources, self.params)):
+            self.sources = [p.detach() if p.dtype == torch.float32 else None for p in self.params]
         src = [s if s is not None else p.detach().float() for s, p in zip(self.sources, self.params)]
         torch._foreach_lerp_(self.shadow, src, 1.0 - ema_decay(step))
 
@@ -3004,7 +3758,7 @@ def run_train_step(model, opt, loader, h: Hyperparameters, d: DistInfo, device, 
         total += loss.detach()
         if agree is not None and i == ga - 1:
             agree.start(total)
-        (loss / ga).backward()
+        opt.backward(loss / ga)
     if prefetch:
         loader.prefetch(h.train_batch_tokens, h.train_seq_len, ga)
     opt.step(step, scale)
@@ -3094,7 +3848,7 @@ def warmup_compile(h: Hyperparameters, d: DistInfo, device, base: nn.Module, mod
         return
     initial = {k: v.detach().clone() for k, v in base.state_dict().items()}
     opt = build_optimizers(h, base, d)
-    loader = TrainLoader(list_shards(h.train_files), h.seed, d.rank, d.world_size, device)
+    loader = TrainLoader(list_shards(h.train_files), h.seed, d.rank, d.world_size, device, h.vocab_size)
     for i in range(h.warmup_steps):
         run_train_step(model, opt, loader, h, d, device, i, 1.0)
         log0(f"warmup_step:{i + 1}/{h.warmup_steps}")
@@ -3111,7 +3865,7 @@ def train_model(h: Hyperparameters, d: DistInfo, device, base: nn.Module, model,
     budget_ms = h.train_budget_ms
     warmup_compile(h, d, device, base, model)
     opt = build_optimizers(h, base, d)
-    loader = TrainLoader(list_shards(h.train_files), h.seed, d.rank, d.world_size, device)
+    loader = TrainLoader(list_shards(h.train_files), h.seed, d.rank, d.world_size, device, h.vocab_size)
     ema = EMA(base)
     base.set_qat(0.0)
     qat_start, train_ms, step, capped = None, 0.0, 0, False
@@ -3137,7 +3891,8 @@ def train_model(h: Hyperparameters, d: DistInfo, device, base: nn.Module, model,
         if bad:
             save_state(ema.last_finite_state(), "final_model.pt", d)
             raise RuntimeError(f"non-finite train_loss at step:{step}; stopped. The last finite EMA weights are in "
-                               "final_model.pt; lower the learning rates (MATRIX_LR, TIED_EMBED_LR, SCALAR_LR)")
+                               "final_model.pt; lower the learning rates (MATRIX_LR_EARLY and MATRIX_LR_LATE, or "
+                               "MATRIX_LR with SPLIT_LR_ENABLED=0; TIED_EMBED_LR, SCALAR_LR)")
         ema.update(step)
         if step <= 10 or (h.train_log_every > 0 and step % h.train_log_every == 0):
             tok_s = step * h.train_batch_tokens / max(train_ms / 1000.0, 1e-9)
@@ -3172,9 +3927,20 @@ def calibration_batches(h: Hyperparameters, d: DistInfo, device, model) -> list[
         n_seqs = max(1, h.gptq_calib_samples // d.world_size)  # D4: 64 sequences in all, split across ranks
         return generate_calibration(model, h, device, n_seqs, h.train_seq_len, seed=h.seed + d.rank)
     log0(f"gptq:calibrating with {h.gptq_calib_samples} batches (training data)...")
-    loader = TrainLoader(list_shards(h.train_files), h.seed, d.rank, d.world_size, device)
+    loader = TrainLoader(list_shards(h.train_files), h.seed, d.rank, d.world_size, device, h.vocab_size)
     return [loader.next_batch(h.train_batch_tokens, h.train_seq_len, d.grad_accum_steps)[0]
             for _ in range(h.gptq_calib_samples)]
+
+
+def gptq_reserve_warning(h: Hyperparameters, calib_ms: float) -> str:
+    """The log's warning when a GPTQ calibration on training data took longer than the GPTQ_RESERVE_MS carved out of
+    the wallclock cap for it (training + calibration may then pass the cap; a record's 600 s counts both, SPEC D4);
+    "" otherwise (self-generated calibration reads no training data; no cap, no reserve)."""
+    if h.gptq_calib != "train" or h.max_wallclock_seconds <= 0 or calib_ms <= h.gptq_reserve_ms:
+        return ""
+    return (f"gptq_warning: calibration on training data took {calib_ms:.1f}ms > GPTQ_RESERVE_MS={h.gptq_reserve_ms}, "
+            "so training + calibration may exceed MAX_WALLCLOCK_SECONDS (a record's 600 s counts both, SPEC D4); "
+            "raise GPTQ_RESERVE_MS")
 
 
 def export_artifact(h: Hyperparameters, d: DistInfo, device, base: nn.Module) -> str:
@@ -3187,7 +3953,11 @@ def export_artifact(h: Hyperparameters, d: DistInfo, device, base: nn.Module) ->
     log0(f"Code size: {code_bytes} bytes")
     hessians = None
     if h.use_gptq:
-        hessians = collect_hessians(base, calibration_batches(h, d, device, base), device)
+        t0 = time.perf_counter()  # the logged time counts reading the training batches too (D4: inside the reserve)
+        hessians = collect_hessians(base, calibration_batches(h, d, device, base), device, t0)
+        warning = gptq_reserve_warning(h, 1000 * (time.perf_counter() - t0))
+        if warning:
+            log0(warning)
     path = "final_model.int6.ptz"
     if d.is_main:
         t0 = time.perf_counter()
@@ -3277,6 +4047,8 @@ def log_header(h: Hyperparameters, d: DistInfo, device) -> None:
         log0(smi, console=False)
         log0(f"device:{torch.cuda.get_device_name(device)}")
     log0("=" * 100, console=False)
+    for k, name in Hyperparameters.near_misses():
+        log0(f"env_warning: unknown:{k} did_you_mean:{name} (not a setting: it changes nothing)")
     log0(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={h.tokenizer_path}")
     log0(f"train_loader:dataset:{h.data_path} train_shards:{len(list_shards(h.train_files))}")
     log0(f"XSA:last_{h.xsa_last_n} active_layers:{list(range(h.num_layers - h.xsa_last_n, h.num_layers))}")
@@ -3289,11 +4061,18 @@ def log_header(h: Hyperparameters, d: DistInfo, device) -> None:
     fused = device.type in FUSED_QK_DEVICES and qk_norm_rope_op() is not None
     kernels = "triton" if fused else "torch"
     rows = h.train_batch_tokens // (d.world_size * d.grad_accum_steps)  # a micro-batch's tokens on one rank
-    gluon = fused and mlp_gluon_op() is not None and mlp_tiles_fit(rows, h.model_dim, int(h.mlp_mult * h.model_dim))
+    gluon = fused and mlp_gluon_op() is not None and mlp_tiles_fit(rows, h.model_dim, h.mlp_dim)
+    qkv = (fused and QKV_GLUON and qkv_gluon_op(h.model_dim, h.num_heads, h.num_kv_heads, h.head_dim) is not None
+           and qkv_tiles_fit(rows, h.model_dim, h.num_heads, h.num_kv_heads, h.num_kv_heads, h.head_dim,
+                             h.rope_dims // 2, h.num_heads // h.num_kv_heads))
     log0(f"qk_norm_rope:{kernels} xsa:{kernels if h.xsa_last_n else 'off'} softcap_ce:{kernels} "
-         f"mlp_act:{'gluon' if gluon else 'torch'}")
+         f"mlp_act:{'gluon' if gluon else 'torch'} qkv_proj:{'gluon' if qkv else 'torch'} "
+         f"resid:{kernels if RES_FUSED else 'torch'}")
     if _MLP_GLUON.get("why"):
         log0(f"mlp_act:torch because the Gluon MLP kernels failed their self-test: {_MLP_GLUON['why']}")
+    why = qkv_why(h.model_dim, h.num_heads, h.num_kv_heads, h.head_dim)
+    if why:
+        log0(f"qkv_proj:torch because the Gluon Q|K|V kernel failed its self-test: {why}")
     log0(f"attention_mode:gqa num_heads:{h.num_heads} num_kv_heads:{h.num_kv_heads}")
     log0(f"tie_embeddings:{h.tie_embeddings} embed_lr:{h.tied_embed_lr} head_lr:0.0 matrix_lr:{h.matrix_lr} "
          f"scalar_lr:{h.scalar_lr} matrix_lr_early:{h.matrix_lr_early} matrix_lr_late:{h.matrix_lr_late} "
@@ -3305,9 +4084,20 @@ def log_header(h: Hyperparameters, d: DistInfo, device) -> None:
         log0(f"gptq:reserving {h.gptq_reserve_ms}ms from training budget, effective={h.train_budget_ms:.0f}ms")
 
 
+def check_export_ready(h: Hyperparameters) -> None:
+    """What the export after training needs, checked before training spends its budget: Brotli, and a TARGET_MB
+    above this file's own bytes."""
+    _brotli()
+    code = code_size_bytes()
+    if model_budget(h.target_bytes, code) < 1:
+        raise ValueError(f"TARGET_MB={h.target_mb} ({h.target_bytes} bytes) leaves no room for the model: the code "
+                         f"alone is {code} bytes and the total must be under the cap")
+
+
 def main() -> None:
     h = Hyperparameters.from_env()
     h.validate()
+    check_export_ready(h)
     d = dist_info()
     device = setup_runtime(h, d)
     init_logging(h.logfile, d.is_main)
@@ -3316,6 +4106,12 @@ def main() -> None:
         train_and_eval(h, d, device)
         if is_distributed():  # every rank past its last collective before any tears the group down: without it a
             dist.barrier()  # gloo rank now and then aborted at exit ("terminate called without an active exception")
+    except Exception as e:  # the cause in logs/<RUN_ID>.txt too, not only on the console
+        try:
+            log0(f"run_error: type:{type(e).__name__} msg:{' | '.join(str(e).split(chr(10)))}", console=False)
+        except OSError:  # a full disk must not replace the error being reported
+            pass
+        raise
     finally:
         if is_distributed():
             dist.destroy_process_group()
