@@ -1106,20 +1106,32 @@ def res_mix_bwd(GX, GH, GXO, XA, XB, SK, X0, MIX, SW, GT, DXO, DSK, DX0, PART, N
 
 
 @triton.jit
-def res_add_fwd(X, A, X2, H2, N, scale, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
+def res_add_fwd(X, A, X2, H2, N, scale, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, RSTD: tl.constexpr):
+    # RSTD: H2 gets one fp32 per row, scale * rstd, instead of the normed rows (the GEMM after it applies it, PERF #49)
     at, j, mask = _res_rows(tl.program_id(0), N, D, BD, BM)
     x = tl.load(X + at, mask=mask, other=0.0).to(tl.float32) + tl.load(A + at, mask=mask, other=0.0).to(tl.float32)
     x = x.to(X2.dtype.element_ty).to(tl.float32)
     tl.store(X2 + at, x.to(X2.dtype.element_ty), mask=mask)
-    tl.store(H2 + at, (x * _rms_rstd(x, D) * scale).to(H2.dtype.element_ty), mask=mask)
+    if RSTD:
+        m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+        tl.store(H2 + m, scale / tl.sqrt(tl.sum(x * x, 1) / D + EPS), mask=m < N)
+    else:
+        tl.store(H2 + at, (x * _rms_rstd(x, D) * scale).to(H2.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def res_add_bwd(GX2, GH2, X2, DX, N, scale, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
+def res_add_bwd(GX2, GH2, X2, DX, N, scale, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, PRE: tl.constexpr):
+    # PRE: GH2 is the gradient of the normed rows already times scale * rstd (the scaled GEMM's input gradient)
     at, j, mask = _res_rows(tl.program_id(0), N, D, BD, BM)
     x = tl.load(X2 + at, mask=mask, other=0.0).to(tl.float32)
-    gh = tl.load(GH2 + at, mask=mask, other=0.0).to(tl.float32) * scale
-    gx = _rms_bwd(tl.load(GX2 + at, mask=mask, other=0.0).to(tl.float32), gh, x, _rms_rstd(x, D), D)
+    gh = tl.load(GH2 + at, mask=mask, other=0.0).to(tl.float32)
+    gx = tl.load(GX2 + at, mask=mask, other=0.0).to(tl.float32)
+    r = _rms_rstd(x, D)
+    if PRE:
+        n = x * r
+        gx = gx + gh - n * (tl.sum(gh * n, 1) / D)[:, None]
+    else:
+        gx = _rms_bwd(gx, gh * scale, x, r, D)
     tl.store(DX + at, gx.to(DX.dtype.element_ty), mask=mask)
 """
 QK_BLOCK_ROWS, QK_WARPS = 32, 4  # tokens x one head per Triton program, and its warps: within 1% of the best (PERF #17)
@@ -1249,6 +1261,7 @@ def _softcap_ce_launch(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, 
 # SM); measured alone at the record shape: 257 us against 295 at 4 warps, 356-373 at 4 warps and 2 rows
 RES_BLOCK_ROWS, RES_WARPS, RES_BWD_BLOCK_ROWS, RES_BWD_WARPS, RES_PROGRAMS_PER_SM = 4, 4, 1, 2, 6
 RES_FUSED = True  # GPT.forward_hidden's training forwards use the ops while this is on; gpu_bench's resref turns it off
+RES_MLP_FUSED = True  # ... and, with the Gluon MLP, the MLP's RMSNorm in its GEMMs (PERF #49); gpu_bench's normref: off
 
 
 def _res_rows_of(op: str, ref: Tensor, **ts: Tensor | None) -> int:
@@ -1303,9 +1316,11 @@ def _res_mix_launch(xa: Tensor, xb: Tensor | None, skip: Tensor | None, x0: Tens
     return dxo, dskip, dx0, part.sum(0).to(xa.dtype)
 
 
-def _res_add_launch(x: Tensor, a: Tensor, scale: float, grads: tuple | None = None):
+def _res_add_launch(x: Tensor, a: Tensor, scale: float, grads: tuple | None = None, rstd: bool = False):
     """x2 = x + a (the attention branch added), h2 = rms_norm(x2) * scale: returns (x2, h2); with grads = (gx2, gh2)
-    and x given as x2 (what the forward returned), the gradient of x and of a (one tensor)."""
+    and x given as x2 (what the forward returned), the gradient of x and of a (one tensor).  rstd (PERF #49): the
+    forward returns (x2, s), s = scale * rstd of each row (fp32, x's shape without its last dimension) in place of
+    h2 = s * x2; the backward takes gh2 already times s (the gradient of x2 through s * x2 @ W.T with s held fixed)."""
     N = _res_rows_of("res_add", x, a=a if grads is None else None, **dict(zip(("gx2", "gh2"), grads or ())))
     x = x.contiguous()
     D = x.size(-1)
@@ -1313,11 +1328,12 @@ def _res_add_launch(x: Tensor, a: Tensor, scale: float, grads: tuple | None = No
     grid = (-(-N // RES_BLOCK_ROWS),)
     k = _QK_KERNELS["ns"]
     if grads is None:
-        x2, h2 = torch.empty_like(x), torch.empty_like(x)
-        k["res_add_fwd"][grid](x, a.contiguous(), x2, h2, N, float(scale), **meta)
+        x2 = torch.empty_like(x)
+        h2 = x.new_empty(x.shape[:-1], dtype=torch.float32) if rstd else torch.empty_like(x)
+        k["res_add_fwd"][grid](x, a.contiguous(), x2, h2, N, float(scale), **meta, RSTD=rstd)
         return x2, h2
     dx = torch.empty_like(x)
-    k["res_add_bwd"][grid](grads[0].contiguous(), grads[1].contiguous(), x, dx, N, float(scale), **meta)
+    k["res_add_bwd"][grid](grads[0].contiguous(), grads[1].contiguous(), x, dx, N, float(scale), **meta, PRE=rstd)
     return dx
 
 
@@ -1483,6 +1499,29 @@ def qk_norm_rope_op():
         return dx, dx, None
 
     res_add.register_autograd(res_add_backward, setup_context=res_add_setup)
+
+    # the same add with the RMSNorm's row scales out instead of the normed rows, and its backward (PERF #49); no
+    # autograd of their own: _GluonResMLP differentiates them with the scaled MLP GEMMs
+    @torch.library.custom_op(f"{lib}::res_add_rstd", mutates_args=(),
+                             schema="(Tensor x, Tensor a, float scale) -> (Tensor, Tensor)")
+    def res_add_rstd(x: Tensor, a: Tensor, scale: float):
+        return _res_add_launch(x, a, scale, rstd=True)
+
+    @res_add_rstd.register_fake
+    def _(x, a, scale):
+        return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[:-1],
+                                                                                       dtype=torch.float32)
+
+    @torch.library.custom_op(f"{lib}::res_add_rstd_backward", mutates_args=(),
+                             schema="(Tensor gx2, Tensor gh2, Tensor x2) -> Tensor")
+    def res_add_rstd_bwd(gx2: Tensor, gh2: Tensor, x2: Tensor) -> Tensor:
+        return _res_add_launch(x2, x2, 1.0, (gx2, gh2), rstd=True)
+
+    @res_add_rstd_bwd.register_fake
+    def _(gx2, gh2, x2):
+        return torch.empty_like(x2, memory_format=torch.contiguous_format)
+
+    _QK_KERNELS["res_add_rstd"], _QK_KERNELS["res_add_rstd_bwd"] = res_add_rstd, res_add_rstd_bwd
     _QK_KERNELS["res_mix"], _QK_KERNELS["res_add"] = res_mix, res_add
     _QK_KERNELS["op"], _QK_KERNELS["bwd"], _QK_KERNELS["xsa"], _QK_KERNELS["ce"] = fwd, bwd, xsa, ce
     return fwd
@@ -1559,15 +1598,19 @@ def _mlp_mma(a_bufs, b_bufs, ready, empty, s, phase, acc, BWD: gl.constexpr):
 
 
 @gluon.jit
-def _mlp_consumer(a_bufs, b_bufs, ready, empty, cbuf, cbar, n_n, n_tiles, K: gl.constexpr, BM: gl.constexpr,
-                  BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, BWD: gl.constexpr, NW: gl.constexpr):
+def _mlp_consumer(a_bufs, b_bufs, ready, empty, cbuf, cbar, s_ptr, n_n, n_tiles, K: gl.constexpr, BM: gl.constexpr,
+                  BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, BWD: gl.constexpr, NW: gl.constexpr,
+                  SCALED: gl.constexpr):
     KT: gl.constexpr = K // BK
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BN, 16])
+    rows = gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
     n_done = 0
     for t in range(pid, n_tiles, nprog):
         it = n_done * KT
+        if SCALED:  # the tile's row scales, loaded before its k-steps so that the load's latency hides behind them
+            sv = gl.load(s_ptr + (t // n_n) * BM + rows)
         acc = gl.zeros([BM, BN], gl.float32, mma)
         for kk in gl.static_range(KT):
             acc = _mlp_mma(a_bufs, b_bufs, ready, empty, (it + kk) % STAGES, ((it + kk) // STAGES) & 1, acc, BWD)
@@ -1576,6 +1619,8 @@ def _mlp_consumer(a_bufs, b_bufs, ready, empty, cbuf, cbar, n_n, n_tiles, K: gl.
                 mbarrier.arrive(empty.index((it + kk - 1) % STAGES))
         acc = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(empty.index((it + KT - 1) % STAGES))
+        if SCALED:  # row m of the product times s[m] in fp32, before the bf16 rounding (PERF #49)
+            acc = acc * gl.expand_dims(sv, 1)
         mbarrier.wait(cbar.index(1), (n_done & 1) ^ 1)  # the epilogue partition has read the previous tile
         cbuf.store(acc.to(gl.bfloat16))
         mbarrier.arrive(cbar.index(0))
@@ -1650,9 +1695,9 @@ def _gemm_smem(a_desc, b_desc, BM: gl.constexpr, BN: gl.constexpr, BK: gl.conste
 
 
 @gluon.jit
-def mlp_gemm(a_desc, b_desc, h_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K: gl.constexpr, BM: gl.constexpr,
-             BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, BWD: gl.constexpr, NW: gl.constexpr,
-             EW: gl.constexpr, EREGS: gl.constexpr, CH: gl.constexpr):
+def mlp_gemm(a_desc, b_desc, h_desc, o_ptr, x_ptr, s_ptr, ldo, n_n, n_tiles, slope, K: gl.constexpr,
+             BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, BWD: gl.constexpr,
+             NW: gl.constexpr, EW: gl.constexpr, EREGS: gl.constexpr, CH: gl.constexpr, SCALED: gl.constexpr):
     # cbar: cbuf full, cbuf free, h ready
     a_bufs, b_bufs, cbuf, ready, empty, cbar = _gemm_smem(a_desc, b_desc, BM, BN, BK, STAGES, BWD, 3)
     if BWD:  # h comes by TMA into a tile of its own (the epilogue partition loads the next one ahead)
@@ -1660,7 +1705,8 @@ def mlp_gemm(a_desc, b_desc, h_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, K: 
     else:
         hbuf = cbuf  # unused: the forward's epilogue loads nothing
     gl.warp_specialize([
-        (_mlp_consumer, (a_bufs, b_bufs, ready, empty, cbuf, cbar, n_n, n_tiles, K, BM, BN, BK, STAGES, BWD, NW)),
+        (_mlp_consumer, (a_bufs, b_bufs, ready, empty, cbuf, cbar, s_ptr, n_n, n_tiles, K, BM, BN, BK, STAGES, BWD,
+                         NW, SCALED)),
         (_mlp_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, n_n, n_tiles, K, BM, BN, BK, STAGES, BWD)),
         (_mlp_epilogue, (cbuf, hbuf, cbar, h_desc, o_ptr, x_ptr, ldo, n_n, n_tiles, slope, BM, BN, BWD, EW, CH)),
     ], [1, EW], [40, EREGS])
@@ -1771,7 +1817,8 @@ def qkv_gemm(a_desc, b_desc, raw_ptr, q_ptr, k_ptr, v_ptr, vr_ptr, cos_ptr, sin_
     # cbar: cbuf full, cbuf free
     a_bufs, b_bufs, cbuf, ready, empty, cbar = _gemm_smem(a_desc, b_desc, BM, BN, BK, STAGES, False, 2)
     gl.warp_specialize([
-        (_mlp_consumer, (a_bufs, b_bufs, ready, empty, cbuf, cbar, n_n, n_tiles, K, BM, BN, BK, STAGES, False, NW)),
+        (_mlp_consumer, (a_bufs, b_bufs, ready, empty, cbuf, cbar, raw_ptr, n_n, n_tiles, K, BM, BN, BK, STAGES,
+                         False, NW, False)),
         (_mlp_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, n_n, n_tiles, K, BM, BN, BK, STAGES, False)),
         (_qkv_epilogue, (cbuf, cbar, raw_ptr, q_ptr, k_ptr, v_ptr, vr_ptr, cos_ptr, sin_ptr, gain_ptr, T, n_n,
                          n_tiles, BM, BN, EW, CH, NQ, NK, NV, REP, D, HALF, HAS_GAIN)),
@@ -1785,11 +1832,15 @@ MLP_TILES = {"up": (128, 128, 64, 6, 4, 4, 152, 2048), "dgrad": (128, 128, 64, 5
 
 
 def _mlp_gemm_launch(a: Tensor, w: Tensor, slope: float, h: Tensor | None = None, max_ctas: int = 0,
-                     tile: tuple | None = None) -> tuple[Tensor, Tensor] | Tensor:
+                     tile: tuple | None = None, s: Tensor | None = None) -> tuple[Tensor, Tensor] | Tensor:
     """Forward (h None): (h, u) of a (M, K) @ w (N, K).T; backward: dh for the output gradient a (M, K), w = W_down
     (K, N) and the forward's h (M, N).  bf16, shapes as mlp_tiles_fit() accepts; max_ctas > 0 caps the grid (the
-    self-test: several tiles per CTA)."""
+    self-test: several tiles per CTA).  s (M,) fp32: row m of the product times s[m] before it is rounded (forward:
+    h = bf16(s * (a @ w.T)), the RMSNorm's rstd of a's rows (PERF #49); backward: dh scaled by s likewise)."""
     bm, bn, bk, stages, nw, ew, eregs, ch = tile or MLP_TILES["dgrad" if h is not None else "up"]
+    if s is not None and (s.shape != (a.size(0),) or s.dtype != torch.float32 or s.device != a.device):
+        raise ValueError(f"mlp_gemm: row scales s {tuple(s.shape)} {s.dtype} on {s.device}: need ({a.size(0)},) "
+                         f"float32 on {a.device}, one per row of a")
     a, w = a.contiguous(), w.contiguous()
     # a's device, current on this thread while the descriptors are made and the kernel launched: the descriptors need
     # its context current, which a backward on autograd's device thread may not have yet (cudaSetDevice makes it
@@ -1797,13 +1848,15 @@ def _mlp_gemm_launch(a: Tensor, w: Tensor, slope: float, h: Tensor | None = None
     prev = torch.cuda.current_device()
     torch.cuda.set_device(a.device)
     try:
-        return _mlp_gemm_run(a, w, slope, h, max_ctas, (bm, bn, bk, stages, nw, ew, eregs, ch))
+        return _mlp_gemm_run(a, w, slope, h, max_ctas, (bm, bn, bk, stages, nw, ew, eregs, ch),
+                             s.contiguous() if s is not None else None)
     finally:
         if prev != a.device.index:
             torch.cuda.set_device(prev)
 
 
-def _mlp_gemm_run(a: Tensor, w: Tensor, slope: float, h: Tensor | None, max_ctas: int, tile: tuple):
+def _mlp_gemm_run(a: Tensor, w: Tensor, slope: float, h: Tensor | None, max_ctas: int, tile: tuple,
+                  s: Tensor | None = None):
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     bm, bn, bk, stages, nw, ew, eregs, ch = tile
@@ -1818,8 +1871,9 @@ def _mlp_gemm_run(a: Tensor, w: Tensor, slope: float, h: Tensor | None, max_ctas
              for t, blk in ((a, [bm, bk]), (w, b_block), (x, [bm, bn]))]
     n_tiles = (M // bm) * (N // bn)
     grid = (min(n_tiles, max_ctas or torch.cuda.get_device_properties(a.device).multi_processor_count),)
-    _MLP_GLUON["ns"]["mlp_gemm"][grid](*descs, out, x, N, N // bn, n_tiles, float(slope), K=K, BM=bm, BN=bn, BK=bk,
-                                       STAGES=stages, BWD=bwd, NW=nw, EW=ew, EREGS=eregs, CH=ch, num_warps=nw)
+    _MLP_GLUON["ns"]["mlp_gemm"][grid](*descs, out, x, s if s is not None else out, N, N // bn, n_tiles,
+                                       float(slope), K=K, BM=bm, BN=bn, BK=bk, STAGES=stages, BWD=bwd, NW=nw, EW=ew,
+                                       EREGS=eregs, CH=ch, SCALED=s is not None, num_warps=nw)
     return out if bwd else (out, x)
 
 
@@ -1930,27 +1984,28 @@ def mlp_gluon_op():
         return None
 
     @torch.library.custom_op(f"{lib}::mlp_up_act", mutates_args=(),
-                             schema="(Tensor x, Tensor w, float slope) -> (Tensor, Tensor)")
-    def up(x: Tensor, w: Tensor, slope: float) -> tuple[Tensor, Tensor]:
-        return _mlp_gemm_launch(x, w, slope)
+                             schema="(Tensor x, Tensor w, float slope, Tensor? s=None) -> (Tensor, Tensor)")
+    def up(x: Tensor, w: Tensor, slope: float, s: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return _mlp_gemm_launch(x, w, slope, s=s)
 
     @up.register_fake
-    def _(x, w, slope):
+    def _(x, w, slope, s=None):
         return x.new_empty(x.size(0), w.size(0)), x.new_empty(x.size(0), w.size(0))
 
     @torch.library.custom_op(f"{lib}::mlp_down_act_grad", mutates_args=(),
-                             schema="(Tensor g, Tensor w, Tensor h, float slope) -> Tensor")
-    def dgrad(g: Tensor, w: Tensor, h: Tensor, slope: float) -> Tensor:
-        return _mlp_gemm_launch(g, w, slope, h)
+                             schema="(Tensor g, Tensor w, Tensor h, float slope, Tensor? s=None) -> Tensor")
+    def dgrad(g: Tensor, w: Tensor, h: Tensor, slope: float, s: Tensor | None = None) -> Tensor:
+        return _mlp_gemm_launch(g, w, slope, h, s=s)
 
     @dgrad.register_fake
-    def _(g, w, h, slope):
+    def _(g, w, h, slope, s=None):
         return torch.empty_like(h, memory_format=torch.contiguous_format)
 
     # four CTAs over 3 x 3 tiles in each direction, unevenly: the persistent loop, the ring's phases and the
     # epilogue's hand-over all run
-    why = _mlp_gluon_selftest(lambda x, w, s: _mlp_gemm_launch(x, w, s, max_ctas=4),
-                              lambda g, w, h, s: _mlp_gemm_launch(g, w, s, h, max_ctas=4), torch.device("cuda"))
+    why = _mlp_gluon_selftest(lambda x, w, slope, s=None: _mlp_gemm_launch(x, w, slope, max_ctas=4, s=s),
+                              lambda g, w, h, slope, s=None: _mlp_gemm_launch(g, w, slope, h, max_ctas=4, s=s),
+                              torch.device("cuda"))
     if why:  # another Gluon (API, codegen): the torch MLP, and log_header says why
         _MLP_GLUON["why"] = why
         return None
@@ -2083,8 +2138,9 @@ def _qkv_compare(raw: Tensor, outs: list, raw_ref: Tensor, cos: Tensor, sin: Ten
 
 def _mlp_gluon_selftest(up, dgrad, device: torch.device) -> str:
     """Both kernels on a small case (3 x 3 of their tiles, 128 x 128, and K 512: 8 k-steps) against the torch
-    math (_mlp_gluon_compare): "" if they agree, else why not, e.g. under another Triton's Gluon, which is
-    experimental and changes between releases.  up(x, w_up, slope) -> (h, u), dgrad(g, w_down, h, slope) -> dh."""
+    math (_mlp_gluon_compare), without and then with row scales (each a kernel of its own): "" if they agree, else
+    the first reason why not, e.g. under another Triton's Gluon, which is experimental and changes between releases.  up(x, w_up, slope,
+    s=None) -> (h, u), dgrad(g, w_down, h, slope, s=None) -> dh."""
     g = torch.Generator(device=device).manual_seed(0)
     tiles = MLP_TILES.values()
     bm, bn = max(t[0] for t in tiles), max(t[1] for t in tiles)
@@ -2092,23 +2148,29 @@ def _mlp_gluon_selftest(up, dgrad, device: torch.device) -> str:
     x, gy = (torch.randn(3 * bm, K, device=device, generator=g).bfloat16() for _ in range(2))
     w_up = (torch.randn(3 * bn, K, device=device, generator=g) / K ** 0.5).bfloat16()
     w_down = (torch.randn(K, 3 * bn, device=device, generator=g) / (3 * bn) ** 0.5).bfloat16()
-    return _mlp_gluon_compare(up, dgrad, x, w_up, gy, w_down)
+    s = torch.rand(3 * bm, device=device, generator=g) + 0.5
+    return _mlp_gluon_compare(up, dgrad, x, w_up, gy, w_down) or _mlp_gluon_compare(up, dgrad, x, w_up, gy, w_down, s)
 
 
-def _mlp_gluon_compare(up, dgrad, x: Tensor, w_up: Tensor, gy: Tensor, w_down: Tensor) -> str:
-    """Run up(x, w_up, 0.5) and dgrad(gy, w_down, h, 0.5) and compare h, u and dh with the torch math elementwise:
-    "" if all agree, else a build error or what is off by how much."""
+def _mlp_gluon_compare(up, dgrad, x: Tensor, w_up: Tensor, gy: Tensor, w_down: Tensor,
+                       s: Tensor | None = None) -> str:
+    """Run up(x, w_up, 0.5) and dgrad(gy, w_down, h, 0.5) (with the row scales s if given) and compare h, u and dh
+    with the torch math elementwise: "" if all agree, else a build error or what is off by how much (named "scaled"
+    with s)."""
     try:
-        h, u = up(x, w_up, 0.5)
-        dh = dgrad(gy, w_down, h, 0.5)
+        h, u = up(x, w_up, 0.5) if s is None else up(x, w_up, 0.5, s)
+        dh = dgrad(gy, w_down, h, 0.5) if s is None else dgrad(gy, w_down, h, 0.5, s)
         if x.is_cuda:
             torch.cuda.synchronize(x.device)  # a kernel's fault surfaces here, not at the comparison
     except Exception as e:  # a different Gluon API fails to compile with several exception types
         return _build_error(e)
-    h_ref = F.linear(x, w_up)
+    if s is None:
+        h_ref, gw = F.linear(x, w_up), (gy @ w_down).float()
+    else:  # the kernels scale the fp32 products before rounding
+        h_ref, gw = (F.linear(x.float(), w_up.float()) * s[:, None]).bfloat16(), (gy @ w_down).float() * s[:, None]
     hf = h_ref.float()
     refs = (h_ref, F.leaky_relu(h_ref, 0.5).square(),
-            ((gy @ w_down).float() * torch.where(hf > 0, 2 * hf, 0.5 * hf)).bfloat16())
+            (gw.bfloat16().float() * torch.where(hf > 0, 2 * hf, 0.5 * hf)).bfloat16())
     errs = []
     for name, a, b in zip(("h", "u", "dh"), (h, u, dh), refs):
         if a.shape != b.shape:
@@ -2117,7 +2179,8 @@ def _mlp_gluon_compare(up, dgrad, x: Tensor, w_up: Tensor, gy: Tensor, w_down: T
         # ulps, room for cuBLAS summing in another order (split-K on few tiles) and for u and dh doubling a 1-ulp
         # difference of h or g; a race, a wrong formula or a dropped tile is off by O(1)
         errs.append((name, _max_rel_err(a, b)))
-    return "; ".join(f"{name} off by {err:.1e}" for name, err in errs if not err <= 2 ** -5)
+    return "; ".join(f"{name}{'' if s is None else ' (scaled)'} off by {err:.1e}" for name, err in errs
+                     if not err <= 2 ** -5)
 
 
 class _GluonMLP(torch.autograd.Function):
@@ -2139,6 +2202,32 @@ class _GluonMLP(torch.autograd.Function):
         g2 = gy.reshape(-1, gy.size(-1))
         dh = _MLP_GLUON["dgrad"](g2, w_down, h, ctx.slope)
         return (dh @ w_up).view(*gy.shape[:-1], w_up.size(1)), dh.t() @ x2, g2.t() @ u, None
+
+
+class _GluonResMLP(torch.autograd.Function):
+    """x2 = x + a and the MLP on rms_norm(x2) * scale, returning (x2, mlp output), with the RMSNorm in the GEMMs
+    (PERF #49): rms_norm(x2) * scale @ W_up.T == s * (x2 @ W_up.T) with s = scale * rstd per row, so res_add writes
+    s instead of the normed rows and the up kernel multiplies its fp32 products by s before rounding (h, as before,
+    up to where the rounding falls).  Backward: the dgrad kernel writes dh' = s * dh, so W_up's gradient is
+    dh'.T @ x2 (dh.T @ the normed rows, which are never stored) and dh' @ W_up the normed rows' gradient times s,
+    which res_add's backward (PRE) takes through the RMSNorm into x's gradient with x2's own; a's is the same."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, a: Tensor, w_up: Tensor, w_down: Tensor, scale: float, slope: float):
+        x2, s = _QK_KERNELS["res_add_rstd"](x, a, scale)
+        h, u = _MLP_GLUON["up"](x2.reshape(-1, x2.size(-1)), w_up, slope, s.reshape(-1))
+        ctx.save_for_backward(x2, s, w_up, w_down, h, u)
+        ctx.slope = slope
+        return x2, F.linear(u, w_down).view(*x.shape[:-1], w_down.size(0))
+
+    @staticmethod
+    def backward(ctx, gx2: Tensor | None, gy: Tensor | None):
+        x2, s, w_up, w_down, h, u = ctx.saved_tensors
+        gx2, gy = (torch.zeros_like(x2) if g is None else g for g in (gx2, gy))
+        g2, xf = gy.reshape(-1, gy.size(-1)), x2.reshape(-1, x2.size(-1))
+        dh = _MLP_GLUON["dgrad"](g2, w_down, h, ctx.slope, s.reshape(-1))
+        dx = _QK_KERNELS["res_add_rstd_bwd"](gx2, (dh @ w_up).view_as(x2), x2)
+        return dx, dx, dh.t() @ xf, g2.t() @ u, None, None
 
 
 def qk_norm_rope_ref(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -> Tensor:
@@ -2548,8 +2637,9 @@ class GPT(nn.Module):
         """forward_hidden's blocks in training forwards through the residual-stream ops (PERF #48), the same math as
         Block.forward and the loop above: res_mix at each block's input (the previous block's attention-branch sum
         plus its MLP output, the U-Net skip, resid_mix and the attention's RMSNorm in one kernel and its backward,
-        with the per-channel gradients), res_add after the attention (its add and the MLP's RMSNorm).  A block output
-        is written only where a later skip reads it; the one the next block's skip takes is not written at all."""
+        with the per-channel gradients), res_add after the attention (its add and the MLP's RMSNorm; with the Gluon
+        MLP, _GluonResMLP: the add, with the RMSNorm applied to the MLP's GEMM rows, PERF #49).  A block output is
+        written only where a later skip reads it; the one the next block's skip takes is not written at all."""
         qo, kv, up, down = banks
         L, dt = self.num_layers, x0.dtype
         mix_op, add_op = _QK_KERNELS["res_mix"], _QK_KERNELS["res_add"]
@@ -2569,8 +2659,12 @@ class GPT(nn.Module):
                 skips.append(xo)
             w = block.branch_weights((qo[i], kv[i], kv[L + i], qo[L + i], up[i], down[i]))
             ve_i = self.ve_layer_scales[self.ve_index[i]].to(dt) * ve if i in self.ve_index else None
-            x2, h2 = add_op(x, block.attend(h, w, rope, ve_i, None), block.ln_scale)
-            xa, xb = x2, block.mlp(h2, w[4], w[5], None)
+            a = block.attend(h, w, rope, ve_i, None)
+            if RES_MLP_FUSED and block.fused_mlp and mlp_gemm_fits(x, w[4]):
+                xa, xb = _GluonResMLP.apply(x, a, w[4], w[5], block.ln_scale, block.negative_slope)
+            else:
+                x2, h2 = add_op(x, a, block.ln_scale)
+                xa, xb = x2, block.mlp(h2, w[4], w[5], None)
         return F.rms_norm(xa + xb, (xa.size(-1),))
 
     def _head_operands(self, hidden: Tensor) -> tuple[Tensor, Tensor]:

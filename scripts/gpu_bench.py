@@ -340,7 +340,8 @@ def apply_variant(tg, variant: str) -> None:
     contiguous dimension), ndtile (inductor prefers N-dimensional tiling where it can, config.triton.
     prefer_nd_tiling), qkvref (the Q|K|V projection by cuBLAS and the q/k op as a Triton kernel of its own: the form
     before PERF #47, QKV_GLUON off), resref (the residual mixing, skips and RMSNorms through torch ops, compiled by
-    inductor: the form before PERF #48, RES_FUSED off).
+    inductor: the form before PERF #48, RES_FUSED off), normref (the MLP's RMSNorm written out by res_add and read by
+    the up GEMM, instead of applied to the GEMMs' rows: the form before PERF #49, RES_MLP_FUSED off).
     #29's form of the Gluon kernels, the epilogue in the consumer warps (mlpov here until PERF #31 removed it from
     train_gpt.py), runs in both directions with TRAIN_GPT = a train_gpt.py from before #30, and in the backward
     alone with TRAIN_GPT = one from #30 (commit 25890d9) and dgtile, BENCH_DGRAD_TILE = (128, 256, 64, 3, 8, 0, 0,
@@ -349,7 +350,7 @@ def apply_variant(tg, variant: str) -> None:
     unknown = flags - {"base", "expand", "xsatorch", "xsaref", "qkref", "vsplit", "aggr", "autotune", "pdl", "split128",
                        "split32", "stages", "maxreads6", "autosplit", "nomix", "mix", "combo", "ceref",
                        "qatgraph", "nocg", "pwtune", "mlpref", "dgtile", "uptile", "ballastcopy", "ballastgemm",
-                       "kvgqa", "tilered", "ndtile", "qkvref", "resref"}
+                       "kvgqa", "tilered", "ndtile", "qkvref", "resref", "normref"}
     if unknown:
         raise ValueError(f"BENCH_VARIANTS: unknown flags {sorted(unknown)}")
     if not ORIGINALS:
@@ -413,6 +414,11 @@ def apply_variant(tg, variant: str) -> None:
     elif "resref" in flags:
         raise ValueError("BENCH_VARIANTS: resref needs a train_gpt.py with RES_FUSED (PERF #48 on); before it the "
                          "residual stream is inductor's anyway")
+    if hasattr(tg, "RES_MLP_FUSED"):  # read by GPT._hidden_fused per forward
+        tg.RES_MLP_FUSED = "normref" not in flags
+    elif "normref" in flags:
+        raise ValueError("BENCH_VARIANTS: normref needs a train_gpt.py with RES_MLP_FUSED (PERF #49 on); before it "
+                         "the MLP's RMSNorm is written out anyway")
     if ORIGINALS["qk"] is not None:  # GPT.__init__ asks qk_norm_rope_op() whether the Triton op is there
         tg.qk_norm_rope_op = (lambda: None) if "qkref" in flags else ORIGINALS["qk"]
     tg.exclusive_self_attention = xsa_autograd if "xsaref" in flags else ORIGINALS["xsa"]

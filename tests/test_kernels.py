@@ -382,6 +382,129 @@ def test_res_ops_in_bf16_registration_and_errors(tg):
         tg._res_add_launch(x.detach(), a.detach().bfloat16(), 0.3)
 
 
+def test_res_add_rstd_ops_match_reference(tg):
+    """Guards PERF #49's form of res_add: s = scale * rstd of each row of x + a (fp32, one per row) in place of the
+    normed rows, and its backward taking the normed rows' gradient already times s (what the scaled GEMM's input
+    gradient is): x's gradient (a's is the same tensor) equals torch autograd of x + a and rms_norm(x + a) * scale in
+    fp64, at a row count that is not a multiple of the block and a width that is not a power of two; the custom ops'
+    plumbing (opcheck) and the launcher's error for a gradient of another shape."""
+    import torch.nn.functional as F
+
+    tg.qk_norm_rope_op()
+    fwd, bwd = tg._QK_KERNELS["res_add_rstd"], tg._QK_KERNELS["res_add_rstd_bwd"]
+    g = torch.Generator().manual_seed(11)
+    x, a, gx2, gh2 = (torch.randn(3, 7, 48, generator=g).to(_triton_device()) for _ in range(4))
+    x2, s = fwd(x, a, 0.3)
+    assert x2.shape == x.shape and s.shape == (3, 7) and s.dtype == torch.float32
+    xd, ad = x.double().requires_grad_(), a.double().requires_grad_()
+    x2r = xd + ad
+    h2r = F.rms_norm(x2r, (48,), eps=tg.RMS_EPS) * 0.3
+    ((x2r * gx2.double()).sum() + (h2r * gh2.double()).sum()).backward()
+    assert _rel_err(x2, x2r) < 1e-6
+    assert _rel_err(s, 0.3 * torch.rsqrt(x2r.detach().square().mean(-1) + tg.RMS_EPS)) < 1e-6
+    assert _rel_err(x2 * s[..., None], h2r) < 1e-6  # s * x2 is the normed rows
+    dx = bwd(gx2, gh2 * s[..., None], x2)
+    assert torch.equal(xd.grad, ad.grad) and _rel_err(dx, xd.grad) < 1e-5
+    torch.library.opcheck(fwd, (x, a, 0.3))
+    torch.library.opcheck(bwd, (gx2, gh2, x2))
+    with pytest.raises(ValueError, match="res_add: gh2 .* does not match"):
+        tg._res_add_launch(x2, x2, 1.0, (gx2, gh2[:, :3]), rstd=True)
+
+
+def _scaled_mlp_stand_ins(tg, calls: list):
+    """The Gluon MLP ops' contract in torch ops (CPU): up(x, w, slope, s) -> (h, u) with h = s * (x @ w.T) in fp32
+    before rounding, u = leaky(h)²; dgrad(g, w, h, slope, s) -> s * (g @ w) * d leaky(h)²/dh.  Each call appends
+    ("up" | "dgrad", whether s was given)."""
+    import torch.nn.functional as F
+
+    def up(x, w, slope, s=None):
+        calls.append(("up", s is not None))
+        c = F.linear(x, w) if s is None else (F.linear(x.float(), w.float()) * s[:, None]).to(x.dtype)
+        return c, F.leaky_relu(c, slope).square()
+
+    def dgrad(g, w, h, slope, s=None):
+        calls.append(("dgrad", s is not None))
+        c = (g @ w).float() if s is None else (g.float() @ w.float()) * s[:, None]
+        hf = h.float()
+        return (c * torch.where(hf > 0, 2 * hf, 2 * slope * slope * hf)).to(g.dtype)
+
+    return up, dgrad
+
+
+def test_gluon_res_mlp_matches_the_torch_math(tg, monkeypatch):
+    """Guards _GluonResMLP's math (PERF #49; the Gluon ops' contract by torch stand-ins, res_add's rstd form in
+    Triton): x2 = x + a and the MLP on rms_norm(x2) * scale, and the gradients of x, a, W_up and W_down (the loss
+    through both outputs, and through the MLP's alone), against torch autograd of the plain math in fp64."""
+    import torch.nn.functional as F
+
+    tg.qk_norm_rope_op()
+    calls = []
+    up, dgrad = _scaled_mlp_stand_ins(tg, calls)
+    monkeypatch.setitem(tg._MLP_GLUON, "up", up)
+    monkeypatch.setitem(tg._MLP_GLUON, "dgrad", dgrad)
+    g = torch.Generator().manual_seed(12)
+    dev = _triton_device()
+    x, a, gx2, gy = (torch.randn(2, 9, 32, generator=g).to(dev) for _ in range(4))
+    w_up = (torch.randn(96, 32, generator=g) / 32 ** 0.5).to(dev)
+    w_down = (torch.randn(32, 96, generator=g) / 96 ** 0.5).to(dev)
+    for through_x2 in (True, False):
+        res = []
+        for dt in (torch.float32, torch.float64):
+            leaves = [t.detach().to(dt).requires_grad_() for t in (x, a, w_up, w_down)]
+            if dt == torch.float32:
+                x2, y = tg._GluonResMLP.apply(*leaves, 0.7, 0.5)
+            else:
+                x2 = leaves[0] + leaves[1]
+                h = F.linear(F.rms_norm(x2, (32,), eps=tg.RMS_EPS) * 0.7, leaves[2])
+                y = F.linear(F.leaky_relu(h, 0.5).square(), leaves[3])
+            loss = (y * gy.to(dt)).sum() + ((x2 * gx2.to(dt)).sum() if through_x2 else 0)
+            res.append([x2, y] + list(torch.autograd.grad(loss, leaves)))
+        for i, (p, q) in enumerate(zip(*res)):
+            assert _rel_err(p, q) < 1e-5, (through_x2, i, _rel_err(p, q))
+    assert calls == [("up", True), ("dgrad", True)] * 2
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "0", reason="the model runs on CPU tensors here (fp32, to "
+                    "compare at fp32 tolerance), which needs Triton's interpreter; the op tests run on CUDA there")
+def test_model_takes_the_res_mlp_op_only_with_the_gluon_mlp(tg, monkeypatch):
+    """Guards the wiring of PERF #49: with the Gluon MLP on (its ops here torch stand-ins of their contract), every
+    block's training forward runs x + a and the MLP through _GluonResMLP (the up and dgrad ops with row scales),
+    with the loss and every gradient of the form before it (RES_MLP_FUSED off: res_add's normed rows into the
+    unscaled ops); without the Gluon MLP, or with it where its tiles do not fit, the blocks take res_add and the
+    torch MLP as before."""
+    monkeypatch.setattr(tg, "FUSED_QK_DEVICES", ("cuda", "cpu"))
+    h = tiny_config(tg, num_layers=4)
+    torch.manual_seed(0)
+    model = randomize_params(tg.GPT(h), std=0.2)
+    ids = torch.randint(0, h.vocab_size, (2, h.train_seq_len), generator=torch.Generator().manual_seed(5))
+    assert model.set_fused_qk(True)
+    calls = []
+    up, dgrad = _scaled_mlp_stand_ins(tg, calls)
+    monkeypatch.setitem(tg._MLP_GLUON, "up", up)
+    monkeypatch.setitem(tg._MLP_GLUON, "dgrad", dgrad)
+    monkeypatch.setattr(tg, "mlp_gemm_fits", lambda x, w: True)
+    for b in model.blocks:
+        b.fused_mlp = True
+    results = {}
+    for fused in (False, True):
+        monkeypatch.setattr(tg, "RES_MLP_FUSED", fused)
+        calls.clear()
+        loss = model(ids, ids)
+        loss.backward()
+        results[fused] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, list(calls))
+        model.zero_grad(set_to_none=True)
+    assert results[False][2] == [("up", False)] * 4 + [("dgrad", False)] * 4
+    assert results[True][2] == [("up", True)] * 4 + [("dgrad", True)] * 4
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
+    for n, r in results[False][1].items():
+        got = results[True][1][n]
+        assert (got - r).norm() <= 1e-4 * r.norm() + 1e-7, (n, (got - r).norm().item(), r.norm().item())
+    monkeypatch.setattr(tg, "mlp_gemm_fits", lambda x, w: False)
+    calls.clear()
+    model(ids, ids).backward()
+    assert calls == []
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "0", reason="the model runs on CPU tensors here (fp32, to "
                     "compare at fp32 tolerance), which needs Triton's interpreter; the op tests run on CUDA there")
 def test_model_takes_the_residual_ops_only_in_training_forwards(tg, monkeypatch):
@@ -550,11 +673,14 @@ res += [("res_mix_bwd", dict(HAS_B=b, SKIP=m, HAS_GXO=g, ITERS=12)) for b, m, g 
 import os, re, subprocess, tempfile
 from triton.backends.nvidia.compiler import get_ptxas
 ptxas = get_ptxas(90).path  # the one Triton itself runs, as the Gluon checks use
-for name, flags in res + [("res_add_fwd", {}), ("res_add_bwd", {})]:
+# res_add in both forms (PERF #49: the row scales s out in fp32, the backward from the gradient times s)
+res += [("res_add_fwd", dict(RSTD=False)), ("res_add_fwd", dict(RSTD=True)), ("res_add_bwd", dict(PRE=False)),
+        ("res_add_bwd", dict(PRE=True))]
+for name, flags in res:
     fn = ns[name]
     meta = dict(flags, D=512, BD=512, BM=tg.RES_BWD_BLOCK_ROWS if name == "res_mix_bwd" else tg.RES_BLOCK_ROWS)
     sig = {a: "constexpr" if a in meta else "i32" if a == "N" else "fp32" if a == "scale" else
-           "*fp32" if a == "PART" else "*bf16" for a in fn.arg_names}
+           "*fp32" if a == "PART" or (a == "H2" and flags.get("RSTD")) else "*bf16" for a in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")}
     k = triton_compile(ASTSource(fn, sig, meta, attrs), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": tg.RES_BWD_WARPS if name == "res_mix_bwd" else tg.RES_WARPS})
@@ -579,7 +705,8 @@ def test_qk_kernels_compile_for_hopper_with_vector_loads(tg):
     and with RoPE off, and with K/V repeated twice (PERF #34), and their row loads and stores are 16-byte vector
     accesses, none 2-byte; so do the XSA kernels
     (2 query heads per KV head, D 64), with no barrier (PERF #18), the softcapped cross-entropy (vocabulary 1024,
-    PERF #24) and the residual-stream kernels (512 channels, each skip form; PERF #48).  In a fresh process:
+    PERF #24) and the residual-stream kernels (512 channels, each skip form; PERF #48; res_add in both forms,
+    PERF #49).  In a fresh process:
     the interpreter the other tests ran patches triton.language in this one."""
     import subprocess
     import sys
@@ -589,7 +716,7 @@ def test_qk_kernels_compile_for_hopper_with_vector_loads(tg):
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
-    assert len(lines) == 17, res.stdout
+    assert len(lines) == 19, res.stdout
     for line in lines:
         assert "built=True" in line and "scalar_2byte_access=False" in line, line
     assert all("barrier=False" in line for line in lines[6:8]), lines[6:8]
@@ -830,15 +957,17 @@ _GLUON_BUILD_CHECK = _GLUON_CHECK_PRELUDE + r"""
 fn = ns["mlp_gemm"]
 # the runtime specialises the output pointers and the row stride as multiples of 16 (16-byte vector accesses)
 attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in ("o_ptr", "x_ptr", "ldo")}
-# the shipped tiles in their directions
-for tile, bwd in ((tg.MLP_TILES["up"], False), (tg.MLP_TILES["dgrad"], True)):
+# the shipped tiles in their directions, without and with the row scales (PERF #49)
+for (tile, bwd), scaled in ((tb, sc) for tb in ((tg.MLP_TILES["up"], False), (tg.MLP_TILES["dgrad"], True))
+                            for sc in (False, True)):
     bm, bn, bk, stages, nw, ew, eregs, ch = tile
     b_block = [bk, bn] if bwd else [bn, bk]
     sig = {"a_desc": f"tensordesc<bf16{[bm, bk]},{layout([bm, bk])}>", "b_desc": f"tensordesc<bf16{b_block},"
            f"{layout(b_block)}>", "h_desc": f"tensordesc<bf16{[bm, bn]},{layout([bm, bn])}>", "o_ptr": "*bf16",
-           "x_ptr": "*bf16", "ldo": "i32", "n_n": "i32", "n_tiles": "i32", "slope": "fp32"}
-    consts = dict(K=512, BM=bm, BN=bn, BK=bk, STAGES=stages, BWD=bwd, NW=nw, EW=ew, EREGS=eregs, CH=ch)
-    print(f"ew={ew} bwd={bwd} " + build(fn, sig, consts, attrs, nw))
+           "x_ptr": "*bf16", "s_ptr": "*fp32" if scaled else "*bf16", "ldo": "i32", "n_n": "i32", "n_tiles": "i32",
+           "slope": "fp32"}
+    consts = dict(K=512, BM=bm, BN=bn, BK=bk, STAGES=stages, BWD=bwd, NW=nw, EW=ew, EREGS=eregs, CH=ch, SCALED=scaled)
+    print(f"ew={ew} bwd={bwd} scaled={scaled} " + build(fn, sig, consts, attrs, nw))
 """
 
 
@@ -848,8 +977,9 @@ def test_gluon_mlp_kernels_compile_for_hopper(tg):
     H100/H200 CTA's 232,448 bytes of shared memory, in 12 warps forward (4 consumer warps, then the 1 loader warp
     and the 4 epilogue warps, padded to warpgroups: up to 168 registers a thread, for a 128 x 128 accumulator on one
     warpgroup) and 16 backward (8 consumer warps: ptxas caps every thread at 128).  The shipped tiles in their
-    directions (the backward's h TMA-loaded into shared memory beside the ring).  In a fresh process, as above."""
-    for line, fields in _gluon_build_check(tg, _GLUON_BUILD_CHECK, 2):
+    directions (the backward's h TMA-loaded into shared memory beside the ring), each also with the row scales of
+    PERF #49 (the consumer's products times s before rounding).  In a fresh process, as above."""
+    for line, fields in _gluon_build_check(tg, _GLUON_BUILD_CHECK, 4):
         assert all(fields[k] == "True" for k in ("cubin", "wgmma", "tma", "setmaxnreg", "no_spills",
                                                  "vector_stores", "arrive_synced")), line
         assert int(fields["smem"]) <= 232_448 and fields["warps"] == ("16" if fields["bwd"] == "True" else "12"), line
@@ -1049,6 +1179,47 @@ def test_cuda_gluon_mlp_matches_torch(tg):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                     reason="needs a CUDA GPU with Triton compiling (TRITON_INTERPRET=0)")
+def test_cuda_gluon_res_mlp_matches_torch(tg):
+    """PERF #49 on a Hopper GPU: _GluonResMLP (res_add's row scales into the scaled Gluon kernels, the backward
+    through res_add's PRE form) at 16,384 tokens of the record's width: x2, the MLP output and the gradients of x,
+    a, W_up and W_down against torch autograd of x + a and the MLP on rms_norm(x + a) * scale in fp32, within bf16
+    rounding; the scaled kernels give the same bits on a second launch."""
+    import torch.nn.functional as F
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon MLP kernels need a Hopper GPU")
+    pytest.importorskip("triton.experimental.gluon", reason="Triton without Gluon")
+    assert tg.mlp_gluon_op() is not None and tg.qk_norm_rope_op() is not None, tg._MLP_GLUON.get("why")
+    g = torch.Generator(device="cuda").manual_seed(2)
+    x, a, gx2, gy = (torch.randn(4, 4096, 512, device="cuda", generator=g).bfloat16() for _ in range(4))
+    w_up = (torch.randn(1536, 512, device="cuda", generator=g) / 512 ** 0.5).bfloat16()
+    w_down = (torch.randn(512, 1536, device="cuda", generator=g) / 1536 ** 0.5).bfloat16()
+    res = []
+    for fused in (True, False):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, a, w_up, w_down)]
+        if fused:
+            x2, y = tg._GluonResMLP.apply(*leaves, 0.7, 0.5)
+        else:
+            lf = [t.float() for t in leaves]
+            x2 = lf[0] + lf[1]
+            h = F.linear(F.rms_norm(x2, (512,), eps=tg.RMS_EPS) * 0.7, lf[2])
+            y = F.linear(F.leaky_relu(h, 0.5).square(), lf[3])
+        loss = (y.float() * gy.float()).sum() + (x2.float() * gx2.float()).sum()
+        res.append([x2, y] + list(torch.autograd.grad(loss, leaves)))
+    errs = [_rel_err(p.float(), q.double()) for p, q in zip(*res)]
+    assert max(errs) < 1e-2, errs
+    x2, s = tg._QK_KERNELS["res_add_rstd"](x, a, 0.7)
+    xf, sf = x2.view(-1, 512), s.view(-1)
+    h1, u1 = tg._MLP_GLUON["up"](xf, w_up, 0.5, sf)
+    h2, u2 = tg._MLP_GLUON["up"](xf, w_up, 0.5, sf)
+    d1, d2 = (tg._MLP_GLUON["dgrad"](gy.view(-1, 512), w_down, h1, 0.5, sf) for _ in range(2))
+    assert torch.equal(h1, h2) and torch.equal(u1, u2) and torch.equal(d1, d2)
+    why = tg._mlp_gluon_compare(tg._MLP_GLUON["up"], tg._MLP_GLUON["dgrad"], xf, w_up, gy.view(-1, 512), w_down, sf)
+    assert why == "", why
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs a CUDA GPU with Triton compiling (TRITON_INTERPRET=0)")
 def test_cuda_gluon_mlp_uneven_grid_matches_torch(tg):
     """The shipped tiles over few CTAs at the record's width: 1,536 tiles each way over 7 CTAs (220 or 219 each),
     so the ring's phases, the cbuf hand-over and the next-h TMA of the epilogue partition wrap around many times,
@@ -1069,20 +1240,16 @@ def test_cuda_gluon_mlp_uneven_grid_matches_torch(tg):
 def test_gluon_mlp_selftest_accepts_the_math_and_refuses_the_rest(tg):
     """mlp_gluon_op() builds the ops only if they pass _mlp_gluon_selftest on the GPU (another Triton's Gluon may
     not compile the kernels, or compile them wrong).  Its logic on CPU, with torch stand-ins for the two kernels:
-    the right math passes (""), and it names what is wrong otherwise: a wrong activation or derivative, one
-    corrupted row of one tile (a race), a wrong shape, or a kernel that raises."""
+    the right math passes (""), without and with the row scales (PERF #49), and it names what is wrong otherwise: a
+    wrong activation or derivative, one corrupted row of one tile (a race), row scales ignored, a wrong shape, or a
+    kernel that raises."""
     import torch.nn.functional as F
 
-    def up(x, w, slope):
-        h = F.linear(x, w)
-        return h, F.leaky_relu(h, slope).square()
+    calls = []
+    up, dgrad = _scaled_mlp_stand_ins(tg, calls)
 
-    def dgrad(g, w, h, slope):
-        hf = h.float()
-        return ((g @ w).float() * torch.where(hf > 0, 2 * hf, 2 * slope * slope * hf)).to(h.dtype)
-
-    def one_bad_row(x, w, slope):
-        h, u = up(x, w, slope)
+    def one_bad_row(x, w, slope, s=None):
+        h, u = up(x, w, slope, s)
         h[130, 128:256] = 0.0  # a row of the second tile row's second tile
         return h, u
 
@@ -1091,11 +1258,19 @@ def test_gluon_mlp_selftest_accepts_the_math_and_refuses_the_rest(tg):
 
     cpu = torch.device("cpu")
     assert tg._mlp_gluon_selftest(up, dgrad, cpu) == ""
-    relu = lambda x, w, s: (F.linear(x, w), F.relu(F.linear(x, w)).square())
+    assert calls == [("up", False), ("dgrad", False), ("up", True), ("dgrad", True)]
+    relu = lambda x, w, slope, s=None: (lambda h: (h, F.relu(h).square()))(up(x, w, slope, s)[0])
     assert tg._mlp_gluon_selftest(relu, dgrad, cpu).startswith("u off by")
-    assert tg._mlp_gluon_selftest(up, lambda g, w, h, s: dgrad(g, w, h, 1.0), cpu).startswith("dh off by")
+    assert tg._mlp_gluon_selftest(up, lambda g, w, h, slope, s=None: dgrad(g, w, h, 1.0, s), cpu).startswith(
+        "dh off by")
     assert tg._mlp_gluon_selftest(one_bad_row, dgrad, cpu).startswith("h off by")
-    assert "dh has shape" in tg._mlp_gluon_selftest(up, lambda g, w, h, s: dgrad(g, w, h, s)[:, :-1], cpu)
+    unscaled_up = lambda x, w, slope, s=None: up(x, w, slope)
+    why = tg._mlp_gluon_selftest(unscaled_up, dgrad, cpu)
+    assert why.startswith("h (scaled) off by"), why
+    assert tg._mlp_gluon_selftest(up, lambda g, w, h, slope, s=None: dgrad(g, w, h, slope), cpu).startswith(
+        "dh (scaled) off by")
+    assert "dh has shape" in tg._mlp_gluon_selftest(up, lambda g, w, h, slope, s=None: dgrad(g, w, h, slope, s)[:, :-1],
+                                                    cpu)
     assert tg._mlp_gluon_selftest(raises, dgrad, cpu) == "RuntimeError: PassManager::run failed"
     assert tg._mlp_gluon_selftest(up, raises, cpu).startswith("RuntimeError")
 

@@ -160,7 +160,11 @@ def test_gpu_bench_variants_switch_the_training_options(gpu_bench, monkeypatch):
     gpu_bench.apply_variant(tg, "resref+qkvref")  # the residual stream and the Q|K|V projection as before #48 and #47
     assert tg.RES_FUSED is False and tg.QKV_GLUON is False
     gpu_bench.apply_variant(tg, "base")
-    assert tg.RES_FUSED is True and tg.QKV_GLUON is True
+    assert tg.RES_FUSED is True and tg.QKV_GLUON is True and tg.RES_MLP_FUSED is True
+    gpu_bench.apply_variant(tg, "normref")  # the MLP's RMSNorm written out, as before #49
+    assert tg.RES_MLP_FUSED is False and tg.RES_FUSED is True
+    gpu_bench.apply_variant(tg, "base")
+    assert tg.RES_MLP_FUSED is True
     shipped_tiles = tg.MLP_TILES
     monkeypatch.setenv("BENCH_DGRAD_TILE", "(128, 128, 64, 5, 8, 2, 152, 2048)")  # another backward tile alone
     gpu_bench.apply_variant(tg, "dgtile")
