@@ -984,15 +984,26 @@ def _res_rows(blk, N, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
 
 
 @triton.jit
+def _rms_rows(x, D: tl.constexpr):
+    # each row's rstd, one value per row
+    return 1.0 / tl.sqrt(tl.sum(x * x, 1) / D + EPS)
+
+
+@triton.jit
 def _rms_rstd(x, D: tl.constexpr):
-    return (1.0 / tl.sqrt(tl.sum(x * x, 1) / D + EPS))[:, None]
+    return _rms_rows(x, D)[:, None]
+
+
+@triton.jit
+def _rms_proj(g, n, D: tl.constexpr):
+    # g less its projection on the normed rows n: g - n * mean(g * n)
+    return g - n * (tl.sum(g * n, 1) / D)[:, None]
 
 
 @triton.jit
 def _rms_bwd(gx, gh, x, r, D: tl.constexpr):
     # gx + d rms_norm(x)/dx . gh (gh with the scale applied): rstd * (gh - n * mean(gh * n)), n = x * rstd
-    n = x * r
-    return gx + r * (gh - n * (tl.sum(gh * n, 1) / D)[:, None])
+    return gx + r * _rms_proj(gh, x * r, D)
 
 
 @triton.jit
@@ -1114,7 +1125,7 @@ def res_add_fwd(X, A, X2, H2, N, scale, D: tl.constexpr, BD: tl.constexpr, BM: t
     tl.store(X2 + at, x.to(X2.dtype.element_ty), mask=mask)
     if RSTD:
         m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-        tl.store(H2 + m, scale / tl.sqrt(tl.sum(x * x, 1) / D + EPS), mask=m < N)
+        tl.store(H2 + m, scale * _rms_rows(x, D), mask=m < N)
     else:
         tl.store(H2 + at, (x * _rms_rstd(x, D) * scale).to(H2.dtype.element_ty), mask=mask)
 
@@ -1127,9 +1138,8 @@ def res_add_bwd(GX2, GH2, X2, DX, N, scale, D: tl.constexpr, BD: tl.constexpr, B
     gh = tl.load(GH2 + at, mask=mask, other=0.0).to(tl.float32)
     gx = tl.load(GX2 + at, mask=mask, other=0.0).to(tl.float32)
     r = _rms_rstd(x, D)
-    if PRE:
-        n = x * r
-        gx = gx + gh - n * (tl.sum(gh * n, 1) / D)[:, None]
+    if PRE:  # the scale and rstd are in gh already: only the projection is left
+        gx = gx + _rms_proj(gh, x * r, D)
     else:
         gx = _rms_bwd(gx, gh * scale, x, r, D)
     tl.store(DX + at, gx.to(DX.dtype.element_ty), mask=mask)
@@ -2003,12 +2013,15 @@ def mlp_gluon_op():
 
     # four CTAs over 3 x 3 tiles in each direction, unevenly: the persistent loop, the ring's phases and the
     # epilogue's hand-over all run
-    why = _mlp_gluon_selftest(lambda x, w, slope, s=None: _mlp_gemm_launch(x, w, slope, max_ctas=4, s=s),
-                              lambda g, w, h, slope, s=None: _mlp_gemm_launch(g, w, slope, h, max_ctas=4, s=s),
-                              torch.device("cuda"))
+    kernels = (lambda x, w, slope, s=None: _mlp_gemm_launch(x, w, slope, max_ctas=4, s=s),
+               lambda g, w, h, slope, s=None: _mlp_gemm_launch(g, w, slope, h, max_ctas=4, s=s), torch.device("cuda"))
+    why = _mlp_gluon_selftest(*kernels)
     if why:  # another Gluon (API, codegen): the torch MLP, and log_header says why
         _MLP_GLUON["why"] = why
         return None
+    # the row-scaled kernels (PERF #49) are builds of their own: if only they fail, the MLP keeps the unscaled ones
+    # and its RMSNorm stays with res_add (_hidden_fused reads scaled_why; log_header says why)
+    _MLP_GLUON["scaled_why"] = _mlp_gluon_selftest(*kernels, scaled=True)
     _MLP_GLUON["up"], _MLP_GLUON["dgrad"] = up, dgrad
     return up
 
@@ -2136,11 +2149,11 @@ def _qkv_compare(raw: Tensor, outs: list, raw_ref: Tensor, cos: Tensor, sin: Ten
     return why
 
 
-def _mlp_gluon_selftest(up, dgrad, device: torch.device) -> str:
+def _mlp_gluon_selftest(up, dgrad, device: torch.device, scaled: bool = False) -> str:
     """Both kernels on a small case (3 x 3 of their tiles, 128 x 128, and K 512: 8 k-steps) against the torch
-    math (_mlp_gluon_compare), without and then with row scales (each a kernel of its own): "" if they agree, else
-    the first reason why not, e.g. under another Triton's Gluon, which is experimental and changes between releases.  up(x, w_up, slope,
-    s=None) -> (h, u), dgrad(g, w_down, h, slope, s=None) -> dh."""
+    math (_mlp_gluon_compare), with row scales if scaled (kernels of their own, PERF #49): "" if they agree, else
+    why not, e.g. under another Triton's Gluon, which is experimental and changes between releases.  up(x, w_up,
+    slope, s=None) -> (h, u), dgrad(g, w_down, h, slope, s=None) -> dh."""
     g = torch.Generator(device=device).manual_seed(0)
     tiles = MLP_TILES.values()
     bm, bn = max(t[0] for t in tiles), max(t[1] for t in tiles)
@@ -2148,8 +2161,8 @@ def _mlp_gluon_selftest(up, dgrad, device: torch.device) -> str:
     x, gy = (torch.randn(3 * bm, K, device=device, generator=g).bfloat16() for _ in range(2))
     w_up = (torch.randn(3 * bn, K, device=device, generator=g) / K ** 0.5).bfloat16()
     w_down = (torch.randn(K, 3 * bn, device=device, generator=g) / (3 * bn) ** 0.5).bfloat16()
-    s = torch.rand(3 * bm, device=device, generator=g) + 0.5
-    return _mlp_gluon_compare(up, dgrad, x, w_up, gy, w_down) or _mlp_gluon_compare(up, dgrad, x, w_up, gy, w_down, s)
+    s = torch.rand(3 * bm, device=device, generator=g) + 0.5 if scaled else None
+    return _mlp_gluon_compare(up, dgrad, x, w_up, gy, w_down, s)
 
 
 def _mlp_gluon_compare(up, dgrad, x: Tensor, w_up: Tensor, gy: Tensor, w_down: Tensor,
@@ -2167,7 +2180,8 @@ def _mlp_gluon_compare(up, dgrad, x: Tensor, w_up: Tensor, gy: Tensor, w_down: T
     if s is None:
         h_ref, gw = F.linear(x, w_up), (gy @ w_down).float()
     else:  # the kernels scale the fp32 products before rounding
-        h_ref, gw = (F.linear(x.float(), w_up.float()) * s[:, None]).bfloat16(), (gy @ w_down).float() * s[:, None]
+        h_ref = (F.linear(x.float(), w_up.float()) * s[:, None]).bfloat16()
+        gw = (gy.float() @ w_down.float()) * s[:, None]
     hf = h_ref.float()
     refs = (h_ref, F.leaky_relu(h_ref, 0.5).square(),
             (gw.bfloat16().float() * torch.where(hf > 0, 2 * hf, 0.5 * hf)).bfloat16())
@@ -2183,6 +2197,25 @@ def _mlp_gluon_compare(up, dgrad, x: Tensor, w_up: Tensor, gy: Tensor, w_down: T
                      if not err <= 2 ** -5)
 
 
+def _gluon_mlp_forward(ctx, x: Tensor, w_up: Tensor, w_down: Tensor, slope: float, s: Tensor | None) -> Tensor:
+    """The Gluon up GEMM (rows times s if given) and cuBLAS's down projection; saves what _gluon_mlp_grads reads."""
+    xf = x.reshape(-1, x.size(-1))
+    sf = s.reshape(-1) if s is not None else None
+    h, u = _MLP_GLUON["up"](xf, w_up, slope) if sf is None else _MLP_GLUON["up"](xf, w_up, slope, sf)
+    ctx.save_for_backward(xf, sf, w_up, w_down, h, u)
+    ctx.slope = slope
+    return F.linear(u, w_down).view(*x.shape[:-1], w_down.size(0))
+
+
+def _gluon_mlp_grads(ctx, gy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(dh @ W_up, W_up's and W_down's gradients) from the dgrad kernel's dh (times the forward's s if it had one)."""
+    xf, sf, w_up, w_down, h, u = ctx.saved_tensors
+    g2 = gy.reshape(-1, gy.size(-1))
+    dh = _MLP_GLUON["dgrad"](g2, w_down, h, ctx.slope) if sf is None else _MLP_GLUON["dgrad"](g2, w_down, h,
+                                                                                             ctx.slope, sf)
+    return (dh @ w_up).view(*gy.shape[:-1], w_up.size(1)), dh.t() @ xf, g2.t() @ u
+
+
 class _GluonMLP(torch.autograd.Function):
     """leaky(x @ W_up.T)² @ W_down.T with the activation in the Gluon GEMMs' epilogues (forward: up projection;
     backward: the down projection's input gradient).  h and u come out of an opaque op, so the compiled graph saves
@@ -2190,18 +2223,11 @@ class _GluonMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w_up: Tensor, w_down: Tensor, slope: float) -> Tensor:
-        x2 = x.reshape(-1, x.size(-1))
-        h, u = _MLP_GLUON["up"](x2, w_up, slope)
-        ctx.save_for_backward(x2, w_up, w_down, h, u)
-        ctx.slope = slope
-        return F.linear(u, w_down).view(*x.shape[:-1], w_down.size(0))
+        return _gluon_mlp_forward(ctx, x, w_up, w_down, slope, None)
 
     @staticmethod
     def backward(ctx, gy: Tensor):
-        x2, w_up, w_down, h, u = ctx.saved_tensors
-        g2 = gy.reshape(-1, gy.size(-1))
-        dh = _MLP_GLUON["dgrad"](g2, w_down, h, ctx.slope)
-        return (dh @ w_up).view(*gy.shape[:-1], w_up.size(1)), dh.t() @ x2, g2.t() @ u, None
+        return *_gluon_mlp_grads(ctx, gy), None
 
 
 class _GluonResMLP(torch.autograd.Function):
@@ -2215,19 +2241,13 @@ class _GluonResMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, a: Tensor, w_up: Tensor, w_down: Tensor, scale: float, slope: float):
         x2, s = _QK_KERNELS["res_add_rstd"](x, a, scale)
-        h, u = _MLP_GLUON["up"](x2.reshape(-1, x2.size(-1)), w_up, slope, s.reshape(-1))
-        ctx.save_for_backward(x2, s, w_up, w_down, h, u)
-        ctx.slope = slope
-        return x2, F.linear(u, w_down).view(*x.shape[:-1], w_down.size(0))
+        return x2, _gluon_mlp_forward(ctx, x2, w_up, w_down, slope, s)
 
     @staticmethod
-    def backward(ctx, gx2: Tensor | None, gy: Tensor | None):
-        x2, s, w_up, w_down, h, u = ctx.saved_tensors
-        gx2, gy = (torch.zeros_like(x2) if g is None else g for g in (gx2, gy))
-        g2, xf = gy.reshape(-1, gy.size(-1)), x2.reshape(-1, x2.size(-1))
-        dh = _MLP_GLUON["dgrad"](g2, w_down, h, ctx.slope, s.reshape(-1))
-        dx = _QK_KERNELS["res_add_rstd_bwd"](gx2, (dh @ w_up).view_as(x2), x2)
-        return dx, dx, dh.t() @ xf, g2.t() @ u, None, None
+    def backward(ctx, gx2: Tensor, gy: Tensor):  # both given: autograd materialises an unused output's as zeros
+        g_normed, d_up, d_down = _gluon_mlp_grads(ctx, gy)
+        dx = _QK_KERNELS["res_add_rstd_bwd"](gx2, g_normed, ctx.saved_tensors[0].view_as(gx2))
+        return dx, dx, d_up, d_down, None, None
 
 
 def qk_norm_rope_ref(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -> Tensor:
@@ -2660,7 +2680,7 @@ class GPT(nn.Module):
             w = block.branch_weights((qo[i], kv[i], kv[L + i], qo[L + i], up[i], down[i]))
             ve_i = self.ve_layer_scales[self.ve_index[i]].to(dt) * ve if i in self.ve_index else None
             a = block.attend(h, w, rope, ve_i, None)
-            if RES_MLP_FUSED and block.fused_mlp and mlp_gemm_fits(x, w[4]):
+            if RES_MLP_FUSED and block.fused_mlp and not _MLP_GLUON.get("scaled_why") and mlp_gemm_fits(x, w[4]):
                 xa, xb = _GluonResMLP.apply(x, a, w[4], w[5], block.ln_scale, block.negative_slope)
             else:
                 x2, h2 = add_op(x, a, block.ln_scale)
@@ -4159,11 +4179,16 @@ def log_header(h: Hyperparameters, d: DistInfo, device) -> None:
     qkv = (fused and QKV_GLUON and qkv_gluon_op(h.model_dim, h.num_heads, h.num_kv_heads, h.head_dim) is not None
            and qkv_tiles_fit(rows, h.model_dim, h.num_heads, h.num_kv_heads, h.num_kv_heads, h.head_dim,
                              h.rope_dims // 2, h.num_heads // h.num_kv_heads))
+    resid = kernels if RES_FUSED else "torch"
+    scaled = gluon and resid == "triton" and RES_MLP_FUSED and not _MLP_GLUON.get("scaled_why")
     log0(f"qk_norm_rope:{kernels} xsa:{kernels if h.xsa_last_n else 'off'} softcap_ce:{kernels} "
-         f"mlp_act:{'gluon' if gluon else 'torch'} qkv_proj:{'gluon' if qkv else 'torch'} "
-         f"resid:{kernels if RES_FUSED else 'torch'}")
+         f"mlp_act:{'gluon' if gluon else 'torch'} qkv_proj:{'gluon' if qkv else 'torch'} resid:{resid} "
+         f"mlp_norm:{'gemm' if scaled else resid}")
     if _MLP_GLUON.get("why"):
         log0(f"mlp_act:torch because the Gluon MLP kernels failed their self-test: {_MLP_GLUON['why']}")
+    if gluon and _MLP_GLUON.get("scaled_why"):
+        log0(f"mlp_norm:{resid} because the Gluon MLP kernels with row scales failed their self-test: "
+             f"{_MLP_GLUON['scaled_why']}")
     why = qkv_why(h.model_dim, h.num_heads, h.num_kv_heads, h.head_dim)
     if why:
         log0(f"qkv_proj:torch because the Gluon Q|K|V kernel failed its self-test: {why}")

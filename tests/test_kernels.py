@@ -404,26 +404,28 @@ def test_res_add_rstd_ops_match_reference(tg):
     assert _rel_err(s, 0.3 * torch.rsqrt(x2r.detach().square().mean(-1) + tg.RMS_EPS)) < 1e-6
     assert _rel_err(x2 * s[..., None], h2r) < 1e-6  # s * x2 is the normed rows
     dx = bwd(gx2, gh2 * s[..., None], x2)
-    assert torch.equal(xd.grad, ad.grad) and _rel_err(dx, xd.grad) < 1e-5
+    assert _rel_err(dx, xd.grad) < 1e-5
     torch.library.opcheck(fwd, (x, a, 0.3))
     torch.library.opcheck(bwd, (gx2, gh2, x2))
     with pytest.raises(ValueError, match="res_add: gh2 .* does not match"):
         tg._res_add_launch(x2, x2, 1.0, (gx2, gh2[:, :3]), rstd=True)
 
 
-def _scaled_mlp_stand_ins(tg, calls: list):
+def _scaled_mlp_stand_ins(tg, calls: list | None):
     """The Gluon MLP ops' contract in torch ops (CPU): up(x, w, slope, s) -> (h, u) with h = s * (x @ w.T) in fp32
     before rounding, u = leaky(h)²; dgrad(g, w, h, slope, s) -> s * (g @ w) * d leaky(h)²/dh.  Each call appends
-    ("up" | "dgrad", whether s was given)."""
+    ("up" | "dgrad", whether s was given) to calls unless it is None (dynamo traces no list append in a backward)."""
     import torch.nn.functional as F
 
     def up(x, w, slope, s=None):
-        calls.append(("up", s is not None))
+        if calls is not None:
+            calls.append(("up", s is not None))
         c = F.linear(x, w) if s is None else (F.linear(x.float(), w.float()) * s[:, None]).to(x.dtype)
         return c, F.leaky_relu(c, slope).square()
 
     def dgrad(g, w, h, slope, s=None):
-        calls.append(("dgrad", s is not None))
+        if calls is not None:
+            calls.append(("dgrad", s is not None))
         c = (g @ w).float() if s is None else (g.float() @ w.float()) * s[:, None]
         hf = h.float()
         return (c * torch.where(hf > 0, 2 * hf, 2 * slope * slope * hf)).to(g.dtype)
@@ -462,6 +464,19 @@ def test_gluon_res_mlp_matches_the_torch_math(tg, monkeypatch):
         for i, (p, q) in enumerate(zip(*res)):
             assert _rel_err(p, q) < 1e-5, (through_x2, i, _rel_err(p, q))
     assert calls == [("up", True), ("dgrad", True)] * 2
+    # dynamo traces both Functions whole (the training graph compiles them; aot_eager here, inductor on the GPU)
+    up, dgrad = _scaled_mlp_stand_ins(tg, None)
+    monkeypatch.setitem(tg._MLP_GLUON, "up", up)
+    monkeypatch.setitem(tg._MLP_GLUON, "dgrad", dgrad)
+    leaves = [t.detach().requires_grad_() for t in (x, a, w_up, w_down)]
+    fn = torch.compile(lambda x, a, wu, wd: tg._GluonResMLP.apply(x, a, wu, wd, 0.7, 0.5)[1]
+                       + tg._GluonMLP.apply(x, wu, wd, 0.5), backend="aot_eager", fullgraph=True)
+    got = fn(*leaves)
+    grads = torch.autograd.grad((got * gy).sum(), leaves)
+    eager = [t.detach().requires_grad_() for t in (x, a, w_up, w_down)]
+    want = tg._GluonResMLP.apply(*eager, 0.7, 0.5)[1] + tg._GluonMLP.apply(eager[0], *eager[2:], 0.5)
+    for p, q in zip((got,) + grads, (want,) + torch.autograd.grad((want * gy).sum(), eager)):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "0", reason="the model runs on CPU tensors here (fp32, to "
@@ -471,7 +486,7 @@ def test_model_takes_the_res_mlp_op_only_with_the_gluon_mlp(tg, monkeypatch):
     block's training forward runs x + a and the MLP through _GluonResMLP (the up and dgrad ops with row scales),
     with the loss and every gradient of the form before it (RES_MLP_FUSED off: res_add's normed rows into the
     unscaled ops); without the Gluon MLP, or with it where its tiles do not fit, the blocks take res_add and the
-    torch MLP as before."""
+    torch MLP as before; where only the scaled kernels failed their self-test, res_add and the unscaled ops."""
     monkeypatch.setattr(tg, "FUSED_QK_DEVICES", ("cuda", "cpu"))
     h = tiny_config(tg, num_layers=4)
     torch.manual_seed(0)
@@ -501,6 +516,15 @@ def test_model_takes_the_res_mlp_op_only_with_the_gluon_mlp(tg, monkeypatch):
         assert (got - r).norm() <= 1e-4 * r.norm() + 1e-7, (n, (got - r).norm().item(), r.norm().item())
     monkeypatch.setattr(tg, "mlp_gemm_fits", lambda x, w: False)
     calls.clear()
+    model(ids, ids).backward()
+    assert calls == []
+    monkeypatch.setattr(tg, "mlp_gemm_fits", lambda x, w: True)
+    monkeypatch.setitem(tg._MLP_GLUON, "scaled_why", "h (scaled) off by 1.0e+00")  # only the scaled build failed
+    model(ids, ids).backward()
+    assert calls == [("up", False)] * 4 + [("dgrad", False)] * 4
+    calls.clear()
+    for b in model.blocks:
+        b.fused_mlp = False
     model(ids, ids).backward()
     assert calls == []
 
@@ -956,7 +980,7 @@ def _gluon_build_check(tg, script: str, n: int) -> list:
 _GLUON_BUILD_CHECK = _GLUON_CHECK_PRELUDE + r"""
 fn = ns["mlp_gemm"]
 # the runtime specialises the output pointers and the row stride as multiples of 16 (16-byte vector accesses)
-attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in ("o_ptr", "x_ptr", "ldo")}
+attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in ("o_ptr", "x_ptr", "s_ptr", "ldo")}
 # the shipped tiles in their directions, without and with the row scales (PERF #49)
 for (tile, bwd), scaled in ((tb, sc) for tb in ((tg.MLP_TILES["up"], False), (tg.MLP_TILES["dgrad"], True))
                             for sc in (False, True)):
@@ -1117,6 +1141,9 @@ def test_gluon_mlp_only_where_it_fits(tg):
     assert not tg.mlp_gemm_fits(meta(2, bm, 512), meta(6 * bn, 512))  # meta is not CUDA
     x, w = torch.empty(2, bm, 512, dtype=torch.bfloat16), torch.empty(6 * bn, 512, dtype=torch.bfloat16)
     assert not tg.mlp_gemm_fits(x, w)  # CPU
+    for s in (torch.ones(2 * bm - 1), torch.ones(2 * bm, dtype=torch.bfloat16), torch.ones(2, bm)):  # PERF #49
+        with pytest.raises(ValueError, match=r"mlp_gemm: row scales s .*: need \(%d,\) float32" % (2 * bm)):
+            tg._mlp_gemm_launch(x.view(-1, 512), w, 0.5, s=s)  # checked before any CUDA call
     if not torch.cuda.is_available():
         assert tg.mlp_gluon_op() is None
         model = tg.GPT(tiny_config(tg))
@@ -1257,18 +1284,18 @@ def test_gluon_mlp_selftest_accepts_the_math_and_refuses_the_rest(tg):
         raise RuntimeError("PassManager::run failed")  # what a Gluon API mismatch looks like at compile time
 
     cpu = torch.device("cpu")
-    assert tg._mlp_gluon_selftest(up, dgrad, cpu) == ""
+    assert tg._mlp_gluon_selftest(up, dgrad, cpu) == "" and tg._mlp_gluon_selftest(up, dgrad, cpu, scaled=True) == ""
     assert calls == [("up", False), ("dgrad", False), ("up", True), ("dgrad", True)]
     relu = lambda x, w, slope, s=None: (lambda h: (h, F.relu(h).square()))(up(x, w, slope, s)[0])
     assert tg._mlp_gluon_selftest(relu, dgrad, cpu).startswith("u off by")
     assert tg._mlp_gluon_selftest(up, lambda g, w, h, slope, s=None: dgrad(g, w, h, 1.0, s), cpu).startswith(
         "dh off by")
     assert tg._mlp_gluon_selftest(one_bad_row, dgrad, cpu).startswith("h off by")
-    unscaled_up = lambda x, w, slope, s=None: up(x, w, slope)
-    why = tg._mlp_gluon_selftest(unscaled_up, dgrad, cpu)
-    assert why.startswith("h (scaled) off by"), why
-    assert tg._mlp_gluon_selftest(up, lambda g, w, h, slope, s=None: dgrad(g, w, h, slope), cpu).startswith(
-        "dh (scaled) off by")
+    unscaled_up = lambda x, w, slope, s=None: up(x, w, slope)  # row scales ignored: only the scaled test fails
+    assert tg._mlp_gluon_selftest(unscaled_up, dgrad, cpu) == ""
+    assert tg._mlp_gluon_selftest(unscaled_up, dgrad, cpu, scaled=True).startswith("h (scaled) off by")
+    assert tg._mlp_gluon_selftest(up, lambda g, w, h, slope, s=None: dgrad(g, w, h, slope), cpu,
+                                  scaled=True).startswith("dh (scaled) off by")
     assert "dh has shape" in tg._mlp_gluon_selftest(up, lambda g, w, h, slope, s=None: dgrad(g, w, h, slope, s)[:, :-1],
                                                     cpu)
     assert tg._mlp_gluon_selftest(raises, dgrad, cpu) == "RuntimeError: PassManager::run failed"
@@ -1277,7 +1304,9 @@ def test_gluon_mlp_selftest_accepts_the_math_and_refuses_the_rest(tg):
 
 def test_log_header_says_which_mlp_runs(tg, monkeypatch):
     """The mlp_act field: gluon only where the ops are built and the training shapes fit the tiles (a micro-batch of
-    one rank, the MLP width), torch otherwise; and a self-test failure is logged with its reason."""
+    one rank, the MLP width), torch otherwise; and a self-test failure is logged with its reason.  mlp_norm (PERF
+    #49): gemm where the Gluon MLP and the residual-stream ops run and the scaled kernels passed their self-test,
+    else where the residual stream puts the RMSNorm (resid's value), with the scaled kernels' failure logged."""
     lines = []
     monkeypatch.setattr(tg, "log0", lambda msg="", console=True: lines.append(msg))
     monkeypatch.setattr(tg, "list_shards", lambda pattern, what="train": ["shard"])
@@ -1286,7 +1315,7 @@ def test_log_header_says_which_mlp_runs(tg, monkeypatch):
     mlp_line = lambda: field("mlp_act")
     h, d, cpu = tg.Hyperparameters(), tg.DistInfo(), torch.device("cpu")
     tg.log_header(h, d, cpu)
-    assert mlp_line() == "mlp_act:torch" and field("resid") == "resid:torch"
+    assert mlp_line() == "mlp_act:torch" and field("resid") == "resid:torch" and field("mlp_norm") == "mlp_norm:torch"
     monkeypatch.setattr(tg, "FUSED_QK_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(tg, "mlp_gluon_op", lambda: object())
     monkeypatch.setattr(tg, "qkv_gluon_op", lambda *shape: None)  # the Q|K|V kernel not built (PERF #47)
@@ -1294,6 +1323,19 @@ def test_log_header_says_which_mlp_runs(tg, monkeypatch):
     lines.clear()
     tg.log_header(h, d, cpu)  # the record config: 98,304-token micro-batches, 512 -> 1536
     assert mlp_line() == "mlp_act:gluon" and field("resid") == "resid:triton"  # the residual-stream ops (PERF #48)
+    assert field("mlp_norm") == "mlp_norm:gemm"
+    monkeypatch.setitem(tg._MLP_GLUON, "scaled_why", "h (scaled) off by 1.0e+00")
+    lines.clear()
+    tg.log_header(h, d, cpu)
+    assert mlp_line() == "mlp_act:gluon" and field("mlp_norm") == "mlp_norm:triton"
+    assert "mlp_norm:triton because the Gluon MLP kernels with row scales failed their self-test: h (scaled) off by " \
+           "1.0e+00" in lines
+    monkeypatch.setitem(tg._MLP_GLUON, "scaled_why", "")
+    monkeypatch.setattr(tg, "RES_MLP_FUSED", False)  # gpu_bench's normref
+    lines.clear()
+    tg.log_header(h, d, cpu)
+    assert field("mlp_norm") == "mlp_norm:triton"
+    monkeypatch.setattr(tg, "RES_MLP_FUSED", True)
     assert field("qkv_proj") == "qkv_proj:torch" and not any(x.startswith("qkv_proj:torch because") for x in lines)
     shapes = []
     monkeypatch.setattr(tg, "qkv_gluon_op", lambda *shape: shapes.append(shape) or object())
@@ -1315,6 +1357,7 @@ def test_log_header_says_which_mlp_runs(tg, monkeypatch):
     lines.clear()
     tg.log_header(h, d, cpu)
     assert field("qkv_proj") == "qkv_proj:torch" and field("resid") == "resid:torch"
+    assert field("mlp_norm") == "mlp_norm:torch"
     lines.clear()
     tg.log_header(dataclasses.replace(h, mlp_mult=3.1), d, cpu)  # 1587 columns: not whole 128-column tiles
     assert mlp_line() == "mlp_act:torch"
