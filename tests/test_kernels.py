@@ -487,12 +487,7 @@ def test_model_takes_the_res_mlp_op_only_with_the_gluon_mlp(tg, monkeypatch):
     with the loss and every gradient of the form before it (RES_MLP_FUSED off: res_add's normed rows into the
     unscaled ops); without the Gluon MLP, or with it where its tiles do not fit, the blocks take res_add and the
     torch MLP as before; where only the scaled kernels failed their self-test, res_add and the unscaled ops."""
-    monkeypatch.setattr(tg, "FUSED_QK_DEVICES", ("cuda", "cpu"))
-    h = tiny_config(tg, num_layers=4)
-    torch.manual_seed(0)
-    model = randomize_params(tg.GPT(h), std=0.2)
-    ids = torch.randint(0, h.vocab_size, (2, h.train_seq_len), generator=torch.Generator().manual_seed(5))
-    assert model.set_fused_qk(True)
+    model, ids = _fused_cpu_model(tg, monkeypatch, 4, 5)
     calls = []
     up, dgrad = _scaled_mlp_stand_ins(tg, calls)
     monkeypatch.setitem(tg._MLP_GLUON, "up", up)
@@ -529,6 +524,18 @@ def test_model_takes_the_res_mlp_op_only_with_the_gluon_mlp(tg, monkeypatch):
     assert calls == []
 
 
+def _fused_cpu_model(tg, monkeypatch, num_layers: int, seed: int):
+    """The tiny config with num_layers, random weights, on CPU with the Triton ops on (Triton's interpreter), and a
+    batch of 2 token rows."""
+    monkeypatch.setattr(tg, "FUSED_QK_DEVICES", ("cuda", "cpu"))
+    h = tiny_config(tg, num_layers=num_layers)
+    torch.manual_seed(0)
+    model = randomize_params(tg.GPT(h), std=0.2)
+    ids = torch.randint(0, h.vocab_size, (2, h.train_seq_len), generator=torch.Generator().manual_seed(seed))
+    assert model.set_fused_qk(True)
+    return model, ids
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "0", reason="the model runs on CPU tensors here (fp32, to "
                     "compare at fp32 tolerance), which needs Triton's interpreter; the op tests run on CUDA there")
 def test_model_takes_the_residual_ops_only_in_training_forwards(tg, monkeypatch):
@@ -538,12 +545,7 @@ def test_model_takes_the_residual_ops_only_in_training_forwards(tg, monkeypatch)
     block's res_mix; block 3's skip is its own input, block 2's output; blocks 4 and 5 read blocks 1 and 0, last in
     first out; block 6 has none) and res_add in every block, with the loss and every gradient of the torch path
     (RES_FUSED off); no forward without autograd and none that records GPTQ's Hessians takes them."""
-    monkeypatch.setattr(tg, "FUSED_QK_DEVICES", ("cuda", "cpu"))
-    h = tiny_config(tg, num_layers=7)
-    torch.manual_seed(0)
-    model = randomize_params(tg.GPT(h), std=0.2)
-    ids = torch.randint(0, h.vocab_size, (2, h.train_seq_len), generator=torch.Generator().manual_seed(4))
-    assert model.set_fused_qk(True)
+    model, ids = _fused_cpu_model(tg, monkeypatch, 7, 4)
     monkeypatch.setattr(tg, "RES_FUSED", False)
     ref = model(ids, ids)
     ref.backward()
