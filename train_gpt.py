@@ -1985,7 +1985,8 @@ def _gluon_lib() -> str | None:
 
 def mlp_gluon_op():
     """The two MLP custom ops (built once per process): None without Gluon (Triton >= 3.6's API) or without a
-    Hopper GPU.  up(x, w_up, slope) -> (h, u); dgrad(g, w_down, h, slope) -> dh (_GluonMLP)."""
+    Hopper GPU.  up(x, w_up, slope, s=None) -> (h, u); dgrad(g, w_down, h, slope, s=None) -> dh (_GluonMLP; with
+    the row scales s, _GluonResMLP)."""
     if "up" in _MLP_GLUON:
         return _MLP_GLUON["up"]
     _MLP_GLUON["up"] = None
@@ -2198,19 +2199,20 @@ def _mlp_gluon_compare(up, dgrad, x: Tensor, w_up: Tensor, gy: Tensor, w_down: T
 
 
 def _gluon_mlp_forward(ctx, x: Tensor, w_up: Tensor, w_down: Tensor, slope: float, s: Tensor | None) -> Tensor:
-    """The Gluon up GEMM (rows times s if given) and cuBLAS's down projection; saves what _gluon_mlp_grads reads."""
+    """The Gluon up GEMM (rows times s if given) and cuBLAS's down projection; saves what _gluon_mlp_grads reads:
+    x itself, not a view of it (for _GluonResMLP x is its own output, which autograd saves without a cycle)."""
     xf = x.reshape(-1, x.size(-1))
     sf = s.reshape(-1) if s is not None else None
     h, u = _MLP_GLUON["up"](xf, w_up, slope) if sf is None else _MLP_GLUON["up"](xf, w_up, slope, sf)
-    ctx.save_for_backward(xf, sf, w_up, w_down, h, u)
+    ctx.save_for_backward(x, sf, w_up, w_down, h, u)
     ctx.slope = slope
     return F.linear(u, w_down).view(*x.shape[:-1], w_down.size(0))
 
 
 def _gluon_mlp_grads(ctx, gy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(dh @ W_up, W_up's and W_down's gradients) from the dgrad kernel's dh (times the forward's s if it had one)."""
-    xf, sf, w_up, w_down, h, u = ctx.saved_tensors
-    g2 = gy.reshape(-1, gy.size(-1))
+    x, sf, w_up, w_down, h, u = ctx.saved_tensors
+    xf, g2 = x.reshape(-1, x.size(-1)), gy.reshape(-1, gy.size(-1))
     dh = _MLP_GLUON["dgrad"](g2, w_down, h, ctx.slope) if sf is None else _MLP_GLUON["dgrad"](g2, w_down, h,
                                                                                              ctx.slope, sf)
     return (dh @ w_up).view(*gy.shape[:-1], w_up.size(1)), dh.t() @ xf, g2.t() @ u
@@ -2246,7 +2248,7 @@ class _GluonResMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gx2: Tensor, gy: Tensor):  # both given: autograd materialises an unused output's as zeros
         g_normed, d_up, d_down = _gluon_mlp_grads(ctx, gy)
-        dx = _QK_KERNELS["res_add_rstd_bwd"](gx2, g_normed, ctx.saved_tensors[0].view_as(gx2))
+        dx = _QK_KERNELS["res_add_rstd_bwd"](gx2, g_normed, ctx.saved_tensors[0])
         return dx, dx, d_up, d_down, None, None
 
 
@@ -4186,7 +4188,7 @@ def log_header(h: Hyperparameters, d: DistInfo, device) -> None:
          f"mlp_norm:{'gemm' if scaled else resid}")
     if _MLP_GLUON.get("why"):
         log0(f"mlp_act:torch because the Gluon MLP kernels failed their self-test: {_MLP_GLUON['why']}")
-    if gluon and _MLP_GLUON.get("scaled_why"):
+    if gluon and resid == "triton" and RES_MLP_FUSED and _MLP_GLUON.get("scaled_why"):
         log0(f"mlp_norm:{resid} because the Gluon MLP kernels with row scales failed their self-test: "
              f"{_MLP_GLUON['scaled_why']}")
     why = qkv_why(h.model_dim, h.num_heads, h.num_kv_heads, h.head_dim)

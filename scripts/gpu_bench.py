@@ -190,6 +190,10 @@ def bench_train(tg, h, d, device, base, model, tag: str = ""):
         fused = any(getattr(block, "fused_mlp", False) for block in base.blocks)
         why = tg._MLP_GLUON.get("why")
         print(f"bench_train{tag} mlp_act:{'gluon' if fused else 'torch'}" + (f" (self-test: {why})" if why else ""))
+        if hasattr(tg, "RES_MLP_FUSED"):  # and whether the MLP's RMSNorm is in its GEMMs (PERF #49 on)
+            why = tg._MLP_GLUON.get("scaled_why")
+            on = fused and tg.RES_FUSED and tg.RES_MLP_FUSED and not why
+            print(f"bench_train{tag} mlp_norm:{'gemm' if on else 'rows'}" + (f" (self-test: {why})" if why else ""))
     if hasattr(tg, "QKV_GLUON"):  # and its Q|K|V kernel (PERF #47 on)
         fused = any(getattr(block.attn, "fused_qkv", False) for block in base.blocks)
         why = tg.qkv_why(h.model_dim, h.num_heads, h.num_kv_heads, h.head_dim) if hasattr(tg, "qkv_why") else ""

@@ -469,12 +469,11 @@ def test_gluon_res_mlp_matches_the_torch_math(tg, monkeypatch):
     monkeypatch.setitem(tg._MLP_GLUON, "up", up)
     monkeypatch.setitem(tg._MLP_GLUON, "dgrad", dgrad)
     leaves = [t.detach().requires_grad_() for t in (x, a, w_up, w_down)]
-    fn = torch.compile(lambda x, a, wu, wd: tg._GluonResMLP.apply(x, a, wu, wd, 0.7, 0.5)[1]
-                       + tg._GluonMLP.apply(x, wu, wd, 0.5), backend="aot_eager", fullgraph=True)
-    got = fn(*leaves)
+    both = lambda x, a, wu, wd: sum(tg._GluonResMLP.apply(x, a, wu, wd, 0.7, 0.5)) + tg._GluonMLP.apply(x, wu, wd, 0.5)
+    got = torch.compile(both, backend="aot_eager", fullgraph=True)(*leaves)  # x2 and y: both gradients flow
     grads = torch.autograd.grad((got * gy).sum(), leaves)
     eager = [t.detach().requires_grad_() for t in (x, a, w_up, w_down)]
-    want = tg._GluonResMLP.apply(*eager, 0.7, 0.5)[1] + tg._GluonMLP.apply(eager[0], *eager[2:], 0.5)
+    want = both(*eager)
     for p, q in zip((got,) + grads, (want,) + torch.autograd.grad((want * gy).sum(), eager)):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
@@ -515,9 +514,12 @@ def test_model_takes_the_res_mlp_op_only_with_the_gluon_mlp(tg, monkeypatch):
     assert calls == []
     monkeypatch.setattr(tg, "mlp_gemm_fits", lambda x, w: True)
     monkeypatch.setitem(tg._MLP_GLUON, "scaled_why", "h (scaled) off by 1.0e+00")  # only the scaled build failed
-    model(ids, ids).backward()
+    loss = model(ids, ids)
+    loss.backward()
     assert calls == [("up", False)] * 4 + [("dgrad", False)] * 4
+    torch.testing.assert_close(loss.detach(), results[False][0], rtol=0, atol=0)  # the form before, exactly
     calls.clear()
+    monkeypatch.setitem(tg._MLP_GLUON, "scaled_why", "")
     for b in model.blocks:
         b.fused_mlp = False
     model(ids, ids).backward()
@@ -1219,6 +1221,7 @@ def test_cuda_gluon_res_mlp_matches_torch(tg):
         pytest.skip("the Gluon MLP kernels need a Hopper GPU")
     pytest.importorskip("triton.experimental.gluon", reason="Triton without Gluon")
     assert tg.mlp_gluon_op() is not None and tg.qk_norm_rope_op() is not None, tg._MLP_GLUON.get("why")
+    assert not tg._MLP_GLUON.get("scaled_why"), tg._MLP_GLUON["scaled_why"]  # the scaled kernels' own self-test
     g = torch.Generator(device="cuda").manual_seed(2)
     x, a, gx2, gy = (torch.randn(4, 4096, 512, device="cuda", generator=g).bfloat16() for _ in range(4))
     w_up = (torch.randn(1536, 512, device="cuda", generator=g) / 512 ** 0.5).bfloat16()
@@ -1332,11 +1335,11 @@ def test_log_header_says_which_mlp_runs(tg, monkeypatch):
     assert mlp_line() == "mlp_act:gluon" and field("mlp_norm") == "mlp_norm:triton"
     assert "mlp_norm:triton because the Gluon MLP kernels with row scales failed their self-test: h (scaled) off by " \
            "1.0e+00" in lines
-    monkeypatch.setitem(tg._MLP_GLUON, "scaled_why", "")
-    monkeypatch.setattr(tg, "RES_MLP_FUSED", False)  # gpu_bench's normref
+    monkeypatch.setattr(tg, "RES_MLP_FUSED", False)  # gpu_bench's normref: rows written, not for the self-test
     lines.clear()
     tg.log_header(h, d, cpu)
-    assert field("mlp_norm") == "mlp_norm:triton"
+    assert field("mlp_norm") == "mlp_norm:triton" and not any(x.startswith("mlp_norm:triton because") for x in lines)
+    monkeypatch.setitem(tg._MLP_GLUON, "scaled_why", "")
     monkeypatch.setattr(tg, "RES_MLP_FUSED", True)
     assert field("qkv_proj") == "qkv_proj:torch" and not any(x.startswith("qkv_proj:torch because") for x in lines)
     shapes = []
