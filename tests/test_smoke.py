@@ -151,3 +151,49 @@ def test_main_checks_the_export_needs_before_anything_else(tg, tmp_path, monkeyp
     with pytest.raises(RuntimeError, match="pip install brotli"):
         tg.main()
     assert not (tmp_path / "logs").exists()
+
+
+def test_a_finished_multi_rank_run_leaves_without_the_interpreter_teardown(tg, tmp_path, monkeypatch):
+    """Guards the exit of a finished distributed run: main() tears the process group down, then runs the atexit
+    handlers and leaves through os._exit(0), skipping the interpreter's teardown where a gloo rank now and then aborted
+    after all its output was written.  A one-process run returns normally; a failed multi-rank run raises as before."""
+    import atexit
+    import os
+
+    calls = []
+
+    class Left(BaseException):
+        pass
+
+    def fake_exit(code):
+        calls.append(("os._exit", code))
+        raise Left
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: calls.append("atexit"))
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    monkeypatch.setattr(tg, "check_export_ready", lambda h: None)
+    monkeypatch.setattr(tg, "setup_runtime", lambda h, d: torch.device("cpu"))
+    monkeypatch.setattr(tg, "log_header", lambda *a: None)
+    monkeypatch.setattr(tg, "train_and_eval", lambda *a: calls.append("trained"))
+    try:
+        monkeypatch.delenv("RANK", raising=False)
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+        tg.main()
+        assert calls == ["trained"]
+        calls.clear()
+        monkeypatch.setenv("RANK", "1")
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        with pytest.raises(Left):
+            tg.main()
+        assert calls == ["trained", "atexit", ("os._exit", 0)]
+        calls.clear()
+
+        def fail(*a):
+            raise RuntimeError("mid-run failure")
+        monkeypatch.setattr(tg, "train_and_eval", fail)
+        with pytest.raises(RuntimeError, match="mid-run failure"):
+            tg.main()
+        assert calls == []
+    finally:
+        tg.init_logging(None, False)
