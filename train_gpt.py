@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import difflib
@@ -4219,11 +4220,13 @@ def check_export_ready(h: Hyperparameters) -> None:
 def leave_without_teardown() -> None:
     """A finished multi-rank run leaves through os._exit once its atexit handlers have run: now and then (3 of 75 local
     8-rank gloo runs, and CI) a rank aborted in the interpreter's own teardown ('terminate called without an active
-    exception', no Python frame, after every atexit handler), so torchrun failed a run whose logs and artifact were
-    all written."""
+    exception', with no Python frame on the stack, after destroy_process_group and an atexit handler had returned), so
+    torchrun failed a run whose logs and artifact were all written."""
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
+    with contextlib.suppress(Exception):  # C stdio too (NCCL_DEBUG lines into a pipe), which os._exit would drop
+        ctypes.CDLL(None).fflush(None)
     os._exit(0)
 
 
