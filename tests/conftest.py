@@ -44,6 +44,15 @@ def load_module(path: Path, name: str):
 _ARTIFACT_CACHE: dict = {}
 
 
+def leave_finished_worker() -> None:
+    """The last call of an mp.spawn'd gloo worker that finished and tore its group down: os._exit(0) skips the
+    interpreter's teardown, where a gloo rank now and then aborts after its work is done (train_gpt.py's
+    leave_without_teardown).  A worker that raised never gets here and reports through mp.spawn as before."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def built_artifact(tmp_root: Path) -> Path:
     """Build dist/train_gpt.py once per session with build_submission.py (skips if the builder is unavailable), or
     take the build TRAIN_GPT_ARTIFACT names (a GPU box whose Python the builder refuses: build it under 3.10/3.11

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import tiny_config
+from conftest import leave_finished_worker, tiny_config
 
 CPU = torch.device("cpu")
 TOKENIZER = Path("/work/shared/data/tokenizers/fineweb_1024_bpe.model")
@@ -325,6 +325,7 @@ def _gloo_worker(rank, world, port, source, result_path):
         dist.barrier()  # both ranks done before gloo tears down (a teardown race once aborted a rank)
     finally:
         dist.destroy_process_group()
+    leave_finished_worker()
 
 
 @pytest.mark.slow  # ~25 s on 2 cores: 3 interpreters import torch (+ dynamo via AdamW)

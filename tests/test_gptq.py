@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import SOURCE, load_module, tiny_config
+from conftest import SOURCE, leave_finished_worker, load_module, tiny_config
 
 PCTS = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 
@@ -387,6 +387,7 @@ def _gloo_worker(rank, world, init_file, out_dir):
         dist.barrier()  # both ranks done before gloo tears down
     finally:
         dist.destroy_process_group()
+    leave_finished_worker()
 
 
 def test_two_rank_gloo_calibration_equals_one_rank(tg_source, tmp_path):

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import SOURCE, load_module, tiny_config
+from conftest import SOURCE, leave_finished_worker, load_module, tiny_config
 
 L, D, DKV, DMLP, V = 3, 16, 8, 32, 32  # toy sizes: qo 6 slots, mlp 3 slots (padded to 4 on 2 ranks)
 
@@ -417,6 +417,7 @@ def _worker(rank, world, store, out_dir):
     torch.save(result, f"{out_dir}/rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
+    leave_finished_worker()
 
 
 def test_two_rank_gloo_matches_one_rank(tg_source, tmp_path):

@@ -76,7 +76,7 @@ def test_ema_follows_parameters_updated_in_place_or_replaced(tg):
 
 def _agree_worker(rank: int, world: int, store: str, out: str) -> None:
     import torch.distributed as dist
-    from conftest import SOURCE, load_module
+    from conftest import SOURCE, leave_finished_worker, load_module
 
     tg = load_module(SOURCE, "train_gpt_agree")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -88,6 +88,7 @@ def _agree_worker(rank: int, world: int, store: str, out: str) -> None:
         dist.barrier()  # both ranks done before gloo tears down
     finally:
         dist.destroy_process_group()
+    leave_finished_worker()
 
 
 def test_ranks_agree_on_clock_and_nonfinite_loss(tmp_path):
