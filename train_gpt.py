@@ -4184,13 +4184,14 @@ def log_header(h: Hyperparameters, d: DistInfo, device) -> None:
            and qkv_tiles_fit(rows, h.model_dim, h.num_heads, h.num_kv_heads, h.num_kv_heads, h.head_dim,
                              h.rope_dims // 2, h.num_heads // h.num_kv_heads))
     resid = kernels if RES_FUSED else "torch"
-    scaled = gluon and resid == "triton" and RES_MLP_FUSED and not _MLP_GLUON.get("scaled_why")
+    norm_in_gemm = gluon and resid == "triton" and RES_MLP_FUSED  # where the scaled kernels would run (PERF #49)
+    scaled = norm_in_gemm and not _MLP_GLUON.get("scaled_why")
     log0(f"qk_norm_rope:{kernels} xsa:{kernels if h.xsa_last_n else 'off'} softcap_ce:{kernels} "
          f"mlp_act:{'gluon' if gluon else 'torch'} qkv_proj:{'gluon' if qkv else 'torch'} resid:{resid} "
          f"mlp_norm:{'gemm' if scaled else resid}")
     if _MLP_GLUON.get("why"):
         log0(f"mlp_act:torch because the Gluon MLP kernels failed their self-test: {_MLP_GLUON['why']}")
-    if gluon and resid == "triton" and RES_MLP_FUSED and _MLP_GLUON.get("scaled_why"):
+    if norm_in_gemm and _MLP_GLUON.get("scaled_why"):
         log0(f"mlp_norm:{resid} because the Gluon MLP kernels with row scales failed their self-test: "
              f"{_MLP_GLUON['scaled_why']}")
     why = qkv_why(h.model_dim, h.num_heads, h.num_kv_heads, h.head_dim)
